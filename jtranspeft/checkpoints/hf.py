@@ -1,0 +1,207 @@
+"""Hugging Face checkpoint tensors <-> our stacked params pytree, through ONE declarative key table.
+
+Each `KeyEntry` says: this HF tensor name (``{i}`` = layer index) is this path in our params tree, and
+whether the torch layout [out, in] is transposed to our kernel layout [in, out]. llama, qwen2, qwen3 and
+mistral share Hugging Face's names, so one table serves them all; an entry's ``when`` names the spec flag
+that decides whether the tensor exists (q/k/v bias for qwen2, q/k norms for qwen3, lm_head when untied).
+The same table drives loading (HF -> params), saving (params -> HF) and the PEFT adapter keys
+(`jtranspeft.checkpoints.peft_format`), so each transpose is written once.
+
+Loading streams: tensors arrive one at a time (from safetensors files or a GGUF reader) and are copied
+into preallocated stacked buffers; each buffer becomes a jax array on its own, so the model is never held
+twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
+from jtranspeft.models.decoder import ATTN_MODULES, MLP_MODULES
+from jtranspeft.models.spec import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyEntry:
+    """One HF tensor and where it lives in our params tree."""
+
+    hf: str
+    path: tuple[str, ...]
+    transpose: bool = False
+    when: str | None = None  # a truthy ModelSpec attribute, or "untied"
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether this tensor exists once per decoder layer (stacked on axis 0 in our tree)."""
+        return "{i}" in self.hf
+
+    def applies(self, spec: ModelSpec) -> bool:
+        """Whether this tensor exists for ``spec``."""
+        if self.when is None:
+            return True
+        if self.when == "untied":
+            return not spec.tie_word_embeddings
+        return bool(getattr(spec, self.when))
+
+
+_LAYER = "model.layers.{i}"
+KEY_TABLE: tuple[KeyEntry, ...] = (
+    KeyEntry("model.embed_tokens.weight", ("embed_tokens", "embedding")),
+    KeyEntry("model.norm.weight", ("norm", "scale")),
+    KeyEntry("lm_head.weight", ("lm_head",), transpose=True, when="untied"),
+    KeyEntry(f"{_LAYER}.input_layernorm.weight", ("layers", "input_layernorm", "scale")),
+    KeyEntry(f"{_LAYER}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale")),
+    *(KeyEntry(f"{_LAYER}.self_attn.{m}.weight", ("layers", "self_attn", m, "kernel"), True) for m in ATTN_MODULES),
+    *(KeyEntry(f"{_LAYER}.self_attn.{m}.bias", ("layers", "self_attn", m, "bias"), when="qkv_bias")
+      for m in ATTN_MODULES[:3]),
+    KeyEntry(f"{_LAYER}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), when="o_bias"),
+    KeyEntry(f"{_LAYER}.self_attn.q_norm.weight", ("layers", "self_attn", "q_norm", "scale"), when="qk_norm"),
+    KeyEntry(f"{_LAYER}.self_attn.k_norm.weight", ("layers", "self_attn", "k_norm", "scale"), when="qk_norm"),
+    *(KeyEntry(f"{_LAYER}.mlp.{m}.weight", ("layers", "mlp", m, "kernel"), True) for m in MLP_MODULES),
+)
+# Tensors some checkpoints carry that hold nothing we need.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def module_prefix(module: str) -> str:
+    """HF name template of a projection module, e.g. ``model.layers.{i}.self_attn.q_proj`` (from the table)."""
+    for entry in KEY_TABLE:
+        if entry.path[-2:] == (module, "kernel"):
+            return entry.hf.removesuffix(".weight")
+    raise KeyError(f"no projection module {module!r}")
+
+
+def key_table(spec: ModelSpec) -> list[KeyEntry]:
+    """The entries that exist for ``spec``."""
+    return [e for e in KEY_TABLE if e.applies(spec)]
+
+
+def expected_shapes(spec: ModelSpec) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our param path -> stacked shape, from the decoder's own abstract init (nothing allocated)."""
+    from jtranspeft.models.decoder import Decoder
+
+    module = Decoder(spec=spec, dtype=jnp.float32, param_dtype=jnp.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
+
+
+def _hf_names(spec: ModelSpec) -> dict[str, tuple[KeyEntry, int | None]]:
+    names = {}
+    for entry in key_table(spec):
+        layers = range(spec.num_layers) if entry.per_layer else [None]
+        for i in layers:
+            names[entry.hf.format(i=i)] = (entry, i)
+    return names
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_tensors(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]], dtype,
+                        source: str) -> dict:
+    """Build our params tree from (HF name, torch-layout array) pairs arriving one at a time.
+
+    Every expected tensor must arrive exactly once with the expected shape; an unknown tensor, a wrong
+    shape or a missing tensor is a ValueError naming it and ``source``.
+    """
+    names = _hf_names(spec)
+    shapes = expected_shapes(spec)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    buffers = {e.path: np.empty(shapes[e.path], np_dtype) for e in key_table(spec)}
+    seen: set[str] = set()
+    for name, array in tensors:
+        if name not in names:
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and spec.tie_word_embeddings):
+                continue
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a {spec.family} model "
+                             f"with {spec.num_layers} layers")
+        entry, layer = names[name]
+        want = shapes[entry.path][1:] if entry.per_layer else shapes[entry.path]
+        value = array.T if entry.transpose else array
+        if value.shape != want:
+            hf_want = want[::-1] if entry.transpose else want
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {hf_want}")
+        target = buffers[entry.path]
+        if entry.per_layer:
+            target[layer] = value
+        else:
+            target[...] = value
+        seen.add(name)
+    missing = sorted(set(names) - seen)
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    params: dict = {}
+    for path in list(buffers):
+        _set_path(params, path, jnp.asarray(buffers.pop(path)))
+    return params
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of an HF directory: the sharded index's files, or ``model.safetensors``."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a valid safetensors index ({err})") from None
+        return [directory / f for f in dict.fromkeys(weight_map.values())]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in directory.glob("*.bin"))
+    hint = f" ({', '.join(pickles)} are pickle files, which jtranspeft never loads)" if pickles else ""
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) from each file in turn, one tensor in memory at a time."""
+    for path in files:
+        with SafetensorsFile(path) as f:
+            for name in f.keys():
+                yield name, f.get(name)
+
+
+def hf_tensors(params: dict, spec: ModelSpec, dtype=None) -> list[tuple[str, LazyArray]]:
+    """Our params as lazily computed HF-named, torch-layout tensors (for `write_safetensors`)."""
+    out = []
+    for entry in key_table(spec):
+        stacked = _get_path(params, entry.path)
+        out_dtype = np.dtype(dtype or stacked.dtype)
+        for i in (range(spec.num_layers) if entry.per_layer else [None]):
+            shape = stacked.shape[1:] if entry.per_layer else stacked.shape
+            shape = shape[::-1] if entry.transpose else shape
+
+            def fn(stacked=stacked, i=i, entry=entry, out_dtype=out_dtype):
+                value = np.asarray(stacked[i] if i is not None else stacked)
+                return (value.T if entry.transpose else value).astype(out_dtype)
+
+            out.append((entry.hf.format(i=i), LazyArray(shape, out_dtype, fn)))
+    return out
+
+
+def save_hf(params: dict, spec: ModelSpec, directory: str | Path, extra_config: dict | None = None) -> Path:
+    """Write params as an HF checkpoint directory (``model.safetensors`` + ``config.json``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)
+    write_safetensors(directory / "model.safetensors", hf_tensors(params, spec), metadata={"format": "pt"})
+    config = spec.to_hf_config() | {"dtype": str(dtype)} | (extra_config or {})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory

@@ -1,0 +1,177 @@
+"""Hugging Face PEFT LoRA adapter directories <-> `Lora` pytrees (method.md §7).
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module prefix>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (torch layout;
+our factors are [in, r] and [r, out]). Module prefixes come from the checkpoint key table, so adapters and
+base weights share one naming. jtranspeft's own metadata (the base it was made for, later fingerprints)
+travels as JSON in the safetensors header, which peft and vLLM ignore.
+
+`load_peft` refuses, with the tensor or field named, whatever it cannot honour exactly: DoRA,
+``modules_to_save``, biases, fan-in/fan-out layout, a key outside the expected prefix, a layer the base
+does not have, a shape that does not fit the base.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
+from jtranspeft.models.decoder import TARGET_MODULES
+from jtranspeft.peft.lora import Lora, LoraConfig, base_kernel, layer_ranks, lora_from_factors, module_name
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def peft_key(module: str, layer: int, factor: str) -> str:
+    """The PEFT tensor name of factor "A" or "B" of ``module`` in ``layer``."""
+    return f"{PREFIX}{module_name(module, layer)}.lora_{factor}.weight"
+
+
+def _peft_config(lora: Lora, base_name: str | None) -> dict[str, Any]:
+    cfg = lora.config
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(lora.modules()), "use_rslora": cfg.use_rslora,
+        "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
+        "layers_to_transform": list(cfg.layers) if cfg.layers is not None else None,
+        "layers_pattern": "layers" if cfg.layers is not None else None,
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "revision": None,
+    }
+
+
+def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | None = None) -> Path:
+    """Write ``lora`` as an HF PEFT adapter directory that peft and vLLM load.
+
+    ``base`` (a `jtranspeft.Base`) supplies ``base_model_name_or_path``; ``metadata`` is stored as
+    jtranspeft metadata in the safetensors header.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = []
+    for module in lora.modules():
+        a, b = lora.factors(module)
+        for layer, rank in enumerate(layer_ranks(lora.config, module, lora.num_layers)):
+            if rank == 0:
+                continue
+            tensors.append((peft_key(module, layer, "A"), LazyArray(
+                (rank, a.shape[1]), a.dtype, lambda a=a, i=layer, r=rank: np.asarray(a[i, :, :r]).T)))
+            tensors.append((peft_key(module, layer, "B"), LazyArray(
+                (b.shape[2], rank), b.dtype, lambda b=b, i=layer, r=rank: np.asarray(b[i, :r, :]).T)))
+    header = {"format": "pt", "jtranspeft": json.dumps(metadata or {}, sort_keys=True)}
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata=header)
+    config = _peft_config(lora, getattr(base, "source", None))
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict:
+    """jtranspeft's metadata stored with an adapter (empty for adapters made elsewhere)."""
+    with SafetensorsFile(Path(directory) / WEIGHTS_FILE) as f:
+        return json.loads(f.metadata.get("jtranspeft", "{}"))
+
+
+def _refuse_unsupported(cfg: dict, path: Path) -> None:
+    checks = [
+        (cfg.get("peft_type", "LORA") != "LORA", "peft_type", "only LORA adapters are supported"),
+        (cfg.get("use_dora"), "use_dora", "DoRA is not a pure additive delta and is not supported"),
+        (cfg.get("bias", "none") != "none", "bias", "LoRA biases are not supported (need 'none')"),
+        (cfg.get("modules_to_save"), "modules_to_save", "fully trained extra modules are not supported"),
+        (cfg.get("fan_in_fan_out"), "fan_in_fan_out", "Conv1D (fan-in/fan-out) layouts are not supported"),
+        (cfg.get("task_type") not in (None, "CAUSAL_LM"), "task_type", "only CAUSAL_LM adapters are supported"),
+    ]
+    for failed, field, why in checks:
+        if failed:
+            raise ValueError(f"{path}: field {field}={cfg.get(field)!r}: {why}")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if cfg.get(field) is None:
+            raise ValueError(f"{path}: field {field!r} is missing")
+
+
+def _targets(target_modules: str | list[str], num_layers: int, path: Path) -> tuple[str, ...]:
+    if target_modules == "all-linear":
+        return TARGET_MODULES
+    if isinstance(target_modules, str):  # peft: a regex full-matched against module names
+        hits = {(m, i) for m in TARGET_MODULES for i in range(num_layers)
+                if re.fullmatch(target_modules, module_name(m, i))}
+        targets = tuple(m for m in TARGET_MODULES if any(h[0] == m for h in hits))
+        if hits != {(m, i) for m in targets for i in range(num_layers)}:
+            raise ValueError(f"{path}: target_modules regex {target_modules!r} selects some layers only; "
+                             "use layers_to_transform instead")
+    else:
+        def hits(t):
+            return [m for m in TARGET_MODULES if t == m or module_name(m, 0).endswith("." + t)]
+
+        unsupported = [t for t in target_modules if not hits(t)]
+        if unsupported:
+            raise ValueError(f"{path}: target_modules {unsupported} are not supported "
+                             f"(supported: {', '.join(TARGET_MODULES)})")
+        targets = tuple(m for m in TARGET_MODULES if any(m in hits(t) for t in target_modules))
+    if not targets:
+        raise ValueError(f"{path}: target_modules {target_modules!r} matches none of {', '.join(TARGET_MODULES)}")
+    return targets
+
+
+def load_peft(directory: str | Path, base) -> Lora:
+    """Read an HF PEFT LoRA adapter for ``base`` (a `jtranspeft.Base`), checking every key and shape."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: adapter_config.json is missing")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: adapter_model.safetensors is missing "
+                                "(adapter_model.bin is pickle, which jtranspeft never loads)")
+    cfg = json.loads(config_path.read_text())
+    _refuse_unsupported(cfg, config_path)
+    num_layers = base.spec.num_layers
+    layers = cfg.get("layers_to_transform")
+    config = LoraConfig(
+        r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+        targets=_targets(cfg["target_modules"], num_layers, config_path),
+        use_rslora=bool(cfg.get("use_rslora")), rank_pattern=dict(cfg.get("rank_pattern") or {}),
+        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        layers=None if layers is None else tuple([layers] if isinstance(layers, int) else layers))
+    expected = {peft_key(m, i, f): (m, i, f) for m in config.targets
+                for i, rank in enumerate(layer_ranks(config, m, num_layers)) if rank for f in "AB"}
+    factors: dict[str, list[np.ndarray]] = {}
+    with SafetensorsFile(weights_path) as f:
+        for key in f.keys():
+            if key not in expected:
+                match = _KEY_RE.match(key)
+                why = ("outside the expected prefix 'base_model.model.model.layers.{i}.<self_attn|mlp>.<module>'"
+                       if match is None else "for a layer or module the config does not adapt on this base "
+                       f"({num_layers} layers, targets {list(config.targets)})")
+                raise ValueError(f"{weights_path}: tensor {key!r} is {why}")
+        for module in config.targets:
+            ranks = layer_ranks(config, module, num_layers)
+            _, d_in, d_out = base_kernel(base.params, module).shape
+            width = max(ranks)
+            a_stack = np.zeros((num_layers, d_in, width), np.float32)
+            b_stack = np.zeros((num_layers, width, d_out), np.float32)
+            for layer, rank in enumerate(ranks):
+                if rank == 0:
+                    continue
+                for factor, want, stack in (("A", (rank, d_in), a_stack), ("B", (d_out, rank), b_stack)):
+                    key = peft_key(module, layer, factor)
+                    if key not in f.header:
+                        raise ValueError(f"{weights_path}: tensor {key!r} is missing")
+                    if f.shape(key) != want:
+                        raise ValueError(f"{weights_path}: tensor {key!r} has shape {list(f.shape(key))}, "
+                                         f"expected {list(want)} for this base")
+                    value = f.get(key).astype(np.float32).T
+                    if factor == "A":
+                        stack[layer, :, :rank] = value
+                    else:
+                        stack[layer, :rank, :] = value
+            factors[module] = (jnp.asarray(a_stack), jnp.asarray(b_stack))
+    return lora_from_factors(factors, config)

@@ -1,0 +1,539 @@
+"""Typed configuration: YAML files plus ``key=value`` overrides, built into a tree of dataclasses.
+
+Every jtranspeft setting lives in a (frozen) dataclass -- ``DataConfig``, ``LoraConfig``,
+``TrainConfig`` ... -- nested under one root dataclass, and the type hints are the schema; this module
+knows nothing about the fields themselves. `load_config` reads YAML files in order (normally
+``configs/base.yaml`` with every default, then a small recipe), deep-merges them mapping by mapping
+(scalars and lists are replaced whole), applies command-line overrides with dotted keys
+(``train.max_steps=10``, ``lora.targets=[q_proj,v_proj]``), then builds the dataclass tree, checking
+every value against its type hint. Nothing is coerced silently: a wrong type, an unknown key (with a
+"did you mean" suggestion), a missing required field or a failing ``__post_init__`` is a
+`ConfigError` naming the dotted key and, when known, the file or command line it came from.
+`to_dict` / `dump_yaml` write the resolved config back out (it loads to an equal object), and
+`parse_cli` / `exit_on_config_error` give every CLI the same ``--config FILE key=value ...`` shape.
+
+A recipe may name its base file with a top-level ``defaults: ../base.yaml`` (relative to the recipe);
+the base is loaded first and the recipe merged over it, so ``--config recipe.yaml`` alone is enough.
+
+YAML scalars follow the YAML 1.2 core schema instead of PyYAML's YAML 1.1 defaults, because the 1.1
+rules bite configs: ``1e-4`` is a float (1.1 reads the string "1e-4"), only ``true``/``false`` are
+booleans (``yes``, ``no``, ``on``, ``off`` stay strings), and dates and ``1:30`` stay strings.
+
+Supported field types: ``bool``, ``int``, ``float`` (an int is accepted), ``str``, ``X | None``,
+``tuple[X, ...]`` and ``tuple[X, Y]`` (written as YAML lists), ``list[X]``, ``Literal[...]``,
+``dict[K, V]`` / ``dict`` (free-form mappings), ``Any``, and nested dataclasses (also ``| None``).
+
+Declaring a root (fields that are sections get a ``default_factory``; a field without a default is
+required)::
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        output_dir: str = "runs/default"
+        data: DataConfig = dataclasses.field(default_factory=DataConfig)
+        lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+        eval: EvalConfig | None = None          # optional section: null, or a mapping
+
+    config = load_config(Config, ["configs/base.yaml", "configs/quickstart.yaml"], ["train.max_steps=10"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "all_keys",
+    "dump_yaml",
+    "exit_on_config_error",
+    "load_config",
+    "parse_cli",
+    "to_dict",
+]
+
+T = TypeVar("T")
+DEFAULTS_KEY = "defaults"  # top-level key of a recipe naming its base file
+COMMAND_LINE = "on the command line"
+_NoneType = type(None)
+_KeyPath = tuple  # ("train", "max_steps") or ("lora", "targets", 1)
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message names the key and its source."""
+
+
+# --------------------------------------------------------------------------- YAML, 1.2 core scalars
+
+# (tag, regular expression, possible first characters); checked in this order, first match wins.
+_SCALAR_RULES = (
+    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|", ("~", "n", "N", "")),
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", tuple("tTfF")),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+", tuple("-+0123456789")),
+    (
+        "tag:yaml.org,2002:float",
+        r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        tuple("-+0123456789."),
+    ),
+    ("tag:yaml.org,2002:merge", r"<<", ("<",)),
+)
+
+
+def _use_core_scalars(cls: type) -> type:
+    """Replace PyYAML's YAML 1.1 implicit scalar rules on a loader or dumper class by ours."""
+    cls.yaml_implicit_resolvers = {}
+    for tag, pattern, first_chars in _SCALAR_RULES:
+        cls.add_implicit_resolver(tag, re.compile(rf"(?:{pattern})\Z"), list(first_chars))
+    return cls
+
+
+@_use_core_scalars
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with core-schema scalars, decimal ints and duplicate keys rejected."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML's int constructor reads "010" as octal; YAML 1.2 core ints are decimal.
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
+@_use_core_scalars
+class _Dumper(yaml.SafeDumper):
+    """`yaml.SafeDumper` that quotes exactly the strings `_Loader` would read as something else."""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3, column 7: <problem>' from a PyYAML error."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _read_yaml(path: Path) -> dict:
+    """The top-level mapping of one YAML file (an empty file is an empty mapping)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML at {_yaml_problem(err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, found {_describe(data)}")
+    return data
+
+
+def _read_with_defaults(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """(source, mapping) layers of one file, its ``defaults:`` base files first."""
+    resolved = path.resolve()
+    if resolved in chain:
+        loop = " -> ".join(map(str, chain + (resolved,)))
+        raise ConfigError(f"{path}: '{DEFAULTS_KEY}' files form a loop: {loop}")
+    data = _read_yaml(path)
+    layers = []
+    if DEFAULTS_KEY in data:
+        base = data.pop(DEFAULTS_KEY)
+        if not isinstance(base, str) or not base:
+            raise ConfigError(
+                f"{path}: '{DEFAULTS_KEY}' must be the path of a base YAML file, found {_describe(base)}"
+            )
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"config file not found: {base_path} (named by '{DEFAULTS_KEY}' in {path})")
+        layers = _read_with_defaults(base_path, chain + (resolved,))
+    return layers + [(f"in {path}", data)]
+
+
+# --------------------------------------------------------------------------- merging and overrides
+
+
+def _merge(tree: dict, layer: dict, source: str, sources: dict[_KeyPath, str], prefix: _KeyPath = ()) -> None:
+    """Deep-merge ``layer`` into ``tree`` in place, recording ``source`` for every key it sets."""
+    for key, value in layer.items():
+        path = prefix + (key,)
+        sources[path] = source
+        if isinstance(value, dict):
+            if not isinstance(tree.get(key), dict):
+                tree[key] = {}
+            _merge(tree[key], value, source, sources, path)
+        else:
+            tree[key] = value
+
+
+def _parse_override(text: str) -> dict:
+    """``"train.max_steps=10"`` -> ``{"train": {"max_steps": 10}}``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    parts = key.split(".")
+    if not sep or not all(part and part == part.strip() for part in parts):
+        raise ConfigError(f"override {text!r} is not key=value with a dotted key, e.g. train.max_steps=10")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+# --------------------------------------------------------------------------- the schema: type hints
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass a field holds (also through ``| None``), or None for a leaf field."""
+    if _is_dataclass_type(tp):
+        return tp
+    if _is_union(tp):
+        arms = [arm for arm in typing.get_args(tp) if arm is not _NoneType]
+        if len(arms) == 1 and _is_dataclass_type(arms[0]):
+            return arms[0]
+    return None
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type hint) for each field a config can set (``init=True``)."""
+    hints = typing.get_type_hints(cls)
+    return [(field, hints[field.name]) for field in dataclasses.fields(cls) if field.init]
+
+
+def _check_supported(tp: Any, owner: type, name: str) -> None:
+    """TypeError (a bug in the dataclass, not in the config) for a type hint we cannot check."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (bool, int, float, str, _NoneType, Any, dict, tuple, list) or _is_dataclass_type(tp):
+        return
+    if origin is Literal and all(isinstance(arg, (bool, int, str)) or arg is None for arg in args):
+        return
+    if _is_union(tp) or origin in (tuple, list, dict):
+        for arg in args:
+            if arg is not Ellipsis:
+                _check_supported(arg, owner, name)
+        return
+    raise TypeError(f"{owner.__name__}.{name}: config_io does not support the type hint {tp!r}")
+
+
+def _walk_keys(cls: type, prefix: _KeyPath = ()) -> Iterator[tuple[_KeyPath, bool]]:
+    """(key path, is_section) for every settable key, depth first, in declaration order."""
+    for field, tp in _fields(cls):
+        path = prefix + (field.name,)
+        section = _section_type(tp)
+        if section is None:
+            _check_supported(tp, cls, field.name)
+            yield path, False
+        else:
+            yield path, True
+            yield from _walk_keys(section, path)
+
+
+def _dotted(path: _KeyPath) -> str:
+    """``("lora", "targets", 1)`` -> ``"lora.targets[1]"``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def all_keys(root_type: type) -> list[str]:
+    """Every dotted leaf key a config of ``root_type`` can set, e.g. ``["output_dir", "train.max_steps"]``.
+
+    Sections (nested dataclasses) are expanded into their fields and not listed themselves. Raises
+    TypeError if a field's type hint is not one this module can check.
+    """
+    return [_dotted(path) for path, is_section in _walk_keys(root_type) if not is_section]
+
+
+# --------------------------------------------------------------------------- building the typed tree
+
+
+def _describe(value: Any) -> str:
+    """A found value for an error message: ``str 'ten'``, ``int 3``, ``null``."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_name(tp: Any) -> str:
+    """A type hint as a config author reads it: ``a list of str``, ``int or null``, ``one of ['a', 'b']``."""
+    if tp is _NoneType:
+        return "null"
+    if tp is Any:
+        return "any value"
+    if _is_dataclass_type(tp):
+        return f"a mapping (section {tp.__name__})"
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return {dict: "a mapping", tuple: "a list", list: "a list"}.get(tp, tp.__name__)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of [" + ", ".join(repr(arg) for arg in args) + "]"
+    if _is_union(tp):
+        arms = [_type_name(arm) for arm in args if arm is not _NoneType]
+        text = " or ".join(arms)
+        return f"{text} or null" if _NoneType in args else text
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} [" + ", ".join(_type_name(arg) for arg in args) + "]"
+        return f"a list of {_type_name(args[0]) if args else 'any value'}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
+    return repr(tp)
+
+
+class _Builder:
+    """Converts the merged plain tree into dataclasses, naming the source of any bad value."""
+
+    def __init__(self, sources: dict[_KeyPath, str]):
+        self.sources = sources
+
+    def error(self, path: _KeyPath, message: str) -> ConfigError:
+        for end in range(len(path), 0, -1):  # a list item's source is its list's
+            if path[:end] in self.sources:
+                return ConfigError(f"key {_dotted(path)!r} ({self.sources[path[:end]]}): {message}")
+        return ConfigError(f"key {_dotted(path)!r}: {message}")
+
+    def convert(self, value: Any, tp: Any, path: _KeyPath, expected: str | None = None) -> Any:
+        """``value`` checked against (and converted to) ``tp``; ``expected`` overrides the type's name."""
+        expected = expected or _type_name(tp)
+
+        def mismatch() -> ConfigError:
+            return self.error(path, f"expected {expected}, got {_describe(value)}")
+
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is Any:
+            return value
+        if _is_union(tp):
+            if value is None and _NoneType in args:
+                return None
+            arms = [arm for arm in args if arm is not _NoneType]
+            if len(arms) == 1:  # the common `X | None`: errors from inside X stay specific
+                return self.convert(value, arms[0], path, expected)
+            for arm in arms:
+                try:
+                    return self.convert(value, arm, path)
+                except ConfigError:
+                    pass
+            raise mismatch()
+        if origin is Literal:
+            if any(value == arg and type(value) is type(arg) for arg in args):
+                return value
+            raise mismatch()
+        if tp is bool or tp is str or tp is _NoneType:
+            if type(value) is not tp:
+                raise mismatch()
+            return value
+        if tp is int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise mismatch()
+            return value
+        if tp is float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise mismatch()
+            return float(value)
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise mismatch()
+            return self.build(tp, value, path)
+        container = origin or tp
+        if container in (tuple, list):
+            if not isinstance(value, (list, tuple)):
+                raise mismatch()
+            if container is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise mismatch()
+                item_types = args
+            else:
+                item_types = [args[0] if args else Any] * len(value)
+            items = zip(value, item_types)
+            return container(self.convert(item, item_tp, path + (i,)) for i, (item, item_tp) in enumerate(items))
+        if container is dict:
+            if not isinstance(value, dict):
+                raise mismatch()
+            key_tp, value_tp = args or (Any, Any)
+            return {
+                self.convert(key, key_tp, path + (key,)): self.convert(item, value_tp, path + (key,))
+                for key, item in value.items()
+            }
+        raise TypeError(f"config_io does not support the type hint {tp!r} (key {_dotted(path)!r})")
+
+    def build(self, cls: type, values: dict, path: _KeyPath) -> Any:
+        """One dataclass from its mapping; keys were already checked by `_unknown_paths`."""
+        kwargs, missing = {}, []
+        for field, tp in _fields(cls):
+            field_path = path + (field.name,)
+            if field.name in values:
+                kwargs[field.name] = self.convert(values[field.name], tp, field_path)
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                if _is_dataclass_type(tp):  # a required section: its own fields may all have defaults
+                    kwargs[field.name] = self.build(tp, {}, field_path)
+                else:
+                    missing.append(_dotted(field_path))
+        if missing:
+            plural = "s" if len(missing) > 1 else ""
+            raise ConfigError(f"missing required key{plural} " + ", ".join(map(repr, missing)))
+        try:
+            return cls(**kwargs)
+        except ValueError as err:  # __post_init__ validation
+            raise ConfigError(f"{_dotted(path) or cls.__name__}: {err}") from err
+
+
+def _unknown_paths(values: dict, cls: type, prefix: _KeyPath = ()) -> list[_KeyPath]:
+    """Key paths in ``values`` that ``cls`` (and its sections) do not declare."""
+    field_types = {field.name: tp for field, tp in _fields(cls)}
+    unknown = []
+    for key, value in values.items():
+        if key not in field_types:
+            unknown.append(prefix + (key,))
+            continue
+        section = _section_type(field_types[key])
+        if section is not None and isinstance(value, dict):
+            unknown += _unknown_paths(value, section, prefix + (key,))
+    return unknown
+
+
+def load_config(root_type: type[T], files: Sequence[str | Path], overrides: Sequence[str] = ()) -> T:
+    """Build a ``root_type`` instance from YAML ``files`` (later ones win) and ``key=value`` ``overrides``.
+
+    Files are deep-merged in order (each may name its own base with a top-level ``defaults:``), then
+    each override (``train.max_steps=10``, value parsed as YAML, ``key=`` means null) is merged on top.
+    Unset fields keep their dataclass defaults. Raises `ConfigError` for unreadable files, YAML syntax
+    errors, unknown keys (all of them, each with a suggestion), values of the wrong type, missing
+    required keys and ``ValueError`` from a dataclass ``__post_init__``.
+    """
+    if not _is_dataclass_type(root_type):
+        raise TypeError(f"load_config needs a dataclass type, got {root_type!r}")
+    if DEFAULTS_KEY in {field.name for field in dataclasses.fields(root_type)}:
+        raise TypeError(f"{root_type.__name__} may not have a field {DEFAULTS_KEY!r}: it names a recipe's base file")
+    valid_keys = [_dotted(path) for path, _ in _walk_keys(root_type)]  # also checks every type hint
+
+    tree: dict = {}
+    sources: dict[_KeyPath, str] = {}
+    for file in files:
+        for source, layer in _read_with_defaults(Path(file)):
+            _merge(tree, layer, source, sources)
+    for text in overrides:
+        _merge(tree, _parse_override(text), COMMAND_LINE, sources)
+
+    unknown = _unknown_paths(tree, root_type)
+    if unknown:
+        lines = []
+        for path in unknown:
+            line = f"unknown key {_dotted(path)!r} ({sources[path]})"
+            close = difflib.get_close_matches(_dotted(path), valid_keys, n=1)
+            lines.append(line + (f"; did you mean {close[0]!r}?" if close else ""))
+        raise ConfigError("\n".join(lines))
+    return _Builder(sources).build(root_type, tree, ())
+
+
+# --------------------------------------------------------------------------- writing configs back
+
+
+def _plain(value: Any) -> Any:
+    if _is_dataclass_type(type(value)):
+        fields = [field for field in dataclasses.fields(value) if field.init]
+        return {field.name: _plain(getattr(value, field.name)) for field in fields}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def to_dict(instance: Any) -> dict:
+    """A config dataclass as plain YAML-able data: nested dicts, tuples as lists, no ``init=False`` fields."""
+    if not _is_dataclass_type(type(instance)):
+        raise TypeError(f"to_dict needs a dataclass instance, got {type(instance).__name__}")
+    return _plain(instance)
+
+
+def dump_yaml(instance: Any, path: str | Path) -> Path:
+    """Write the resolved config to ``path`` (parents created); `load_config` reads it back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(to_dict(instance), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- command-line helpers
+
+
+def parse_cli(
+    argv: Sequence[str] | None, description: str, examples: Sequence[str], prog: str | None = None
+) -> tuple[Path, list[str]]:
+    """``--config FILE [key=value ...]`` -> (config path, overrides); argparse exits 2 on misuse.
+
+    ``argv`` defaults to ``sys.argv[1:]`` when None. ``examples`` are command lines shown under
+    ``--help``. Overrides may come before or after ``--config``; one without ``=`` is an error naming it.
+    """
+    epilog = "overrides: KEY=VALUE sets any config key (dotted, e.g. train.max_steps=10; value in YAML,\n"
+    epilog += "e.g. lora.targets=[q_proj,v_proj]); they apply after the config file.\n\nexamples:\n"
+    epilog += "\n".join(f"  {example}" for example in examples)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", required=True, type=Path, metavar="FILE", help="YAML recipe (or a dumped config)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, in order")
+    args = parser.parse_intermixed_args(argv)
+    for item in args.overrides:
+        if "=" not in item or item.startswith("="):
+            parser.error(f"argument {item!r} is not a KEY=VALUE override (e.g. train.max_steps=10)")
+    return args.config, list(args.overrides)
+
+
+def exit_on_config_error(main: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a CLI ``main`` so a `ConfigError` prints ``error: <message>`` to stderr and exits 2.
+
+    Missing or unreadable config files are ConfigErrors (naming the file) when they come from
+    `load_config`; other exceptions keep their traceback.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

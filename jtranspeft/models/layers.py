@@ -1,0 +1,120 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, a LoRA-aware projection, GQA attention.
+
+Shape suffixes: b batch, t query positions, s key positions, d model width, h query heads,
+k kv heads, g query heads per kv head, e head dim, f FFN width, r LoRA rank.
+
+The projection reads its LoRA factors from the separate ``"lora"`` variable collection when present
+(``lora_A`` [in, r], ``lora_B`` [r, out], both stacked per layer by the decoder's scan), so the base
+``"params"`` tree never changes shape whether or not an adapter is applied. Norm statistics, rotary
+tables and softmax are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtranspeft.models.spec import RopeSpec
+
+Dtype = Any
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully padded rows give no NaN
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, statistics in float32 (as transformers does)."""
+
+    eps: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32) for the "default" or "llama3" rope type."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(rope.theta), exponents)).astype(np.float32)
+    if rope.rope_type == "default":
+        return inv_freq
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor)
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(positions_bt, inv_freq: np.ndarray):
+    """cos and sin tables [b, t, head_dim] in float32 for integer positions."""
+    freqs_bte = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb_bte = jnp.concatenate([freqs_bte, freqs_bte], axis=-1)
+    return jnp.cos(emb_bte), jnp.sin(emb_bte)
+
+
+def apply_rope(x_bthe, cos_bte, sin_bte):
+    """Rotate query or key heads (rotate-half convention of transformers), computed in float32."""
+    x32 = x_bthe.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos_bte[:, :, None, :] + rotated * sin_bte[:, :, None, :]
+    return out.astype(x_bthe.dtype)
+
+
+class Projection(nn.Module):
+    """Dense layer (kernel [in, out], optional bias) plus an optional LoRA branch from the "lora" collection.
+
+    ``lora_scales`` holds the LoRA scale of every layer (alpha / r or alpha / sqrt(r)); the decoder's
+    scan passes the current layer index so one module definition serves every layer.
+    """
+
+    features: int
+    use_bias: bool
+    dtype: Dtype
+    param_dtype: Dtype
+    lora_scales: tuple[float, ...] = ()
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, layer_idx, dropout_key=None):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        if not self.has_variable("lora", "lora_A"):
+            return y
+        lora_a = self.get_variable("lora", "lora_A")
+        lora_b = self.get_variable("lora", "lora_B")
+        x_lora = x.astype(lora_a.dtype)
+        if dropout_key is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x_lora.shape)
+            x_lora = jnp.where(keep, x_lora / (1.0 - self.lora_dropout), 0).astype(lora_a.dtype)
+        scale = jnp.asarray(self.lora_scales, dtype=lora_a.dtype)[layer_idx]
+        delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_lora, lora_a), lora_b) * scale
+        return (y + delta.astype(y.dtype)).astype(y.dtype)
+
+
+def attention(q_bthe, k_bske, v_bske, mask_bts):
+    """Grouped-query attention: h query heads share k kv heads; softmax in float32."""
+    b, t, h, e = q_bthe.shape
+    k = k_bske.shape[2]
+    q_btkge = q_bthe.reshape(b, t, k, h // k, e)
+    scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske,
+                              preferred_element_type=jnp.float32) / math.sqrt(e)
+    scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bske.dtype)
+    out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
+    return out_btkge.reshape(b, t, h * e)

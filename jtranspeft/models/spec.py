@@ -1,0 +1,193 @@
+"""Architecture facts of a decoder checkpoint, read from a Hugging Face ``config.json`` dict.
+
+`ModelSpec` is the single description the decoder, the key tables and the adapters work from:
+llama, qwen2, qwen3 and mistral differ only through its fields (biases, q/k norms, rope variant,
+tied embeddings). Both config forms are read: transformers-5 ``rope_parameters`` and the older
+top-level ``rope_theta`` / ``rope_scaling``. Anything we cannot honour exactly is a `SpecError`
+naming the field; nothing is approximated silently. GGUF files reach this module through
+`jtranspeft.checkpoints.gguf.read_gguf_config`, which produces the same kind of dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_TYPES = ("default", "llama3")
+
+
+class SpecError(ValueError):
+    """An architecture or config value jtranspeft does not support; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters; ``rope_type`` "llama3" uses the four scaling fields."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything the decoder needs to know about an architecture (hashable, usable as a jit static)."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeSpec = RopeSpec()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise SpecError(f"model_type {self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise SpecError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection output (heads * head_dim)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of the key and value projection outputs (kv_heads * head_dim)."""
+        return self.num_kv_heads * self.head_dim
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse a sequence the sliding-window attention of this model would treat differently."""
+        if self.sliding_window is not None and seq_len > self.sliding_window:
+            raise SpecError(
+                f"sequence length {seq_len} exceeds sliding_window={self.sliding_window}; "
+                "sliding-window attention is not implemented, so this would be computed wrongly"
+            )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The transformers ``config.json`` dict for this spec (transformers-5 ``rope_parameters`` form)."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM"}[self.family]
+        rope: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
+        if self.rope.rope_type == "llama3":
+            rope.update(factor=self.rope.factor, low_freq_factor=self.rope.low_freq_factor,
+                        high_freq_factor=self.rope.high_freq_factor,
+                        original_max_position_embeddings=self.rope.original_max_position_embeddings)
+        cfg: dict[str, Any] = {
+            "architectures": [arch], "model_type": self.family, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope, "rope_theta": self.rope.theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+        }
+        if self.family in ("llama", "qwen3"):
+            cfg["attention_bias"] = self.qkv_bias
+        if self.family in ("qwen2", "qwen3", "mistral"):
+            cfg["sliding_window"] = self.sliding_window
+        if self.family in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = False
+        return cfg
+
+
+def _rope_from_config(cfg: dict[str, Any]) -> RopeSpec:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise SpecError(f"rope type {rope_type!r} (field rope_parameters.rope_type / rope_scaling.type) "
+                        f"is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return RopeSpec(theta=float(theta))
+    try:
+        return RopeSpec(theta=float(theta), rope_type=rope_type, factor=float(params["factor"]),
+                        low_freq_factor=float(params["low_freq_factor"]),
+                        high_freq_factor=float(params["high_freq_factor"]),
+                        original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    except KeyError as err:
+        raise SpecError(f"llama3 rope scaling needs field {err.args[0]!r}") from None
+
+
+def _require(cfg: dict[str, Any], key: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise SpecError(f"config field {key!r} is missing")
+    return cfg[key]
+
+
+def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
+    """Build a `ModelSpec` from a transformers ``config.json`` dict; unsupported values raise `SpecError`."""
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise SpecError(f"model_type {family!r} (architectures {cfg.get('architectures')}) is not supported; "
+                        f"supported: {', '.join(FAMILIES)}")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise SpecError(f"hidden_act {act!r} is not supported (only 'silu')")
+    if cfg.get("mlp_bias"):
+        raise SpecError("mlp_bias=true is not supported")
+    if cfg.get("pretraining_tp", 1) not in (1, None):
+        raise SpecError("pretraining_tp != 1 is not supported")
+    num_heads = int(_require(cfg, "num_attention_heads"))
+    hidden = int(_require(cfg, "hidden_size"))
+    head_dim = cfg.get("head_dim") or hidden // num_heads
+    window = cfg.get("sliding_window")
+    if family in ("qwen2", "qwen3") and not (
+        cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ())
+    ):
+        window = None
+    attention_bias = family in ("llama", "qwen3") and bool(cfg.get("attention_bias", False))
+    return ModelSpec(
+        family=family,
+        vocab_size=int(_require(cfg, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(_require(cfg, "intermediate_size")),
+        num_layers=int(_require(cfg, "num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=_rope_from_config(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        qk_norm=family == "qwen3",
+        sliding_window=int(window) if window else None,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=tuple(cfg["eos_token_id"]) if isinstance(cfg.get("eos_token_id"), list)
+        else cfg.get("eos_token_id"),
+    )
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    """Read ``config.json`` from an HF checkpoint directory, with errors naming the file."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config.json is missing; an HF checkpoint directory needs one")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}: not valid JSON ({err})") from None

@@ -1,0 +1,191 @@
+"""LoRA as a separate pytree: configuration, peft-compatible init and scaling, merge and unmerge.
+
+A `Lora` holds ``params`` — ``{"layers": {"self_attn" | "mlp": {module: {"lora_A": [L, in, R],
+"lora_B": [L, R, out]}}}}``, stacked over layers like the base — and its static `LoraConfig`. The
+decoder reads the factors from its ``"lora"`` collection, so a base and any number of adapters stay
+independent pytrees that are saved, sharded and swapped on their own.
+
+Ranks may differ per layer (peft's ``rank_pattern`` matches full module names such as
+``model.layers.3.self_attn.q_proj``): the stacked factors are zero-padded to the largest rank R of that
+module. Zero columns of A paired with zero rows of B add nothing and receive zero gradients, so padding is
+exact; `layer_ranks` tells the true rank of each layer (0 = not adapted) when exporting.
+Scale per module and layer: alpha / r, or alpha / sqrt(r) with ``use_rslora`` — as in peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtranspeft.checkpoints.hf import module_prefix
+from jtranspeft.models.decoder import ATTN_MODULES, MLP_MODULES, TARGET_MODULES
+
+MODULE_GROUP = {**{m: "self_attn" for m in ATTN_MODULES}, **{m: "mlp" for m in MLP_MODULES}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters with Hugging Face module names as targets.
+
+    ``rank_pattern`` / ``alpha_pattern`` map a module-name pattern (regex matched at the end of the full
+    name after a dot, e.g. ``"q_proj"`` or ``"layers.3.self_attn.q_proj"``) to a rank / alpha, as peft does.
+    ``layers`` restricts adaptation to the given layer indices (peft's ``layers_to_transform``).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        unknown = [t for t in self.targets if t not in TARGET_MODULES]
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets {list(self.targets)} must be a non-empty list of "
+                             f"{', '.join(TARGET_MODULES)}; unknown: {unknown}")
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def __hash__(self):  # the dict fields make the generated hash impossible; the config is a jit static
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=list))
+
+
+def module_name(module: str, layer: int) -> str:
+    """Full Hugging Face name of a projection, e.g. ``model.layers.3.self_attn.q_proj``."""
+    return module_prefix(module).format(i=layer)
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def layer_ranks(config: LoraConfig, module: str, num_layers: int) -> tuple[int, ...]:
+    """True LoRA rank of ``module`` in every layer (0 where the module is not adapted)."""
+    if module not in config.targets:
+        return (0,) * num_layers
+    return tuple(
+        int(_pattern_value(config.rank_pattern, module_name(module, i), config.r))
+        if config.layers is None or i in config.layers else 0
+        for i in range(num_layers))
+
+
+def layer_scales(config: LoraConfig, module: str, num_layers: int) -> tuple[float, ...]:
+    """LoRA scale of ``module`` in every layer: alpha / r, or alpha / sqrt(r) with rsLoRA (0 if not adapted)."""
+    scales = []
+    for i, rank in enumerate(layer_ranks(config, module, num_layers)):
+        alpha = float(_pattern_value(config.alpha_pattern, module_name(module, i), config.alpha))
+        scales.append(0.0 if rank == 0 else alpha / (math.sqrt(rank) if config.use_rslora else rank))
+    return tuple(scales)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """An adapter: stacked LoRA factors (the only pytree leaves) and their static config."""
+
+    params: dict
+    config: LoraConfig = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the base this adapter was made for."""
+        return jax.tree_util.tree_leaves(self.params)[0].shape[0]
+
+    def modules(self) -> list[str]:
+        """Adapted module names in canonical order."""
+        return [m for m in TARGET_MODULES if m in self.params["layers"].get(MODULE_GROUP[m], {})]
+
+    def factors(self, module: str) -> tuple[Any, Any]:
+        """(lora_A [L, in, R], lora_B [L, R, out]) of a module."""
+        entry = self.params["layers"][MODULE_GROUP[module]][module]
+        return entry["lora_A"], entry["lora_B"]
+
+    def scales(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
+        """Per-module, per-layer scales in the form the decoder takes."""
+        return tuple((m, layer_scales(self.config, m, self.num_layers)) for m in self.modules())
+
+
+def base_kernel(params: dict, module: str):
+    """The stacked kernel [L, in, out] of a projection in a base params tree."""
+    return params["layers"][MODULE_GROUP[module]][module]["kernel"]
+
+
+def _rank_mask(ranks: tuple[int, ...], width: int) -> np.ndarray:
+    return (np.arange(width)[None, :] < np.asarray(ranks)[:, None]).astype(np.float32)  # [L, R]
+
+
+def lora_from_factors(factors: dict[str, tuple[Any, Any]], config: LoraConfig) -> Lora:
+    """Assemble a `Lora` from {module: (A [L, in, R], B [L, R, out])}."""
+    params: dict = {"layers": {}}
+    for module in TARGET_MODULES:
+        if module in factors:
+            a, b = factors[module]
+            params["layers"].setdefault(MODULE_GROUP[module], {})[module] = {"lora_A": a, "lora_B": b}
+    return Lora(params=params, config=config)
+
+
+def init_lora_params(params: dict, config: LoraConfig, key, dtype=jnp.float32) -> Lora:
+    """New adapter for a base params tree: A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0, as peft.
+
+    A layer whose rank is below the module's largest rank gets zero padding (see the module docstring).
+    """
+    num_layers = base_kernel(params, TARGET_MODULES[0]).shape[0]
+    factors = {}
+    for i, module in enumerate(config.targets):
+        ranks = layer_ranks(config, module, num_layers)
+        width = max(ranks)
+        if width == 0:
+            raise ValueError(f"lora target {module!r} matches no layer (lora.layers={config.layers})")
+        _, d_in, d_out = base_kernel(params, module).shape
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (num_layers, d_in, width), dtype, -bound, bound)
+        a = a * jnp.asarray(_rank_mask(ranks, width), dtype)[:, None, :]
+        factors[module] = (a, jnp.zeros((num_layers, width, d_out), dtype))
+    return lora_from_factors(factors, config)
+
+
+def lora_deltas(lora: Lora):
+    """Yield (module, delta [L, in, out] in float32) = scale * A @ B for every adapted module."""
+    for module, scales in lora.scales():
+        a, b = lora.factors(module)
+        delta = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
+        yield module, delta * jnp.asarray(scales, jnp.float32)[:, None, None]
+
+
+def _add_deltas(params: dict, lora: Lora, sign: float) -> dict:
+    params = jax.tree_util.tree_map(lambda x: x, params)  # new containers, shared leaves
+    for module, delta in lora_deltas(lora):
+        entry = params["layers"][MODULE_GROUP[module]][module]
+        if entry["kernel"].shape != delta.shape:
+            raise ValueError(f"adapter for {module} has delta shape {delta.shape}, "
+                             f"base kernel has {entry['kernel'].shape}")
+        entry["kernel"] = (entry["kernel"].astype(jnp.float32) + sign * delta).astype(entry["kernel"].dtype)
+    return params
+
+
+def merge_params(params: dict, lora: Lora) -> dict:
+    """Base params with W + s * A @ B folded in (computed in float32, cast back to each kernel's dtype)."""
+    return _add_deltas(params, lora, 1.0)
+
+
+def unmerge_params(params: dict, lora: Lora) -> dict:
+    """Inverse of `merge_params` (exact up to the rounding of the base dtype)."""
+    return _add_deltas(params, lora, -1.0)

@@ -1,0 +1,35 @@
+"""jtranspeft: transferable parameter-efficient fine-tuning of LLMs in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jtranspeft",
+    version="0.1.0",
+    description="Transferable LoRA fine-tuning (Trans-PEFT) for JAX/Flax LLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jtranspeft", "jtranspeft.*"]),
+    package_data={"jtranspeft": ["py.typed"]},
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.90",
+        "transformers>=4.56",
+        "datasets>=3.0",
+        "safetensors>=0.5",
+        "gguf>=0.17",
+        "sentencepiece",
+        "jinja2",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "ml_dtypes",
+        "reasoning-gym",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0", "peft", "jinja2"],
+    },
+)

@@ -1,0 +1,68 @@
+"""Tiny random transformers models (the numerical reference) for every supported family and variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+
+VARIANTS = {
+    "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama_llama3_rope": ("llama", dict(tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2_bias_untied": ("qwen2", dict(tie_word_embeddings=False)),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=False, head_dim=24)),
+    "mistral": ("mistral", dict(tie_word_embeddings=False, sliding_window=64)),
+}
+
+CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    """A random float32 transformers model of one variant, with non-trivial norms and biases."""
+    family, extra = VARIANTS[variant]
+    config = CONFIG_CLASSES[family](**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def padded_batch(vocab: int, seed: int = 0, lengths=(12, 7, 3)):
+    """Right-padded int64 ids and attention mask with rows of different lengths."""
+    rng = np.random.default_rng(seed)
+    t = max(lengths)
+    ids = rng.integers(3, vocab, size=(len(lengths), t))
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        ids[row, n:] = 0
+    return ids, mask
+
+
+def hf_logits(model, ids, mask, **kwargs):
+    """Reference logits as numpy; positions count real tokens as jtranspeft does."""
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions), **kwargs)
+    return out.logits.float().numpy()
+
+
+def max_diff_on_tokens(a, b, mask):
+    """Max |a - b| over non-padding positions."""
+    sel = mask.astype(bool)
+    return float(np.abs(np.asarray(a)[sel] - np.asarray(b)[sel]).max())
