@@ -30,8 +30,9 @@ from jtranspeft.checkpoints.state import Checkpoints
 from jtranspeft.config_io import dump_yaml, exit_on_config_error, load_config, parse_cli, to_dict
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
-from jtranspeft.train_config import ModelConfig, RunConfig
-from jtranspeft.train_step import TrainState, lr_schedule, make_optimizer, make_step
+from jtranspeft.sharding import make_mesh, place
+from jtranspeft.train_config import DistributedConfig, ModelConfig, RunConfig
+from jtranspeft.train_step import TrainState, lr_schedule, make_optimizer, make_step, step_shardings
 
 EXAMPLES = """python -m jtranspeft.train --config configs/quickstart.yaml
 python -m jtranspeft.train --config configs/quickstart.yaml output_dir=runs/q2 train.max_steps=20
@@ -108,18 +109,34 @@ class _Sigterm:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def init_distributed(cfg: DistributedConfig) -> None:
+    """Join JAX's multi-host runtime when configured (null fields are detected, e.g. on TPU pods and SLURM)."""
+    if cfg.enabled and not jax.distributed.is_initialized():
+        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "enabled" and v is not None}
+        jax.distributed.initialize(**fields)
+
+
 def train(cfg: RunConfig) -> dict:
-    """Run (or resume) a training run; returns the summary also written to ``summary.json``."""
+    """Run (or resume) a training run; returns the summary also written to ``summary.json``.
+
+    Every process of a multi-host run calls this; process 0 writes the run directory's files.
+    """
+    init_distributed(cfg.distributed)
+    is_main = jax.process_index() == 0
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out / "config.yaml")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
     started = time.perf_counter()
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
     batcher, data_stats = prepare_batches(cfg, base.tokenizer)
     steps = total_steps(cfg, batcher)
     optimizer = make_optimizer(cfg.train, steps)
     lora = init_lora(base, cfg.lora, jax.random.key(cfg.train.seed))
     state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    shardings = step_shardings(mesh, rules, base, state, optimizer)
+    base, state = place(base, shardings.base), place(state, shardings.state)
     checkpoints = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
     digest = config_digest(cfg)
     restored = checkpoints.latest(state)
@@ -129,7 +146,7 @@ def train(cfg: RunConfig) -> dict:
             raise TrainingStopped(f"{out}: holds checkpoints of a run with a different config "
                                   "(use a new output_dir)", 2)
     start = int(state.step)
-    step_fn = make_step(optimizer, cfg.transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat)
+    step_fn = make_step(optimizer, cfg.transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings)
     schedule = lr_schedule(cfg.train, steps)
 
     def save(step):
@@ -137,14 +154,14 @@ def train(cfg: RunConfig) -> dict:
                                        "config_digest": digest})
 
     sigterm = _Sigterm()
-    log = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress, desc="train", unit="step")
+    log = open(out / "metrics.jsonl", "a") if is_main else None
+    bar = tqdm(total=steps, initial=start, disable=not (cfg.train.progress and is_main), desc="train", unit="step")
     shapes_seen, timed_tokens, timed_seconds, losses = set(), 0, 0.0, []
     try:
         for step in range(start, steps):
             batch = batcher.batch_at(step)
             tick = time.perf_counter()
-            state, metrics = step_fn(state, base, batch)
+            state, metrics = step_fn(state, base, place(batch, {k: shardings.batch for k in batch}))
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - tick
             if not metrics["finite"]:
@@ -159,7 +176,7 @@ def train(cfg: RunConfig) -> dict:
                    "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["tokens"]),
                    "tokens": tokens, "seq_len": batch["input_ids"].shape[1], "step_s": round(seconds, 4),
                    "tokens_per_s": round(tokens / seconds, 1)}
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+            if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -171,16 +188,18 @@ def train(cfg: RunConfig) -> dict:
                                       "run the same command to resume", 143)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         sigterm.restore()
         checkpoints.close()
-    meta = {"config": to_dict(cfg), "trained_steps": steps}
-    save_peft(state.lora, out / "adapter", base=base, metadata=meta)
+    lora = jax.jit(lambda x: x, out_shardings=shardings.replicated)(state.lora)  # readable on every host
     summary = {"steps": steps, "resumed_from": start, "wall_s": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "data": data_stats, "adapter": str(out / "adapter")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main:
+        save_peft(lora, out / "adapter", base=base, metadata={"config": to_dict(cfg), "trained_steps": steps})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 from jtranspeft.data.config import DataConfig
 from jtranspeft.peft.lora import LoraConfig
 from jtranspeft.peft.transpeft import TransPeftConfig
+from jtranspeft.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,18 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """JAX's multi-host runtime: ``enabled`` calls ``jax.distributed.initialize`` (automatic on TPU pods and
+    SLURM when the other fields are null; set them for a hand-made cluster)."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -75,3 +88,5 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)

@@ -61,8 +61,12 @@ def token_loss(base: Base, lora: Lora, batch: dict, rng, transpeft: TransPeftCon
 
 
 def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
-              remat: bool = False):
-    """A jitted train step ``(state, base, batch) -> (state, metrics)``; see the module docstring."""
+              remat: bool = False, shardings: "StepShardings | None" = None):
+    """A jitted train step ``(state, base, batch) -> (state, metrics)``; see the module docstring.
+
+    With ``shardings`` the step is compiled for them (``jax.jit`` in/out shardings); the input state is
+    donated either way.
+    """
     base_key = jax.random.key(seed)
 
     def step(state: TrainState, base: Base, batch: dict):
@@ -91,4 +95,30 @@ def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfi
         return kept._replace(step=state.step + 1), {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                                                      "finite": finite}
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, in_shardings=(shardings.state, shardings.base, shardings.batch),
+                   out_shardings=(shardings.state, shardings.replicated), donate_argnums=0)
+
+
+class StepShardings(NamedTuple):
+    """Where the train step's inputs and outputs live on a mesh."""
+
+    state: Any
+    base: Any
+    batch: Any
+    replicated: Any
+
+
+def step_shardings(mesh, rules: dict, base: Base, state: TrainState, optimizer) -> StepShardings:
+    """Shardings of the train state (LoRA + optimizer moments by rule), the base, a batch and scalars."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jtranspeft.sharding import batch_sharding, opt_state_shardings, tree_shardings
+
+    lora_sh = state.lora.replace(params=tree_shardings(state.lora.params, mesh, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = opt_state_shardings(optimizer, state.opt_state, lora_sh, mesh)
+    return StepShardings(state=TrainState(lora_sh, opt_sh, replicated),
+                         base=base.replace(params=tree_shardings(base.params, mesh, rules)),
+                         batch=batch_sharding(mesh, rules), replicated=replicated)

@@ -4,7 +4,8 @@ An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetenso
 ``base_model.model.<module prefix>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (torch layout;
 our factors are [in, r] and [r, out]). Module prefixes come from the checkpoint key table, so adapters and
 base weights share one naming. jtranspeft's own metadata (the base it was made for, later fingerprints)
-travels as JSON in the safetensors header, which peft and vLLM ignore.
+travels as JSON in the safetensors header, which peft and vLLM ignore: the fingerprint of the base it was
+made for and the bases it was moved to (`jtranspeft.fingerprint`, `jtranspeft.transfer`).
 
 `load_peft` refuses, with the tensor or field named, whatever it cannot honour exactly: DoRA,
 ``modules_to_save``, biases, fan-in/fan-out layout, a key outside the expected prefix, a layer the base
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
+from jtranspeft.fingerprint import base_fingerprint
 from jtranspeft.models.decoder import TARGET_MODULES
 from jtranspeft.peft.lora import Lora, LoraConfig, base_kernel, layer_ranks, lora_from_factors, module_name
 
@@ -53,9 +55,15 @@ def _peft_config(lora: Lora, base_name: str | None) -> dict[str, Any]:
 def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | None = None) -> Path:
     """Write ``lora`` as an HF PEFT adapter directory that peft and vLLM load.
 
-    ``base`` (a `jtranspeft.Base`) supplies ``base_model_name_or_path``; ``metadata`` is stored as
-    jtranspeft metadata in the safetensors header.
+    ``base`` (a `jtranspeft.Base`) supplies ``base_model_name_or_path`` and, recorded automatically, its
+    ``base_fingerprint`` (`jtranspeft.fingerprint`) with an empty ``transfers`` list; ``metadata`` is
+    stored as jtranspeft metadata in the safetensors header, its keys overriding those two.
     """
+    if base is not None:
+        recorded = {"transfers": []} | (metadata or {})
+        if "base_fingerprint" not in recorded:
+            recorded["base_fingerprint"] = base_fingerprint(base)
+        metadata = recorded
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = []

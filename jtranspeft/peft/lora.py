@@ -104,6 +104,10 @@ class Lora:
     params: dict
     config: LoraConfig = dataclasses.field(metadata=dict(static=True))
 
+    def replace(self, **changes) -> "Lora":
+        """A copy with some fields changed (e.g. ``params``)."""
+        return dataclasses.replace(self, **changes)
+
     @property
     def num_layers(self) -> int:
         """Depth of the base this adapter was made for."""

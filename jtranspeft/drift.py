@@ -1,0 +1,358 @@
+"""Data-free drift between two versions of a base, and how much of an adapter lies where they differ.
+
+`drift_report(old_base, new_base, lora=None, top_k=16)` compares the weights of an old and a new base
+layer by layer, with no data, and returns a JSON-ready dict; `write_drift_report` writes it as a text
+table (``drift.txt``), JSON (``drift.json``) and a PNG of per-layer curves (``drift.png``). Per layer and
+projection module (q, k, v, o, gate, up, down), with W_o, W_n the old and new kernels:
+
+- ``relative_change`` = ||W_n - W_o||_F / ||W_o||_F (0 = unchanged);
+- ``cosine`` = <W_o, W_n> / (||W_o||_F ||W_n||_F), the matrices flattened (1 = same direction);
+- ``overlap_in`` / ``overlap_out``: top-k singular-subspace overlap ||U_o[:, :k]^T U_n[:, :k]||_F^2 / k,
+  in [0, 1] (1 = the k dominant directions are the same), on the input-feature side (U: left singular
+  vectors of our [in, out] kernel) and the output-feature side (V, the right singular vectors).
+
+``groups`` aggregates attention (q, k, v, o) and FFN (gate, up, down) per layer and ``summary`` over the
+whole model: the relative change and cosine of the modules concatenated into one vector, the mean of the
+in/out overlaps. ``others`` gives relative change and cosine of every other tensor: embeddings, lm_head,
+the final norm, per-layer norms and biases. With an adapter (``lora``, indexed like the OLD base's layers,
+i.e. as trained) ``adapter`` tells how much of each delta dW = s A B lies in the directions that changed:
+with D = W_n - W_o and U_D, V_D its top-k singular vectors, ``captured_in`` = ||U_D^T dW||_F^2 /
+||dW||_F^2 and ``captured_out`` = ||dW V_D||_F^2 / ||dW||_F^2 (0 where D = 0; ``chance_in`` /
+``chance_out`` = k / dim is what a random subspace of that size captures on average). Groups weight
+modules by ||dW||_F^2.
+
+Weights are compared in float32 (sums accumulated in float64), one layer at a time on the host, so memory
+stays at a few copies of one kernel. SVDs are exact thin SVDs (`top_singular_vectors`: numpy's LAPACK on
+CPU, the device's SVD on an accelerator); their cost grows as in * out * min(in, out) per kernel.
+``layer_map`` ({old layer: new layer}) compares mapped pairs when the depths differ; rows are then those
+pairs, listed in ``layers``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import operator
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtranspeft.checkpoints.hf import key_table
+from jtranspeft.models.decoder import ATTN_MODULES, MLP_MODULES, TARGET_MODULES
+from jtranspeft.peft.lora import base_kernel, lora_deltas
+
+GROUPS = {"attention": ATTN_MODULES, "ffn": MLP_MODULES}
+_SHORT = {"attention": "attn", "ffn": "ffn"}
+
+
+_device_svd = jax.jit(functools.partial(jnp.linalg.svd, full_matrices=False))
+
+
+def top_singular_vectors(w_io, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k left [in, k] and right [out, k] singular vectors of one kernel [in, out] (float32, thin SVD).
+
+    On CPU numpy's LAPACK (no compilation per shape); on an accelerator the device's SVD, much faster for
+    large kernels. Only the top k vectors are returned (as host arrays).
+    """
+    if jax.default_backend() == "cpu":
+        u_im, _, vt_mo = np.linalg.svd(np.asarray(w_io, np.float32), full_matrices=False)
+    else:
+        u_im, _, vt_mo = _device_svd(jnp.asarray(w_io, jnp.float32))
+    return np.asarray(u_im[:, :k]), np.asarray(vt_mo[:k]).T
+
+
+def _fro2(x) -> float:
+    return float(np.sum(np.square(x, dtype=np.float64)))
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x, np.float32)
+
+
+def _overlap(a_ik, b_ik) -> float:
+    return _fro2(a_ik.T @ b_ik) / a_ik.shape[1]
+
+
+def module_drift(old_kernels, new_kernels, top_k: int) -> dict[str, np.ndarray]:
+    """Per-layer drift of one module: kernels [in, out] of the old and new base, layer by layer (paired).
+
+    Rows of ``relative_change``, ``cosine``, ``overlap_in``, ``overlap_out`` (see the module docstring),
+    plus the sums ``_old2``, ``_new2``, ``_diff2``, ``_dot`` the group aggregates are built from.
+    """
+    rows: dict[str, list[float]] = {k: [] for k in ("relative_change", "cosine", "overlap_in", "overlap_out",
+                                                     "_old2", "_new2", "_diff2", "_dot")}
+    for w_old_io, w_new_io in zip(old_kernels, new_kernels):
+        w_old_io, w_new_io = _host(w_old_io), _host(w_new_io)
+        k = min(top_k, *w_old_io.shape)
+        u_old, v_old = top_singular_vectors(w_old_io, k)
+        u_new, v_new = top_singular_vectors(w_new_io, k)
+        old2, new2, diff2 = _fro2(w_old_io), _fro2(w_new_io), _fro2(w_new_io - w_old_io)
+        dot = float(np.sum(w_old_io * w_new_io, dtype=np.float64))
+        values = {"relative_change": math.sqrt(_ratio(diff2, old2)), "cosine": _ratio(dot, math.sqrt(old2 * new2)),
+                  "overlap_in": _overlap(u_old, u_new), "overlap_out": _overlap(v_old, v_new),
+                  "_old2": old2, "_new2": new2, "_diff2": diff2, "_dot": dot}
+        for name, value in values.items():
+            rows[name].append(value)
+    return {name: np.asarray(values) for name, values in rows.items()}
+
+
+def adapter_capture(old_kernels, new_kernels, deltas, top_k: int) -> dict[str, np.ndarray | float]:
+    """Fraction of ||dW||_F^2 in the top-k in/out singular subspaces of W_n - W_o, layer by layer.
+
+    NaN where the layer is not adapted (dW = 0), 0 where the weight did not change (W_n = W_o); also the
+    chance levels k / in and k / out, and ``_delta2`` = ||dW||_F^2 per layer for weighting.
+    """
+    rows: dict[str, list[float]] = {"captured_in": [], "captured_out": [], "_delta2": []}
+    for w_old_io, w_new_io, delta_io in zip(old_kernels, new_kernels, deltas):
+        diff_io, delta_io = _host(w_new_io) - _host(w_old_io), _host(delta_io)
+        k = min(top_k, *diff_io.shape)
+        delta2 = _fro2(delta_io)
+        if delta2 == 0:
+            captured = (math.nan, math.nan)
+        elif _fro2(diff_io) == 0:
+            captured = (0.0, 0.0)
+        else:
+            u_ik, v_ok = top_singular_vectors(diff_io, k)
+            captured = (_fro2(u_ik.T @ delta_io) / delta2, _fro2(delta_io @ v_ok) / delta2)
+        rows["captured_in"].append(captured[0])
+        rows["captured_out"].append(captured[1])
+        rows["_delta2"].append(delta2)
+    d_in, d_out = diff_io.shape
+    return {name: np.asarray(values) for name, values in rows.items()} | {
+        "chance_in": min(top_k, d_in, d_out) / d_in, "chance_out": min(top_k, d_in, d_out) / d_out}
+
+
+def _check_pair(old_base, new_base, layer_map) -> tuple[list[int], list[int]]:
+    old_spec, new_spec = old_base.spec, new_base.spec
+    if layer_map is None:
+        if old_spec.num_layers != new_spec.num_layers:
+            raise ValueError(f"layer count: old base has {old_spec.num_layers} layers, new base "
+                             f"{new_spec.num_layers}; give a layer map")
+        layer_map = {i: i for i in range(old_spec.num_layers)}
+    for module in TARGET_MODULES:
+        a, b = base_kernel(old_base.params, module).shape[1:], base_kernel(new_base.params, module).shape[1:]
+        if a != b:
+            raise ValueError(f"{module} kernel is {list(a)} [in, out] in the old base, {list(b)} in the new one")
+    pairs = sorted(layer_map.items())
+    return [o for o, _ in pairs], [n for _, n in pairs]
+
+
+def _ratio(num, den):
+    return float(num / den) if den > 0 else float("nan")
+
+
+def _group_rows(per_module: dict, modules) -> dict[str, list]:
+    s = {key: sum(per_module[m][key] for m in modules) for key in ("_old2", "_new2", "_diff2", "_dot")}
+    return {
+        "relative_change": np.sqrt(s["_diff2"] / s["_old2"]).tolist(),
+        "cosine": (s["_dot"] / np.sqrt(s["_old2"] * s["_new2"])).tolist(),
+        "overlap": np.mean([(per_module[m]["overlap_in"] + per_module[m]["overlap_out"]) / 2 for m in modules],
+                           axis=0).tolist(),
+        "_sums": {key: float(np.sum(v)) for key, v in s.items()},
+    }
+
+
+def _other_tensors(old_base, new_base, old_idx, new_idx) -> dict[str, dict]:
+    out = {}
+    for entry in key_table(old_base.spec):
+        if entry.path[-1] == "kernel" and entry.path[-2] in TARGET_MODULES:
+            continue
+        if not entry.applies(new_base.spec):
+            out[entry.hf.replace("{i}", "*")] = {"note": "absent from the new base"}
+            continue
+        a = _host(functools.reduce(operator.getitem, entry.path, old_base.params))
+        b = _host(functools.reduce(operator.getitem, entry.path, new_base.params))
+        if entry.per_layer:
+            a, b = a[np.asarray(old_idx)], b[np.asarray(new_idx)]
+        else:
+            a, b = a[None], b[None]
+        if a.shape != b.shape:
+            out[entry.hf.replace("{i}", "*")] = {"note": f"shape {list(a.shape[1:])} -> {list(b.shape[1:])}"}
+            continue
+        rel = np.asarray([math.sqrt(_ratio(_fro2(y - x), _fro2(x))) for x, y in zip(a, b)])
+        cos = np.asarray([_ratio(float(np.sum(x * y, dtype=np.float64)), math.sqrt(_fro2(x) * _fro2(y)))
+                          for x, y in zip(a, b)])
+        out[entry.hf.replace("{i}", "*")] = ({"relative_change": rel.tolist(), "cosine": cos.tolist()}
+                                             if entry.per_layer else
+                                             {"relative_change": float(rel[0]), "cosine": float(cos[0])})
+    return out
+
+
+def drift_report(old_base, new_base, lora=None, top_k: int = 16, layer_map: dict[int, int] | None = None) -> dict:
+    """Data-free drift between two bases of the same architecture (JSON-ready; see the module docstring).
+
+    ``lora`` (optional) is an adapter on the old base's layers; ``layer_map`` {old: new} pairs layers of
+    bases whose depth differs. Raises ValueError if the kernels' shapes differ.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    old_idx, new_idx = _check_pair(old_base, new_base, layer_map)
+    per_module = {m: module_drift(_layers(old_base.params, m, old_idx), _layers(new_base.params, m, new_idx), top_k)
+                  for m in TARGET_MODULES}
+    groups = {g: _group_rows(per_module, mods) for g, mods in GROUPS.items()}
+    summary = {g: {"relative_change": _ratio(math.sqrt(r["_sums"]["_diff2"]), math.sqrt(r["_sums"]["_old2"])),
+                   "cosine": _ratio(r["_sums"]["_dot"], math.sqrt(r["_sums"]["_old2"] * r["_sums"]["_new2"])),
+                   "overlap": float(np.mean(r["overlap"]))} for g, r in groups.items()}
+    report = {
+        "top_k": top_k, "layers": [[o, n] for o, n in zip(old_idx, new_idx)],
+        "old_base": old_base.source, "new_base": new_base.source,
+        "modules": {m: {k: v.tolist() for k, v in d.items() if not k.startswith("_")} for m, d in per_module.items()},
+        "groups": {g: {k: v for k, v in r.items() if not k.startswith("_")} for g, r in groups.items()},
+        "summary": summary,
+        "others": _other_tensors(old_base, new_base, old_idx, new_idx),
+    }
+    if lora is not None:
+        report["adapter"] = _adapter_section(old_base, new_base, lora, old_idx, new_idx, top_k)
+    return _json_ready(report)
+
+
+def _layers(params: dict, module: str, indices: list[int]):
+    """The kernels [in, out] of ``module`` in the given layers, fetched one at a time."""
+    stack_lio = base_kernel(params, module)
+    return (stack_lio[i] for i in indices)
+
+
+def _adapter_section(old_base, new_base, lora, old_idx, new_idx, top_k: int) -> dict:
+    if lora.num_layers != old_base.spec.num_layers:
+        raise ValueError(f"the adapter has {lora.num_layers} layers; drift_report expects it on the old "
+                         f"base's {old_base.spec.num_layers} layers")
+    modules, weights = {}, {}
+    for module, delta_lio in lora_deltas(lora):
+        cap = adapter_capture(_layers(old_base.params, module, old_idx), _layers(new_base.params, module, new_idx),
+                              (delta_lio[i] for i in old_idx), top_k)
+        weights[module] = cap.pop("_delta2")
+        modules[module] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cap.items()}
+    groups = {}
+    for group, mods in GROUPS.items():
+        present = [m for m in mods if m in modules]
+        if present:
+            groups[group] = _weighted_capture(modules, weights, present)
+    return {"modules": modules, "groups": groups}
+
+
+def _weighted_capture(modules: dict, weights: dict, present: list[str]) -> dict:
+    """Captured fractions of a group of modules, each module weighted by its ||dW||_F^2 (per layer and all)."""
+    total_l = sum(weights[m] for m in present)
+    out: dict = {"all_layers": {}}
+    for side in ("captured_in", "captured_out"):
+        weighted_l = sum(np.nan_to_num(np.asarray(modules[m][side], float)) * weights[m] for m in present)
+        out[side] = [_ratio(w, t) for w, t in zip(weighted_l, total_l)]
+        out["all_layers"][side] = _ratio(float(np.sum(weighted_l)), float(np.sum(total_l)))
+    return out
+
+
+def _json_ready(value):
+    """Lists/dicts of floats with NaN or infinity -> None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(x) -> str:
+    return "     -" if x is None else f"{x:6.4f}"
+
+
+def format_drift_table(report: dict) -> str:
+    """The report as a plain-text table: one row per layer, then the whole-model summary and other tensors."""
+    adapter = report.get("adapter", {}).get("groups", {})
+    head = ["layer(o>n)", "attn_rel", "ffn_rel", "attn_cos", "ffn_cos", "attn_ovl", "ffn_ovl"]
+    if adapter:
+        head += [f"{_SHORT[g]}_cap_{side}" for g in adapter for side in ("in", "out")]
+    lines = [f"drift {report['old_base']} -> {report['new_base']} (top_k={report['top_k']})",
+             "  ".join(f"{h:>10}" for h in head)]
+    g = report["groups"]
+    for row, (o, n) in enumerate(report["layers"]):
+        cells = [f"{o}>{n}", *(_fmt(g[grp][key][row]) for key in ("relative_change", "cosine", "overlap")
+                               for grp in ("attention", "ffn"))]
+        for grp in adapter:
+            cells += [_fmt(adapter[grp][side][row]) for side in ("captured_in", "captured_out")]
+        lines.append("  ".join(f"{c:>10}" for c in cells))
+    s = report["summary"]
+    lines.append("  ".join(f"{c:>10}" for c in ["all", *(_fmt(s[grp][key]) for key in
+                                                         ("relative_change", "cosine", "overlap")
+                                                         for grp in ("attention", "ffn"))]))
+    lines.append("")
+    lines.append(f"{'tensor':<48}  {'rel_change':>10}  {'cosine':>8}")
+    for name, entry in report["others"].items():
+        if "note" in entry:
+            lines.append(f"{name:<48}  {entry['note']}")
+            continue
+        rel, cos = entry["relative_change"], entry["cosine"]
+        if isinstance(rel, list):  # per layer: show the largest change
+            worst = int(np.nanargmax(np.asarray(rel, float)))
+            layer = report["layers"][worst][1]
+            lines.append(f"{name:<48}  {_fmt(rel[worst]):>10}  {_fmt(cos[worst]):>8}  (largest, layer {layer})")
+        else:
+            lines.append(f"{name:<48}  {_fmt(rel):>10}  {_fmt(cos):>8}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_drift(report: dict, path: str | Path) -> None:
+    """Draw per-layer relative change (attention vs FFN, and per module) as a PNG at ``path`` (Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    x = [n for _, n in report["layers"]]
+    fig = Figure(figsize=(11, 4), layout="constrained")  # no pyplot: the global backend is left alone
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    for group, style in (("attention", "o-"), ("ffn", "s-")):
+        left.plot(x, report["groups"][group]["relative_change"], style, label=group)
+    left.set(title="relative change ||W_n - W_o|| / ||W_o||", xlabel="layer (new base)", ylabel="relative change")
+    left.legend()
+    for module, values in report["modules"].items():
+        right.plot(x, values["relative_change"], "--" if module in MLP_MODULES else "-", label=module)
+    right.set(title="per module", xlabel="layer (new base)")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(fontsize=8, ncol=2)
+    fig.savefig(path, dpi=100)
+
+
+def write_drift_report(report: dict, out_dir: str | Path) -> Path:
+    """Write ``drift.txt``, ``drift.json`` and ``drift.png`` into ``out_dir`` atomically (temp dir, rename)."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "drift.txt").write_text(format_drift_table(report))
+        (tmp / "drift.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_drift(report, tmp / "drift.png")
+    return out_dir
+
+
+class atomic_directory:
+    """Context manager: yields a temporary sibling of ``target``, renamed to ``target`` on success.
+
+    ``target`` must not exist, or be an empty directory; on an exception the temporary directory is removed
+    and nothing appears at ``target``.
+    """
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
+            raise FileExistsError(f"{self.target}: already exists and is not empty; choose a new directory")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{secrets.token_hex(4)}"
+        self.tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask (the directory is the final output)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.is_dir():
+            self.target.rmdir()  # empty, checked on entry
+        os.replace(self.tmp, self.target)
+        return False

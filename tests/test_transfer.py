@@ -1,0 +1,282 @@
+"""Moving adapters onto updated bases: verdicts, fingerprints, merged checkpoints, drift, training-free variants."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import jtranspeft as jt
+from jtranspeft.drift import drift_report, write_drift_report
+from jtranspeft.fingerprint import base_fingerprint, fingerprint_differences, kernel_norms
+from jtranspeft.peft.lora import base_kernel, lora_deltas, lora_from_factors
+from jtranspeft.transfer import EXIT_INCOMPATIBLE, main, project_lora, rescale_lora, transfer
+from reference import TINY, hf_logits, make_hf_model, max_diff_on_tokens, padded_batch
+
+ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _random_b(lora, seed=0, scale=0.2):
+    """Non-zero B factors (a fresh LoRA is a no-op), keeping padded rank entries zero."""
+    key = jax.random.key(seed)
+    factors = {}
+    for i, module in enumerate(lora.modules()):
+        a, b = lora.factors(module)
+        mask = (jnp.abs(a).sum(axis=1) > 0)[:, :, None]  # [L, R, 1]: ranks actually in use
+        factors[module] = (a, scale * jax.random.normal(jax.random.fold_in(key, i), b.shape) * mask)
+    return lora_from_factors(factors, lora.config)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """old/ and new/ (same llama spec, different weights) and adapter/ (made by jtranspeft on old/)."""
+    root = tmp_path_factory.mktemp("transfer")
+    make_hf_model("llama_gqa_untied", seed=0).save_pretrained(root / "old")
+    make_hf_model("llama_gqa_untied", seed=1).save_pretrained(root / "new")
+    old = jt.load_base(root / "old")
+    lora = _random_b(jt.init_lora(old, jt.LoraConfig(r=4, alpha=8, targets=ALL7), jax.random.key(0)))
+    jt.save_peft(lora, root / "adapter", base=old)
+    return root
+
+
+@pytest.fixture(scope="module")
+def old(root):
+    return jt.load_base(root / "old")
+
+
+@pytest.fixture(scope="module")
+def new(root):
+    return jt.load_base(root / "new")
+
+
+def _hf_dir(path, family="llama", **changes):
+    config = transformers.AutoConfig.for_model(family, **{**TINY, "tie_word_embeddings": False, **changes})
+    torch.manual_seed(3)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_move_and_merge_gives_the_unmerged_logits_in_transformers(root, old, new):
+    out, merged = root / "moved", root / "merged"
+    assert main(["--adapter", str(root / "adapter"), "--new-base", str(root / "new"),
+                 "--out", str(out), "--merge", str(merged)]) == 0
+    result = transfer(root / "adapter", new)
+    assert result.verdict == "transfer" and result.verified
+    moved = jt.load_peft(out, new)
+    meta = jt.read_metadata(out)
+    assert meta["base_fingerprint"]["digest"] == base_fingerprint(old)["digest"]
+    assert [t["fingerprint"]["digest"] for t in meta["transfers"]] == [base_fingerprint(new)["digest"]]
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids, mask = padded_batch(new.spec.vocab_size)
+    expected = jt.apply(new, ids, lora=moved, attention_mask=mask)
+    assert max_diff_on_tokens(hf_logits(model, ids, mask), expected, mask) <= 1e-4
+    # the moved adapter now sits on new/: moving it there again is recognised as identical
+    assert transfer(out, new).verdict == "identical"
+
+
+def _adapter_naming_a_foreign_module(src, dst):
+    from jtranspeft.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+
+    dst.mkdir()
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["target_modules"] = [*config["target_modules"], "qkv_proj"]
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    with SafetensorsFile(src / "adapter_model.safetensors") as f:
+        tensors = [(k, f.get(k)) for k in f.keys()]
+        metadata = f.metadata
+    tensors.append(("base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", tensors[0][1]))
+    write_safetensors(dst / "adapter_model.safetensors", tensors, metadata=metadata)
+    return dst
+
+
+INCOMPATIBLE = {
+    "hidden_size": (lambda root, tmp: _hf_dir(tmp / "narrow", hidden_size=32), None,
+                    ["hidden_size: 64", "32", "lora_A"]),
+    "layer_count": (lambda root, tmp: _hf_dir(tmp / "deep", num_hidden_layers=4), None,
+                    ["layer count", "3 layers", "4"]),
+    "target_module": (lambda root, tmp: root / "new", _adapter_naming_a_foreign_module,
+                      ["missing target module", "qkv_proj"]),
+    "family": (lambda root, tmp: _hf_dir(tmp / "qwen", family="qwen2"), None, ["other family", "llama", "qwen2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INCOMPATIBLE))
+def test_incompatible_pairs_name_the_cause_and_the_cli_writes_nothing(root, tmp_path, case):
+    make_base, make_adapter, words = INCOMPATIBLE[case]
+    base_dir = make_base(root, tmp_path)
+    adapter = make_adapter(root / "adapter", tmp_path / "adapter") if make_adapter else root / "adapter"
+    result = transfer(adapter, jt.load_base(base_dir))
+    assert result.verdict == "incompatible" and result.lora is None
+    text = "\n".join(result.reasons)
+    for word in words:
+        assert word in text, text
+    if case == "family":  # one subprocess run of the real CLI (the others run in-process below)
+        proc = subprocess.run([sys.executable, "-m", "jtranspeft.transfer", "--adapter", str(adapter), "--new-base",
+                               str(base_dir), "--out", str(tmp_path / "out"), "--merge", str(tmp_path / "m")],
+                              capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == EXIT_INCOMPATIBLE, proc.stderr
+        assert "other family" in proc.stderr and "Traceback" not in proc.stderr
+    else:
+        assert main(["--adapter", str(adapter), "--new-base", str(base_dir), "--out", str(tmp_path / "out"),
+                     "--merge", str(tmp_path / "m")]) == EXIT_INCOMPATIBLE
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_layer_map_moves_layers_and_round_trips_through_peft_format(root, old, tmp_path):
+    deep = jt.load_base(_hf_dir(tmp_path / "deep", num_hidden_layers=4))
+    result = transfer(root / "adapter", deep, layer_map={0: 0, 1: 1, 2: 3})
+    assert result.verdict == "transfer" and result.lora.config.layers == (0, 1, 3)
+    src_a, _ = result.source_lora.factors("up_proj")
+    a, _ = result.lora.factors("up_proj")
+    np.testing.assert_array_equal(np.asarray(a)[3], np.asarray(src_a)[2])
+    assert not np.any(np.asarray(a)[2])
+    jt.save_peft(result.lora, tmp_path / "moved", base=deep, metadata=result.metadata)
+    reloaded = jt.load_peft(tmp_path / "moved", deep)  # the rewritten config describes the moved factors
+    for module, delta in _deltas(result.lora).items():
+        np.testing.assert_allclose(_deltas(reloaded)[module], delta, atol=1e-7)
+
+
+def test_identical_base_is_recognised_and_one_changed_element_is_detected(root, old):
+    assert transfer(root / "adapter", old).verdict == "identical"
+    kernel = base_kernel(old.params, "k_proj")
+    params = jax.tree_util.tree_map(lambda x: x, old.params)
+    params["layers"]["self_attn"]["k_proj"]["kernel"] = kernel.at[1, 5, 7].add(0.05)
+    touched = old.replace(params=params)
+    diffs = fingerprint_differences(base_fingerprint(old), base_fingerprint(touched))
+    assert len(diffs) == 1 and diffs[0].startswith("model.layers.1.self_attn.k_proj"), diffs
+    result = transfer(root / "adapter", touched)
+    assert result.verdict == "transfer" and any("model.layers.1.self_attn.k_proj" in r for r in result.reasons)
+    # an old base given explicitly: the same decision from the two bases' fingerprints
+    assert transfer(result.lora, old, old_base=old).verdict == "identical"
+
+
+def test_fingerprint_does_not_depend_on_the_load_dtype(tmp_path):
+    make_hf_model("qwen2_bias_tied").to(torch.bfloat16).save_pretrained(tmp_path)
+    as_bf16 = base_fingerprint(jt.load_base(tmp_path, dtype="bfloat16"))
+    as_f32 = base_fingerprint(jt.load_base(tmp_path, dtype="float32"))
+    assert as_bf16["digest"] == as_f32["digest"] and not fingerprint_differences(as_bf16, as_f32)
+
+
+def test_drift_report_sees_ffn_change_only(root, old, tmp_path):
+    params = jax.tree_util.tree_map(lambda x: x, old.params)
+    for i, module in enumerate(("gate_proj", "up_proj", "down_proj")):
+        w = params["layers"]["mlp"][module]["kernel"]
+        params["layers"]["mlp"][module]["kernel"] = w + 0.01 * jax.random.normal(jax.random.key(i), w.shape)
+    ffn_only = old.replace(params=params)
+    lora = jt.load_peft(root / "adapter", old)
+    report = drift_report(old, ffn_only, lora=lora, top_k=8)
+    assert report["groups"]["attention"]["relative_change"] == [0.0] * 3
+    assert report["summary"]["attention"]["relative_change"] == 0.0
+    assert all(v > 0 for v in report["groups"]["ffn"]["relative_change"])
+    w_o = np.asarray(base_kernel(old.params, "gate_proj")[0])
+    w_n = np.asarray(base_kernel(ffn_only.params, "gate_proj")[0])
+    assert report["modules"]["gate_proj"]["relative_change"][0] == pytest.approx(
+        np.linalg.norm(w_n - w_o) / np.linalg.norm(w_o), rel=1e-4)
+    assert all(v == 0.0 for v in report["adapter"]["groups"]["attention"]["captured_in"])
+    assert all(0 < v <= 1 for v in report["adapter"]["groups"]["ffn"]["captured_in"])
+    out = write_drift_report(report, tmp_path / "drift")
+    assert json.loads((out / "drift.json").read_text())["top_k"] == 8
+    png = (out / "drift.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "ffn_rel" in (out / "drift.txt").read_text()
+
+
+def test_accelerator_svd_branch_spans_the_same_subspaces(monkeypatch):
+    from jtranspeft import drift
+
+    w = np.random.default_rng(0).normal(size=(24, 40)).astype(np.float32)
+    u_cpu, v_cpu = drift.top_singular_vectors(w, 5)
+    monkeypatch.setattr(drift.jax, "default_backend", lambda: "gpu")  # take the on-device path on CPU
+    u_dev, v_dev = drift.top_singular_vectors(w, 5)
+    assert u_dev.shape == (24, 5) and v_dev.shape == (40, 5)
+    np.testing.assert_allclose(u_dev @ u_dev.T, u_cpu @ u_cpu.T, atol=1e-5)
+    np.testing.assert_allclose(v_dev @ v_dev.T, v_cpu @ v_cpu.T, atol=1e-5)
+
+
+def test_adapter_from_peft_transfers_and_merges(root, new, tmp_path):
+    model = peft.get_peft_model(make_hf_model("llama_gqa_untied", seed=0),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "peft_adapter")
+    result = transfer(tmp_path / "peft_adapter", new)
+    assert result.verdict == "transfer" and not result.verified and "unverified" in result.label
+    assert transfer(tmp_path / "peft_adapter", new, old_base=jt.load_base(root / "old")).verified
+    assert main(["--adapter", str(tmp_path / "peft_adapter"), "--new-base", str(root / "new"),
+                 "--merge", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    on_new = peft.PeftModel.from_pretrained(make_hf_model("llama_gqa_untied", seed=1), tmp_path / "peft_adapter")
+    ids, mask = padded_batch(new.spec.vocab_size, seed=1)
+    ours = jt.apply(new, ids, lora=result.lora, attention_mask=mask)
+    assert max_diff_on_tokens(hf_logits(merged, ids, mask), ours, mask) <= 1e-4
+    assert max_diff_on_tokens(hf_logits(on_new.eval(), ids, mask), ours, mask) <= 1e-4
+
+
+def _deltas(lora):
+    return {m: np.asarray(d) for m, d in lora_deltas(lora)}
+
+
+def test_project_matches_a_numpy_reference(old, new):
+    config = jt.LoraConfig(r=4, alpha=8, targets=ALL7, rank_pattern={"layers.1.self_attn.q_proj": 2})
+    lora = _random_b(jt.init_lora(old, config, jax.random.key(1)))
+    before = _deltas(lora)
+    full = _deltas(project_lora(lora, new.params, k=64))  # q/o kernels are square and full rank: identity
+    for module in ("q_proj", "o_proj"):
+        np.testing.assert_allclose(full[module], before[module], atol=1e-5)
+    k = 8
+    projected = project_lora(lora, new.params, k=k)
+    after = _deltas(projected)
+    for module in ALL7:
+        for layer in range(3):
+            u, _, vt = np.linalg.svd(np.asarray(base_kernel(new.params, module)[layer], np.float64))
+            want = u[:, :k] @ u[:, :k].T @ before[module][layer] @ vt[:k].T @ vt[:k]
+            np.testing.assert_allclose(after[module][layer], want, atol=1e-5)
+    a, _ = projected.factors("q_proj")
+    assert not np.any(np.asarray(a)[1, :, 2:])  # padded ranks stay zero
+    assert projected.config == lora.config
+
+
+def test_rescale_keeps_the_delta_to_weight_ratio(root, old, new):
+    lora = jt.load_peft(root / "adapter", old)
+    scaled = rescale_lora(lora, kernel_norms(old.params), kernel_norms(new.params))
+    before, after = _deltas(lora), _deltas(scaled)
+    for module in ALL7:
+        for layer in range(3):
+            w_o = np.asarray(base_kernel(old.params, module)[layer])
+            w_n = np.asarray(base_kernel(new.params, module)[layer])
+            ratio_old = np.linalg.norm(before[module][layer]) / np.linalg.norm(w_o)
+            assert np.linalg.norm(after[module][layer]) / np.linalg.norm(w_n) == pytest.approx(ratio_old, rel=1e-5)
+    # the recorded fingerprint's norms stand in for the old base
+    from_record = transfer(root / "adapter", new, method="rescale").lora
+    from_old = transfer(root / "adapter", new, old_base=old, method="rescale").lora
+    for module in ALL7:
+        np.testing.assert_allclose(_deltas(from_record)[module], _deltas(from_old)[module], atol=1e-6)
+
+
+def test_cli_help_and_bad_input(root, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "examples:" in help_text and "exit 3" in help_text
+    assert main(["--adapter", str(tmp_path / "nope"), "--new-base", str(root / "new"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nope" in err and not (tmp_path / "out").exists()
+    assert main(["--adapter", str(root / "adapter"), "--new-base", str(root / "new"), "--drift-report",
+                 str(tmp_path / "d")]) == 2
+    assert "--old-base" in capsys.readouterr().err
