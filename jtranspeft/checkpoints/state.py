@@ -9,18 +9,19 @@ small, and a save that returns is on disk.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpoints:
     """The checkpoints of one run directory: save every N steps, keep the last K, restore the latest."""
 
-    def __init__(self, directory: str | Path, keep: int):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory, keep: int):
+        directory = epath.Path(directory)  # local, or a remote path such as gs://bucket/run/checkpoints
+        self.directory = directory if "://" in str(directory) else directory.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
