@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "numpy",
         "ml_dtypes",
+        "matplotlib",
         "reasoning-gym",
     ],
     extras_require={

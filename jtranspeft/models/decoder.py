@@ -9,11 +9,20 @@ lm_head), which keeps the key tables of `jtranspeft.checkpoints` short.
 ``rng`` switches on training-time randomness (LoRA dropout and Trans-PEFT's FFN perturbations); it is folded
 with the layer index inside the scan, so every layer draws from its own stream. Without it the forward pass
 is deterministic, as at evaluation.
+
+Generation uses the same modules with a `KVCache` passed in and returned: keys and values of every layer
+([L, b, s_max, k, e], scanned over L like the params, so each layer reads and writes its own slice), a
+slot mask [b, s_max] (1 = the slot holds a real token) and the write index. A call with t tokens writes
+slots [index, index + t) with `jax.lax.dynamic_update_slice` and attends causally over all valid slots;
+a prefill is a call on the (left-padded) prompt, a decode step a call on one token. Positions count real
+tokens only, so a left-padded row gets the positions it would have alone. ``adapter_ids_b`` picks one
+adapter of a bank per row (see `jtranspeft.peft.bank`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,14 +30,43 @@ import jax.numpy as jnp
 
 from jtranspeft.models.layers import Projection, RMSNorm, apply_rope, attention, rope_inv_freq, rope_tables
 from jtranspeft.models.spec import ModelSpec
-from jtranspeft.peft.transpeft import TransPeftConfig, drop_ffn_output, mask_ffn_activation
+from jtranspeft.peft.transpeft import (LORA_STREAM0, TransPeftConfig, drop_ffn_output, layer_key,
+                                      mask_ffn_activation)
 
 Dtype = Any
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TARGET_MODULES = ATTN_MODULES + MLP_MODULES
-# Independent random streams inside one layer: FFN mask, FFN drop, then LoRA dropout per module.
-_MASK_STREAM, _DROP_STREAM, _LORA_STREAM0 = 0, 1, 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for up to ``max_len`` slots per row; a pytree, jit-friendly."""
+
+    k_lbske: jax.Array
+    v_lbske: jax.Array
+    mask_bs: jax.Array  # int32, 1 where the slot holds a real (non-padding) token
+    index: jax.Array  # int32 scalar: slots [0, index) have been written
+
+    @property
+    def max_len(self) -> int:
+        """Number of slots per row."""
+        return self.k_lbske.shape[2]
+
+
+def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
+    shape = (spec.num_layers, batch, max_len, spec.num_kv_heads, spec.head_dim)
+    return KVCache(k_lbske=jnp.zeros(shape, dtype), v_lbske=jnp.zeros(shape, dtype),
+                   mask_bs=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+class _Extras(NamedTuple):
+    """Per-call inputs every layer sees unchanged: adapter index per row and the cache write index."""
+
+    adapter_ids_b: Any = None
+    cache_index: Any = None
 
 
 class _LayerSettings(nn.Module):
@@ -48,20 +86,20 @@ class _LayerSettings(nn.Module):
         return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, name=name)
 
 
-def _stream_key(layer_key, stream: int):
-    return None if layer_key is None else jax.random.fold_in(layer_key, stream)
+def _stream_key(key_of_layer, stream: int):
+    return None if key_of_layer is None else jax.random.fold_in(key_of_layer, stream)
 
 
 class Attention(_LayerSettings):
     """Self-attention with GQA/MQA, optional q/k/v bias and per-head q/k RMSNorm (qwen3)."""
 
     @nn.compact
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, layer_idx, layer_key):
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras: _Extras, kv_cache):
         spec, (b, t, _) = self.spec, x_btd.shape
 
         def project(name, features, bias):
-            key = _stream_key(layer_key, _LORA_STREAM0 + TARGET_MODULES.index(name))
-            return self.proj(name, features, bias)(x_btd, layer_idx, key)
+            key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index(name))
+            return self.proj(name, features, bias)(x_btd, layer_idx, key, extras.adapter_ids_b)
 
         q_bthe = project("q_proj", spec.q_size, spec.qkv_bias).reshape(b, t, spec.num_heads, spec.head_dim)
         k_btke = project("k_proj", spec.kv_size, spec.qkv_bias).reshape(b, t, spec.num_kv_heads, spec.head_dim)
@@ -69,9 +107,15 @@ class Attention(_LayerSettings):
         if spec.qk_norm:
             q_bthe, k_btke = self.norm("q_norm")(q_bthe), self.norm("k_norm")(k_btke)
         q_bthe, k_btke = apply_rope(q_bthe, cos_bte, sin_bte), apply_rope(k_btke, cos_bte, sin_bte)
+        if kv_cache is not None:  # write this call's keys/values, attend over every cached slot
+            start = (0, extras.cache_index, 0, 0)
+            k_btke = jax.lax.dynamic_update_slice(kv_cache[0], k_btke.astype(kv_cache[0].dtype), start)
+            v_btke = jax.lax.dynamic_update_slice(kv_cache[1], v_btke.astype(kv_cache[1].dtype), start)
+            kv_cache = (k_btke, v_btke)
         out_btx = attention(q_bthe, k_btke, v_btke, mask_bts)
-        o_key = _stream_key(layer_key, _LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
-        return self.proj("o_proj", spec.hidden_size, spec.o_bias)(out_btx, layer_idx, o_key)
+        o_key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
+        return self.proj("o_proj", spec.hidden_size, spec.o_bias)(
+            out_btx, layer_idx, o_key, extras.adapter_ids_b), kv_cache
 
 
 class Mlp(_LayerSettings):
@@ -80,18 +124,18 @@ class Mlp(_LayerSettings):
     transpeft: TransPeftConfig = TransPeftConfig()
 
     @nn.compact
-    def __call__(self, x_btd, layer_idx, layer_key):
+    def __call__(self, x_btd, layer_idx, key_of_layer, adapter_ids_b):
         spec = self.spec
 
-        def key(name):
-            return _stream_key(layer_key, _LORA_STREAM0 + TARGET_MODULES.index(name))
+        def project(name, features, inputs):
+            key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index(name))
+            return self.proj(name, features, False)(inputs, layer_idx, key, adapter_ids_b)
 
-        gate_btf = self.proj("gate_proj", spec.intermediate_size, False)(x_btd, layer_idx, key("gate_proj"))
-        up_btf = self.proj("up_proj", spec.intermediate_size, False)(x_btd, layer_idx, key("up_proj"))
-        u_btf = nn.silu(gate_btf) * up_btf
-        if layer_key is not None:
-            u_btf = mask_ffn_activation(u_btf, _stream_key(layer_key, _MASK_STREAM), self.transpeft)
-        return self.proj("down_proj", spec.hidden_size, False)(u_btf, layer_idx, key("down_proj"))
+        u_btf = nn.silu(project("gate_proj", spec.intermediate_size, x_btd)) * project(
+            "up_proj", spec.intermediate_size, x_btd)
+        if key_of_layer is not None:
+            u_btf = mask_ffn_activation(u_btf, key_of_layer, self.transpeft)
+        return project("down_proj", spec.hidden_size, u_btf)
 
 
 class DecoderLayer(_LayerSettings):
@@ -101,18 +145,20 @@ class DecoderLayer(_LayerSettings):
     training: bool = False
 
     @nn.compact
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, rng, layer_idx):
-        layer_key = jax.random.fold_in(rng, layer_idx) if self.training else None
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, rng, extras: _Extras, layer_idx, kv_cache):
+        """One layer; ``kv_cache`` is this layer's (k, v) slice [b, s_max, k, e] or None; returns it updated."""
+        key_of_layer = layer_key(rng, layer_idx) if self.training else None
         shared = dict(spec=self.spec, dtype=self.dtype, param_dtype=self.param_dtype,
                       lora_scales=self.lora_scales, lora_dropout=self.lora_dropout)
-        attn_btd = Attention(**shared, name="self_attn")(
-            self.norm("input_layernorm")(x_btd), cos_bte, sin_bte, mask_bts, layer_idx, layer_key)
+        attn_btd, kv_cache = Attention(**shared, name="self_attn")(
+            self.norm("input_layernorm")(x_btd), cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras,
+            kv_cache)
         h_btd = x_btd + attn_btd
         ffn_btd = Mlp(**shared, transpeft=self.transpeft, name="mlp")(
-            self.norm("post_attention_layernorm")(h_btd), layer_idx, layer_key)
-        if layer_key is not None:
-            ffn_btd = drop_ffn_output(ffn_btd, _stream_key(layer_key, _DROP_STREAM), self.transpeft)
-        return h_btd + ffn_btd, None
+            self.norm("post_attention_layernorm")(h_btd), layer_idx, key_of_layer, extras.adapter_ids_b)
+        if key_of_layer is not None:
+            ffn_btd = drop_ffn_output(ffn_btd, key_of_layer, self.transpeft)
+        return h_btd + ffn_btd, kv_cache
 
 
 class Decoder(_LayerSettings):
@@ -122,17 +168,29 @@ class Decoder(_LayerSettings):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None):
-        spec = self.spec
-        spec.check_seq_len(input_ids_bt.shape[1])
+    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
+                 adapter_ids_b=None, last_only=False):
+        """Logits [b, t, vocab] (float32); with a `KVCache` also returns the updated cache.
+
+        ``last_only`` computes the logits of the last position only ([b, 1, vocab]), as a prefill needs.
+        """
+        spec, t = self.spec, input_ids_bt.shape[1]
+        spec.check_seq_len(t if cache is None else cache.max_len)
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
         valid_bt = attention_mask_bt.astype(bool)
+        if cache is None:
+            seen_b1, query_slot_t, key_valid_bs = 0, jnp.arange(t), valid_bt
+        else:  # slots already written precede this call's tokens
+            seen_b1 = jnp.sum(cache.mask_bs, axis=1, keepdims=True)  # real tokens already cached
+            query_slot_t = cache.index + jnp.arange(t)
+            key_valid_bs = jax.lax.dynamic_update_slice(
+                cache.mask_bs, valid_bt.astype(jnp.int32), (0, cache.index)).astype(bool)
         if positions_bt is None:  # left or right padding: count only real tokens
-            positions_bt = jnp.maximum(jnp.cumsum(valid_bt, axis=1) - 1, 0)
-        t = input_ids_bt.shape[1]
-        causal_ts = jnp.tril(jnp.ones((t, t), bool))
-        mask_bts = causal_ts[None] & valid_bt[:, None, :]
+            positions_bt = seen_b1 + jnp.maximum(jnp.cumsum(valid_bt, axis=1) - 1, 0)
+        key_slot_s = jnp.arange(key_valid_bs.shape[1])
+        causal_ts = key_slot_s[None, :] <= query_slot_t[:, None]
+        mask_bts = causal_ts[None] & key_valid_bs[:, None, :]
         cos_bte, sin_bte = rope_tables(positions_bt, rope_inv_freq(spec.rope, spec.head_dim))
 
         embed = nn.Embed(spec.vocab_size, spec.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -142,16 +200,25 @@ class Decoder(_LayerSettings):
         training = rng is not None
         layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
         layers = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                         length=spec.num_layers)(
+                         in_axes=(nn.broadcast,) * 5 + (0, 0), length=spec.num_layers)(
             spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
             lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training, name="layers")
         rng = rng if training else jax.random.key(0)
-        x_btd, _ = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, jnp.arange(spec.num_layers))
+        extras = _Extras(adapter_ids_b, None if cache is None else cache.index)
+        kv_cache = None if cache is None else (cache.k_lbske, cache.v_lbske)
+        x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
+                                 kv_cache)
+        if last_only:
+            x_btd = x_btd[:, -1:]
         x_btd = self.norm("norm")(x_btd)
         if spec.tie_word_embeddings:
             head_dv = embed.embedding.T
         else:
             head_dv = self.param("lm_head", nn.initializers.normal(0.02), (spec.hidden_size, spec.vocab_size),
                                  self.param_dtype)
-        return jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits_btv
+        return logits_btv, KVCache(k_lbske=kv_cache[0], v_lbske=kv_cache[1],
+                                   mask_bs=key_valid_bs.astype(jnp.int32), index=cache.index + t)

@@ -5,8 +5,11 @@ k kv heads, g query heads per kv head, e head dim, f FFN width, r LoRA rank.
 
 The projection reads its LoRA factors from the separate ``"lora"`` variable collection when present
 (``lora_A`` [in, r], ``lora_B`` [r, out], both stacked per layer by the decoder's scan), so the base
-``"params"`` tree never changes shape whether or not an adapter is applied. Norm statistics, rotary
-tables and softmax are computed in float32 whatever the compute dtype.
+``"params"`` tree never changes shape whether or not an adapter is applied. With an adapter bank
+(`jtranspeft.peft.bank`) the factors carry an extra adapter axis n (``lora_A`` [n, in, r]) and the caller
+passes one adapter index per batch row: each row's factors are gathered inside the projection, so rows
+of one batch can use different adapters without merging anything. Norm statistics, rotary tables and
+softmax are computed in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ class Projection(nn.Module):
     """Dense layer (kernel [in, out], optional bias) plus an optional LoRA branch from the "lora" collection.
 
     ``lora_scales`` holds the LoRA scale of every layer (alpha / r or alpha / sqrt(r)); the decoder's
-    scan passes the current layer index so one module definition serves every layer.
+    scan passes the current layer index so one module definition serves every layer. ``adapter_ids_b``
+    (int [b]) selects, per batch row, one adapter of a bank (factors [n, in, r] and [n, r, out]).
     """
 
     features: int
@@ -89,7 +93,7 @@ class Projection(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, layer_idx, dropout_key=None):
+    def __call__(self, x, layer_idx, dropout_key=None, adapter_ids_b=None):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
         y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
         if self.use_bias:
@@ -103,7 +107,11 @@ class Projection(nn.Module):
             keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x_lora.shape)
             x_lora = jnp.where(keep, x_lora / (1.0 - self.lora_dropout), 0).astype(lora_a.dtype)
         scale = jnp.asarray(self.lora_scales, dtype=lora_a.dtype)[layer_idx]
-        delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_lora, lora_a), lora_b) * scale
+        if adapter_ids_b is None:
+            delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_lora, lora_a), lora_b) * scale
+        else:  # one adapter of the bank per row: gather that row's factors
+            a_bir, b_bro = lora_a[adapter_ids_b], lora_b[adapter_ids_b]
+            delta = jnp.einsum("b...r,bro->b...o", jnp.einsum("b...i,bir->b...r", x_lora, a_bir), b_bro) * scale
         return (y + delta.astype(y.dtype)).astype(y.dtype)
 
 

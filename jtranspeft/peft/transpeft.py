@@ -41,18 +41,36 @@ class TransPeftConfig:
         return self.p_mask > 0 or self.p_drop > 0
 
 
-def mask_ffn_activation(u_btf, key, cfg: TransPeftConfig):
+# Independent random streams inside one layer's key: FFN mask, FFN drop, then LoRA dropout per module.
+MASK_STREAM, DROP_STREAM, LORA_STREAM0 = 0, 1, 2
+
+
+def layer_key(rng, layer):
+    """The key of one decoder layer for one forward pass: ``fold_in(rng, layer)``."""
+    return jax.random.fold_in(rng, layer)
+
+
+def drop_decision(key_of_layer, cfg: TransPeftConfig):
+    """Whether this layer's FFN is dropped in this forward pass (one scalar draw for the whole batch)."""
+    return jax.random.bernoulli(jax.random.fold_in(key_of_layer, DROP_STREAM), cfg.p_drop)
+
+
+def dropped_layers(rng, num_layers: int, cfg: TransPeftConfig):
+    """bool [num_layers]: which FFN sub-blocks a forward pass with ``rng`` drops (for logging and tests)."""
+    return jnp.stack([drop_decision(layer_key(rng, i), cfg) for i in range(num_layers)])
+
+
+def mask_ffn_activation(u_btf, key_of_layer, cfg: TransPeftConfig):
     """Knowledge masking: zero each element of u with probability p_mask (optionally rescaling the rest)."""
     if cfg.p_mask == 0:
         return u_btf
-    keep_btf = jax.random.bernoulli(key, 1.0 - cfg.p_mask, u_btf.shape)
+    keep_btf = jax.random.bernoulli(jax.random.fold_in(key_of_layer, MASK_STREAM), 1.0 - cfg.p_mask, u_btf.shape)
     kept = u_btf / (1.0 - cfg.p_mask) if cfg.rescale else u_btf
     return jnp.where(keep_btf, kept, 0).astype(u_btf.dtype)
 
 
-def drop_ffn_output(ffn_btd, key, cfg: TransPeftConfig):
+def drop_ffn_output(ffn_btd, key_of_layer, cfg: TransPeftConfig):
     """Knowledge dropping: with probability p_drop (one draw for the whole batch) return zeros instead."""
     if cfg.p_drop == 0:
         return ffn_btd
-    dropped = jax.random.bernoulli(key, cfg.p_drop)
-    return jnp.where(dropped, jnp.zeros_like(ffn_btd), ffn_btd)
+    return jnp.where(drop_decision(key_of_layer, cfg), jnp.zeros_like(ffn_btd), ffn_btd)

@@ -1,0 +1,171 @@
+"""LoRA training step throughput: jtranspeft against PyTorch transformers + peft on the same machine.
+
+The same step on both sides: a random-weight model of the given shape (SmolLM2-135M: 30 layers, hidden 576,
+GQA 9/3 heads, vocab 49152, tied embeddings; or a tiny one), LoRA r 8 / alpha 16 on all seven projections,
+next-token loss on every token, AdamW. Each measurement runs in its own process (so peak RSS is that
+framework's alone), the frameworks alternate round by round, and each process reports the first step
+(compile / warm-up) separately from the median of the timed steps.
+
+    python benchmarks/train_throughput.py                       # all shapes, 3 rounds
+    python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --rounds 2 --steps 5
+
+Results are printed as a table and written to benchmarks/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True),
+    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_CASES = [("tiny", 8, 128), ("smollm2", 8, 128), ("smollm2", 4, 256)]
+
+
+def _hf_model_dir(shape: str, directory: Path) -> Path:
+    """A random float32 llama of the shape, saved once as an HF directory both frameworks load."""
+    if not (directory / "config.json").is_file():
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**SHAPES[shape])
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    return directory
+
+
+def _batch(vocab: int, batch: int, seq: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, vocab, size=(batch, seq)).astype(np.int32)
+
+
+def run_jax(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
+    """Time jtranspeft's jitted LoRA train step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jtranspeft as jt
+    from jtranspeft.train_config import TrainConfig
+    from jtranspeft.train_step import TrainState, make_optimizer, make_step
+
+    base = jt.load_base(model_dir)
+    lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
+    optimizer = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 100)
+    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    ids = _batch(base.spec.vocab_size, batch, seq)
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, np.float32)}
+    step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0)
+    times = []
+    for _ in range(steps + 1):
+        tick = time.perf_counter()
+        state, metrics = step(state, base, data)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - tick)
+    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(metrics["loss"])}
+
+
+def run_torch(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
+    """Time the same step in PyTorch transformers + peft with torch.optim.AdamW."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ids = torch.tensor(_batch(model.config.vocab_size, batch, seq), dtype=torch.long)
+    times = []
+    for _ in range(steps + 1):
+        tick = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - tick)
+    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss), "threads": torch.get_num_threads()}
+
+
+def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path) -> None:
+    """One measurement in this process; prints a JSON line."""
+    model_dir = _hf_model_dir(shape, cache / shape)
+    result = (run_jax if framework == "jax" else run_torch)(model_dir, batch, seq, steps)
+    median = statistics.median(result["step_times_s"])
+    result.update(framework=framework, shape=shape, batch=batch, seq=seq, median_step_s=median,
+                  tokens_per_s=batch * seq / median,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    """Alternate the frameworks over rounds for each case, then print and save the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process after the first")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        framework, shape, batch, seq = args.worker
+        worker(framework, shape, int(batch), int(seq), args.steps, args.cache)
+        return
+    cases = [(args.shape, args.batch, args.seq)] if args.shape else DEFAULT_CASES
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    runs = []
+    for shape, batch, seq in cases:
+        for round_ in range(args.rounds):
+            for framework in ("jax", "torch") if round_ % 2 == 0 else ("torch", "jax"):
+                cmd = [sys.executable, __file__, "--worker", framework, shape, str(batch), str(seq),
+                       "--steps", str(args.steps), "--cache", str(args.cache)]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{framework} {shape} failed:\n{done.stderr[-3000:]}")
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_})
+                print(f"  {shape} b{batch} s{seq} round {round_} {framework}: "
+                      f"{runs[-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+    summary = []
+    print(f"{'case':<18} {'jax tok/s':>10} {'torch tok/s':>12} {'ratio':>6} {'jax RSS':>9} {'torch RSS':>10} "
+          f"{'jax 1st step':>13} {'torch 1st':>10}")
+    for shape, batch, seq in cases:
+        row = {"shape": shape, "batch": batch, "seq": seq}
+        for fw in ("jax", "torch"):
+            mine = [r for r in runs if (r["framework"], r["shape"], r["batch"], r["seq"]) == (fw, shape, batch, seq)]
+            row[fw] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                       "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                       "first_step_s": statistics.median(r["first_step_s"] for r in mine)}
+        row["ratio"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
+        summary.append(row)
+        print(f"{shape + f' {batch}x{seq}':<18} {row['jax']['tokens_per_s']:10.0f} {row['torch']['tokens_per_s']:12.0f} "
+              f"{row['ratio']:6.2f} {row['jax']['peak_rss_mb']:8.0f}M {row['torch']['peak_rss_mb']:9.0f}M "
+              f"{row['jax']['first_step_s']:12.1f}s {row['torch']['first_step_s']:9.1f}s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    args.out.write_text(json.dumps({"machine": machine, "summary": summary, "runs": runs}, indent=2) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Several adapters of one base in one pytree, so each row of a batch can use its own adapter unmerged.
+
+`stack_adapters([lora_0, ..., lora_{n-1}])` builds an `AdapterBank`: for every module any adapter targets,
+``lora_A`` [L, n, in, R] and ``lora_B`` [L, n, R, out], R the largest rank of that module over the
+adapters. Two steps make different adapters stackable without approximation:
+
+- ranks are zero-padded to R (zero columns of A meet zero rows of B: they add exactly nothing), and an
+  adapter that does not target a module, or a layer it does not adapt, gets all-zero factors;
+- each adapter's per-layer scale (alpha / r, or alpha / sqrt(r) with rsLoRA, per `Lora.scales`) is folded
+  into its B, so the bank's scale is 1 everywhere: scale * (x A) B = (x A)(scale B).
+
+The decoder takes the bank through the same ``"lora"`` collection as a single `Lora`, plus an adapter
+index per batch row; each projection gathers the rows' factors ([b, in, R], [b, R, out]) and applies
+them with batched einsums, so no adapter is merged and the base stays shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jtranspeft.models.decoder import TARGET_MODULES
+from jtranspeft.peft.lora import MODULE_GROUP, Lora, LoraConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterBank:
+    """n stacked adapters (factors [L, n, in, R] / [L, n, R, out], scales folded into B) and their configs."""
+
+    params: dict
+    configs: tuple[LoraConfig, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_adapters(self) -> int:
+        """How many adapters the bank holds (valid adapter ids are 0 .. n-1)."""
+        return len(self.configs)
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the base the adapters were made for."""
+        return jax.tree_util.tree_leaves(self.params)[0].shape[0]
+
+    def modules(self) -> list[str]:
+        """Modules targeted by at least one adapter, in canonical order."""
+        return [m for m in TARGET_MODULES if m in self.params["layers"].get(MODULE_GROUP[m], {})]
+
+    def scales(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
+        """Per-module, per-layer scales in the form the decoder takes: all 1 (folded into B)."""
+        return tuple((m, (1.0,) * self.num_layers) for m in self.modules())
+
+
+def _pad_rank(x, axis: int, width: int):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, width - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def stack_adapters(loras: Sequence[Lora]) -> AdapterBank:
+    """Stack adapters of the same base (ranks, alphas and targets may differ) into an `AdapterBank`.
+
+    Adapter i of the list is id i in ``adapter_ids``. Factors are computed in float32 (the bank's
+    dtype). Raises ValueError when the list is empty or the adapters disagree on depth or shapes.
+    """
+    loras = list(loras)
+    if not loras:
+        raise ValueError("stack_adapters needs at least one adapter")
+    num_layers = loras[0].num_layers
+    for i, lora in enumerate(loras):
+        if lora.num_layers != num_layers:
+            raise ValueError(f"adapter {i} has {lora.num_layers} layers, adapter 0 has {num_layers}")
+    params: dict = {"layers": {}}
+    for module in TARGET_MODULES:
+        owners = [lora for lora in loras if module in lora.modules()]
+        if not owners:
+            continue
+        a_shapes = {lora.factors(module)[0].shape[1] for lora in owners}
+        b_shapes = {lora.factors(module)[1].shape[2] for lora in owners}
+        if len(a_shapes) > 1 or len(b_shapes) > 1:
+            raise ValueError(f"adapters disagree on the {module} shape (in {sorted(a_shapes)}, "
+                             f"out {sorted(b_shapes)}): they were made for different bases")
+        d_in, d_out = a_shapes.pop(), b_shapes.pop()
+        width = max(lora.factors(module)[0].shape[2] for lora in owners)
+        a_list, b_list = [], []
+        for lora in loras:
+            if module not in lora.modules():
+                a_list.append(jnp.zeros((num_layers, d_in, width), jnp.float32))
+                b_list.append(jnp.zeros((num_layers, width, d_out), jnp.float32))
+                continue
+            a, b = lora.factors(module)
+            scale_l = jnp.asarray(dict(lora.scales())[module], jnp.float32)
+            a_list.append(_pad_rank(a.astype(jnp.float32), 2, width))
+            b_list.append(_pad_rank(b.astype(jnp.float32) * scale_l[:, None, None], 1, width))
+        params["layers"].setdefault(MODULE_GROUP[module], {})[module] = {
+            "lora_A": jnp.stack(a_list, axis=1), "lora_B": jnp.stack(b_list, axis=1)}
+    return AdapterBank(params=params, configs=tuple(lora.config for lora in loras))

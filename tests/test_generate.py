@@ -1,0 +1,188 @@
+"""Generation against transformers' greedy `generate`, KV-cache decoding against full recomputation,
+mixed-adapter batches against one adapter at a time, sampling, stop strings, and SmolLM2."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import jtranspeft as jt
+from jtranspeft.base import apply_cached
+from jtranspeft.generate import truncate_at_stop
+from jtranspeft.models.decoder import init_cache
+from jtranspeft.peft.lora import base_kernel, layer_ranks, lora_from_factors
+from reference import make_hf_model
+
+PROMPT_LENGTHS = (5, 9, 2, 7)
+NEW_TOKENS = 10
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _prompts(vocab, lengths=PROMPT_LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def _left_padded(prompts):
+    t = max(map(len, prompts))
+    ids, mask = np.zeros((len(prompts), t), np.int64), np.zeros((len(prompts), t), np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, t - len(p):], mask[row, t - len(p):] = p, 1
+    return ids, mask
+
+
+def _hf_greedy(model, prompts, new_tokens, eos_id):
+    """transformers' greedy continuation of each prompt, cut after its first EOS (as jt returns it)."""
+    ids, mask = _left_padded(prompts)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                             max_new_tokens=new_tokens, eos_token_id=eos_id, pad_token_id=0)
+    rows = out[:, ids.shape[1]:].tolist()
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+@pytest.fixture(scope="module", params=["llama_gqa_untied", "qwen2_bias_tied"])
+def family(request, tmp_path_factory):
+    """(reference model, peft model with random B, jt base, jt adapter) for one family."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = make_hf_model(request.param)
+    model.save_pretrained(root / "base")
+    peft_model = peft.get_peft_model(make_hf_model(request.param),
+                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL7))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    peft_model.eval().save_pretrained(root / "adapter")
+    base = jt.load_base(root / "base")
+    return model, peft_model, base, jt.load_peft(root / "adapter", base)
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
+def test_greedy_matches_transformers_token_for_token(family, with_lora):
+    model, peft_model, base, lora = family
+    prompts = _prompts(base.spec.vocab_size)
+    ours = jt.generate_ids(base, prompts, lora if with_lora else None, max_new_tokens=NEW_TOKENS)
+    reference = _hf_greedy(peft_model if with_lora else model, prompts, NEW_TOKENS, base.spec.eos_token_id)
+    assert ours == reference
+
+
+def test_cached_decoding_equals_full_recomputation(family):
+    """Logits of the prefill and of every decode step = jt.apply on the whole prefix (causal, so one pass)."""
+    _, _, base, lora = family
+    prompts, steps = _prompts(base.spec.vocab_size, seed=1), 6
+    ids, mask = (a.astype(np.int32) for a in _left_padded(prompts))
+    new_bn = np.asarray(jt.generate_ids(base, prompts, lora, max_new_tokens=steps, eos=False), np.int32)
+    full_ids = np.concatenate([ids, new_bn], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(new_bn)], axis=1)
+    full_btv = np.asarray(jax.jit(jt.apply)(base, full_ids, lora, full_mask))
+    step = jax.jit(lambda base, lora, ids, cache: apply_cached(base, ids, cache, lora, jnp.ones_like(ids)))
+    logits, cache = apply_cached(base, ids, init_cache(base.spec, len(prompts), full_ids.shape[1]), lora, mask)
+    t = ids.shape[1]
+    for n in range(steps):
+        assert np.abs(np.asarray(logits)[:, -1] - full_btv[:, t - 1 + n]).max() <= 1e-4, f"step {n}"
+        logits, cache = step(base, lora, new_bn[:, n:n + 1], cache)
+
+
+def _random_lora(base, config, seed):
+    """An adapter with random A and B (zero in layers the config does not adapt)."""
+    rng = np.random.default_rng(seed)
+    factors = {}
+    for module in config.targets:
+        _, d_in, d_out = base_kernel(base.params, module).shape
+        keep_l = np.asarray(layer_ranks(config, module, base.spec.num_layers)) > 0
+        a = rng.normal(0, 0.3, (len(keep_l), d_in, config.r)) * keep_l[:, None, None]
+        b = rng.normal(0, 0.3, (len(keep_l), config.r, d_out)) * keep_l[:, None, None]
+        factors[module] = (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    return lora_from_factors(factors, config)
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama_tied")
+    make_hf_model("llama_tied", seed=5).save_pretrained(directory)
+    return jt.load_base(directory)
+
+
+@pytest.fixture(scope="module")
+def three_adapters(llama_base):
+    base = llama_base
+    configs = [jt.LoraConfig(r=2, alpha=4, targets=("q_proj", "v_proj")),
+               jt.LoraConfig(r=4, alpha=16, targets=tuple(ALL7), use_rslora=True),
+               jt.LoraConfig(r=8, alpha=8, targets=("o_proj", "up_proj", "down_proj"), layers=(0, 2))]
+    return [_random_lora(base, config, seed) for seed, config in enumerate(configs)]
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(llama_base, three_adapters):
+    base = llama_base
+    bank = jt.stack_adapters(three_adapters)
+    prompts = _prompts(base.spec.vocab_size, lengths=(4, 8, 3, 6, 5), seed=2)
+    adapter_ids = [2, 0, 2, 2, 1]
+    mixed = jt.generate_ids(base, prompts, bank, adapter_ids=adapter_ids, max_new_tokens=NEW_TOKENS)
+    for prompt, k, row in zip(prompts, adapter_ids, mixed):
+        assert row == jt.generate_ids(base, [prompt], three_adapters[k], max_new_tokens=NEW_TOKENS)[0]
+    ids, mask = _left_padded(prompts)
+    apply = jax.jit(jt.apply)
+    logits = np.asarray(apply(base, ids, bank, mask, adapter_ids=np.asarray(adapter_ids)))
+    for r, k in enumerate(adapter_ids):
+        alone = np.asarray(apply(base, ids[r:r + 1], three_adapters[k], mask[r:r + 1]))[0]
+        assert np.abs(logits[r] - alone)[mask[r] == 1].max() <= 1e-4
+    assert np.abs(logits[0] - np.asarray(apply(base, ids[:1], None, mask[:1]))[0]).max() > 1e-2
+
+
+def test_adapter_ids_are_checked(llama_base, three_adapters):
+    base = llama_base
+    bank = jt.stack_adapters(three_adapters)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        jt.generate_ids(base, [[5, 6]], bank)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        jt.generate_ids(base, [[5, 6]], bank, adapter_ids=[3])
+
+
+def test_sampling_is_seeded_and_low_temperature_is_greedy(llama_base):
+    base = llama_base
+    prompts = _prompts(base.spec.vocab_size, seed=3)
+    greedy = jt.generate_ids(base, prompts, max_new_tokens=NEW_TOKENS, eos=False)
+
+    def sample(**kwargs):
+        return jt.generate_ids(base, prompts, max_new_tokens=NEW_TOKENS, eos=False, **kwargs)
+
+    assert sample(temperature=1.0, seed=7) == sample(temperature=1.0, seed=7)
+    assert sample(temperature=1.0, seed=7) != sample(temperature=1.0, seed=8)
+    assert sample(temperature=1e-4, seed=7) == greedy
+    assert sample(temperature=5.0, top_p=1e-6, seed=7) == greedy  # the nucleus keeps only the top token
+
+
+def test_truncate_at_stop_cuts_at_the_earliest_stop_string():
+    assert truncate_at_stop("a b ### Instruction: c Response:", ("Response:", "### Instruction:")) == "a b "
+    assert truncate_at_stop("no stop here", ("Response:",)) == "no stop here"
+
+
+PARIS_PROMPT = "The capital of France is"
+
+
+def test_smollm2_greedy_matches_transformers(smollm2_base, smollm2_reference):
+    prompt = smollm2_base.tokenizer(PARIS_PROMPT)["input_ids"]
+    ours = jt.generate_ids(smollm2_base, [prompt], max_new_tokens=NEW_TOKENS)[0]
+    with torch.no_grad():
+        out = smollm2_reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                         do_sample=False, max_new_tokens=NEW_TOKENS)
+    reference = out[0, len(prompt):].tolist()
+    eos = smollm2_base.spec.eos_token_id
+    assert ours == (reference[:reference.index(eos) + 1] if eos in reference else reference)
+    assert "Paris" in smollm2_base.tokenizer.decode(ours)
+
+
+def test_smollm2_stop_strings_truncate_text_and_end_rows(smollm2_base, monkeypatch):
+    full = jt.generate(smollm2_base, [PARIS_PROMPT], max_new_tokens=NEW_TOKENS, eos=False)[0]
+    assert "Paris" in full
+    monkeypatch.setattr(importlib.import_module("jtranspeft.generate"), "STOP_CHECK_EVERY", 2)
+    texts, ids = jt.generate(smollm2_base, [PARIS_PROMPT], max_new_tokens=NEW_TOKENS, eos=False, stop=["Paris"],
+                             return_ids=True)
+    assert texts[0] == full[:full.index("Paris")]
+    assert len(ids[0]) < NEW_TOKENS  # the row ended at the host check after "Paris" appeared
