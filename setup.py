@@ -28,6 +28,9 @@ setup(
         "numpy",
         "ml_dtypes",
         "matplotlib",
+        "sympy>=1.12",
+        "etils[epath]",
+        "huggingface_hub",
         "reasoning-gym",
     ],
     extras_require={
