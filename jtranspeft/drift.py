@@ -209,7 +209,7 @@ def drift_report(old_base, new_base, lora=None, top_k: int = 16, layer_map: dict
     }
     if lora is not None:
         report["adapter"] = _adapter_section(old_base, new_base, lora, old_idx, new_idx, top_k)
-    return _json_ready(report)
+    return json_ready(report)
 
 
 def _layers(params: dict, module: str, indices: list[int]):
@@ -247,12 +247,12 @@ def _weighted_capture(modules: dict, weights: dict, present: list[str]) -> dict:
     return out
 
 
-def _json_ready(value):
+def json_ready(value):
     """Lists/dicts of floats with NaN or infinity -> None (JSON has neither)."""
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

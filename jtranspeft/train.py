@@ -139,7 +139,7 @@ def export_adapter(lora, out: epath.Path, base: Base, metadata: dict) -> None:
             (out / "adapter" / f.name).write_bytes(f.read_bytes())
 
 
-class _Sigterm:
+class SigtermFlag:
     """Turns SIGTERM into a flag checked between steps."""
 
     def __init__(self):
@@ -170,7 +170,6 @@ def train(cfg: RunConfig) -> dict:
     out = epath.Path(cfg.output_dir)  # a local directory or a remote one such as gs://bucket/run
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
     started = time.perf_counter()
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
@@ -189,6 +188,8 @@ def train(cfg: RunConfig) -> dict:
         if record["config_digest"] != digest:
             raise TrainingStopped(f"{out}: holds checkpoints of a run with a different config "
                                   "(use a new output_dir)", 2)
+    if is_main:  # after the resume check, so a refused resume leaves the run's config as it was
+        (out / "config.yaml").write_text(to_yaml(cfg))
     start = int(state.step)
     step_fn = make_step(optimizer, cfg.transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings)
     schedule = lr_schedule(cfg.train, steps)
@@ -197,7 +198,7 @@ def train(cfg: RunConfig) -> dict:
         checkpoints.save(step, state, {"step": step, "data_position": step, "seed": cfg.train.seed,
                                        "config_digest": digest})
 
-    sigterm = _Sigterm()
+    sigterm = SigtermFlag()
     log = MetricsLog(out / "metrics.jsonl") if is_main else None
     bar = tqdm(total=steps, initial=start, disable=not (cfg.train.progress and is_main), desc="train", unit="step")
     shapes_seen, timed_tokens, timed_seconds, losses = set(), 0, 0.0, []

@@ -43,14 +43,15 @@ def load_records(cfg: DataConfig, split: str = "train") -> list[dict]:
     hf_split = cfg.split if split == "train" else cfg.eval_split
     if hf_split is None:
         raise ValueError(f"data.eval_split is not set: {cfg.source} has no eval split (e.g. 'train[-500:]')")
-    table = _load_table(cfg, hf_split)
+    table = load_table(cfg, hf_split)
     limit = cfg.train_size if split == "train" else cfg.eval_size
     if limit is not None and limit < len(table):
         table = table.select(range(limit))
     return _normalise(table, _column_map(cfg, table.column_names), cfg.source)
 
 
-def _load_table(cfg: DataConfig, hf_split: str):
+def load_table(cfg: DataConfig, hf_split: str):
+    """The raw `datasets` table of a file or hub source for one split (errors name the file or id)."""
     import datasets
 
     path = Path(cfg.source)

@@ -1,0 +1,98 @@
+"""The four module groups of a base model, and pytree surgery by group.
+
+Continued pre-training (`jtranspeft.evolve`) gives each group its own learning-rate multiplier, and the
+component-swap attribution (`jtranspeft.analysis.attribution`) moves whole groups from one base to another,
+so both read the group of a parameter from this one table:
+
+- ``attention``: q, k, v, o kernels and biases, and the per-head q/k norms (qwen3);
+- ``ffn``: gate, up and down kernels;
+- ``embeddings``: ``embed_tokens`` and an untied ``lm_head`` (a tied head is the embedding itself);
+- ``norms``: the two per-layer RMSNorms and the final norm.
+
+Paths are those of our params tree (``("layers", "self_attn", "q_proj", "kernel")``); a path this table
+does not know is an error, so a new kind of tensor can never fall into no group silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+
+GROUPS = ("attention", "ffn", "embeddings", "norms")
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def param_group(path: tuple[str, ...]) -> str:
+    """The group of one parameter, from its path in a base params tree."""
+    top = path[0]
+    if top in ("embed_tokens", "lm_head"):
+        return "embeddings"
+    if top == "norm":
+        return "norms"
+    if top == "layers" and len(path) >= 3:
+        if path[1] in _LAYER_NORMS:
+            return "norms"
+        if path[1] == "self_attn":
+            return "attention"
+        if path[1] == "mlp":
+            return "ffn"
+    raise KeyError(f"parameter {'.'.join(path)} belongs to no module group ({', '.join(GROUPS)})")
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def group_labels(params: dict) -> dict:
+    """A tree shaped like ``params`` holding the group name of every leaf."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_group(_names(path)), params)
+
+
+def split_by_group(params: dict, groups: Iterable[str]) -> tuple[dict, dict]:
+    """(the leaves in ``groups``, the others) as two nested dicts; `merge_trees` puts them back together."""
+    groups = set(groups)
+    unknown = groups - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown module groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
+
+    def split(tree: dict, prefix: tuple[str, ...]) -> tuple[dict, dict]:
+        inside, outside = {}, {}
+        for key, value in tree.items():
+            path = prefix + (key,)
+            if isinstance(value, dict):
+                a, b = split(value, path)
+                if a:
+                    inside[key] = a
+                if b:
+                    outside[key] = b
+            elif param_group(path) in groups:
+                inside[key] = value
+            else:
+                outside[key] = value
+        return inside, outside
+
+    return split(params, ())
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+    """The union of two nested dicts with disjoint leaves (the inverse of `split_by_group`)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key in out:
+            if not (isinstance(out[key], dict) and isinstance(value, dict)):
+                raise ValueError(f"both trees hold a leaf at {key!r}")
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def swap_groups(params: dict, donor: dict, groups: Iterable[str]) -> dict:
+    """``params`` with the tensors of ``groups`` taken from ``donor`` (same structure and shapes)."""
+    taken, _ = split_by_group(donor, groups)
+    _, kept = split_by_group(params, groups)
+    merged = merge_trees(taken, kept)
+    if jax.tree_util.tree_structure(merged) != jax.tree_util.tree_structure(params):
+        raise ValueError("the donor's params tree has a different structure (another architecture?)")
+    return merged
