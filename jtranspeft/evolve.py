@@ -45,8 +45,8 @@ from jtranspeft.evolve_config import EvolveConfig, GroupLrConfig
 from jtranspeft.param_groups import group_labels, merge_trees, split_by_group
 from jtranspeft.peft.transpeft import TransPeftConfig
 from jtranspeft.sharding import batch_sharding, make_mesh, opt_state_shardings, place, tree_shardings
-from jtranspeft.train import (MetricsLog, TrainingStopped, SigtermFlag, config_digest, init_distributed,
-                              load_model)
+from jtranspeft.train import (MetricsLog, SigtermFlag, TrainingStopped, check_finite, config_digest, end_step,
+                              init_distributed, load_model)
 from jtranspeft.train_config import TrainConfig
 from jtranspeft.train_step import lr_schedule, make_optimizer, token_loss
 
@@ -207,9 +207,7 @@ def evolve(cfg: EvolveConfig) -> dict:
             state, metrics = step_fn(state, frozen, place(batch, {k: shardings.batch for k in batch}))
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - tick
-            if not metrics["finite"]:
-                raise TrainingStopped(f"step {step + 1}: non-finite loss {metrics['loss']} or gradient norm "
-                                      f"{metrics['grad_norm']}; stopped, the last good checkpoint is kept", 1)
+            check_finite(step, metrics)
             tokens = batch["input_ids"].size
             if step > start:  # the first step of a process compiles: left out of tokens/s
                 timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
@@ -217,17 +215,9 @@ def evolve(cfg: EvolveConfig) -> dict:
             row = {"step": step + 1, "loss": losses[-1], "lr": float(schedule(step)),
                    "grad_norm": float(metrics["grad_norm"]), "tokens": tokens, "mix": corpus.mix_at(step),
                    "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
-            if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
-                log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == steps or sigterm.received:
-                save(step + 1)
-                if log is not None:
-                    log.flush()
-            if sigterm.received:
-                raise TrainingStopped(f"SIGTERM: checkpoint at step {step + 1} written to {checkpoints.directory}; "
-                                      "run the same command to resume", 143)
+            end_step(step, steps, row, log=log, bar=bar, log_every=cfg.train.log_every,
+                     checkpoint_every=cfg.checkpoint.every, save=save, sigterm=sigterm,
+                     checkpoint_dir=checkpoints.directory)
     finally:
         bar.close()
         if log is not None:

@@ -139,6 +139,29 @@ def export_adapter(lora, out: epath.Path, base: Base, metadata: dict) -> None:
             (out / "adapter" / f.name).write_bytes(f.read_bytes())
 
 
+def check_finite(step: int, metrics: dict) -> None:
+    """Stop the run (exit status 1) when a step's loss or gradient norm was not finite."""
+    if not metrics["finite"]:
+        raise TrainingStopped(f"step {step + 1}: non-finite loss {metrics['loss']} or gradient norm "
+                              f"{metrics['grad_norm']}; stopped, the last good checkpoint is kept", 1)
+
+
+def end_step(step: int, steps: int, row: dict, *, log, bar, log_every: int, checkpoint_every: int, save,
+             sigterm: "SigtermFlag", checkpoint_dir) -> None:
+    """After a step: log the row, advance the bar, checkpoint on schedule or on SIGTERM (then stop, 143)."""
+    if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+        log.write(row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    bar.update(1)
+    if (step + 1) % checkpoint_every == 0 or step + 1 == steps or sigterm.received:
+        save(step + 1)
+        if log is not None:
+            log.flush()
+    if sigterm.received:
+        raise TrainingStopped(f"SIGTERM: checkpoint at step {step + 1} written to {checkpoint_dir}; "
+                              "run the same command to resume", 143)
+
+
 class SigtermFlag:
     """Turns SIGTERM into a flag checked between steps."""
 
@@ -209,9 +232,7 @@ def train(cfg: RunConfig) -> dict:
             state, metrics = step_fn(state, base, place(batch, {k: shardings.batch for k in batch}))
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - tick
-            if not metrics["finite"]:
-                raise TrainingStopped(f"step {step + 1}: non-finite loss {metrics['loss']} or gradient norm "
-                                      f"{metrics['grad_norm']}; stopped, the last good checkpoint is kept", 1)
+            check_finite(step, metrics)
             tokens = int(batch["attention_mask"].sum())
             if batch["input_ids"].shape in shapes_seen:  # steps that compiled are left out of tokens/s
                 timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
@@ -221,17 +242,9 @@ def train(cfg: RunConfig) -> dict:
                    "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["tokens"]),
                    "tokens": tokens, "seq_len": batch["input_ids"].shape[1], "step_s": round(seconds, 4),
                    "tokens_per_s": round(tokens / seconds, 1)}
-            if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
-                log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == steps or sigterm.received:
-                save(step + 1)
-                if log is not None:
-                    log.flush()
-            if sigterm.received:
-                raise TrainingStopped(f"SIGTERM: checkpoint at step {step + 1} written to {checkpoints.directory}; "
-                                      "run the same command to resume", 143)
+            end_step(step, steps, row, log=log, bar=bar, log_every=cfg.train.log_every,
+                     checkpoint_every=cfg.checkpoint.every, save=save, sigterm=sigterm,
+                     checkpoint_dir=checkpoints.directory)
     finally:
         bar.close()
         if log is not None:
