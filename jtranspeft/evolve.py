@@ -48,7 +48,7 @@ from jtranspeft.sharding import batch_sharding, make_mesh, opt_state_shardings, 
 from jtranspeft.train import (MetricsLog, SigtermFlag, TrainingStopped, check_finite, config_digest, end_step,
                               init_distributed, load_model)
 from jtranspeft.train_config import TrainConfig
-from jtranspeft.train_step import lr_schedule, make_optimizer, token_loss
+from jtranspeft.train_step import accumulated_update, lr_schedule, make_optimizer, split_micro_batches, token_loss
 
 EXAMPLES = """python -m jtranspeft.evolve --config configs/evolve/smollm2_uniform.yaml
 python -m jtranspeft.evolve --config configs/evolve/smollm2_ffn.yaml output_dir=runs/ffn_lr3 train.lr=3e-4
@@ -113,26 +113,9 @@ def make_evolve_step(optimizer: optax.GradientTransformation, grad_accum: int, r
             base = frozen.replace(params=merge_trees(trained, frozen.params))
             return token_loss(base, None, mb, None, TransPeftConfig(), remat)
 
-        grad_fn = jax.value_and_grad(loss, has_aux=True)
-        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-
-        def micro_step(carry, mb):
-            grads_sum, nll_sum, count = carry
-            (nll, n), grads = grad_fn(state.trained, mb)
-            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trained)
-        (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), micro)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-        loss_value = nll_sum / count
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trained)
-        new = EvolveState(optax.apply_updates(state.trained, updates), opt_state, state.step + 1)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        return kept._replace(step=state.step + 1), {"loss": loss_value, "grad_norm": grad_norm, "tokens": count,
-                                                     "finite": finite}
+        micro = split_micro_batches(batch, grad_accum)
+        trained, opt_state, metrics = accumulated_update(loss, state.trained, state.opt_state, optimizer, micro)
+        return EvolveState(trained, opt_state, state.step + 1), metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=0)

@@ -60,6 +60,38 @@ def token_loss(base: Base, lora: Lora, batch: dict, rng, transpeft: TransPeftCon
     return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
 
 
+def split_micro_batches(batch: dict, grad_accum: int) -> dict:
+    """[B, ...] arrays -> [grad_accum, B / grad_accum, ...] for scanning over micro-batches."""
+    return jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+
+def accumulated_update(loss_fn, params, opt_state, optimizer: optax.GradientTransformation, micro_inputs):
+    """One optimizer step from micro-batches: ``loss_fn(params, x) -> (token-summed NLL, token count)``.
+
+    Gradients and losses are summed over ``micro_inputs`` (scanned on axis 0), then divided by the global
+    token count, so accumulation equals one big batch. A non-finite loss or gradient returns ``params`` and
+    ``opt_state`` unchanged, with ``finite`` False in the metrics.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(carry, x):
+        grads_sum, nll_sum, count = carry
+        (nll, n), grads = grad_fn(params, x)
+        return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), micro_inputs)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    loss = nll_sum / count
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+
+
 def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
               remat: bool = False, shardings: "StepShardings | None" = None):
     """A jitted train step ``(state, base, batch) -> (state, metrics)``; see the module docstring.
@@ -71,29 +103,14 @@ def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfi
 
     def step(state: TrainState, base: Base, batch: dict):
         step_key = jax.random.fold_in(base_key, state.step)
-        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(lambda lora, mb, key: token_loss(base, lora, mb, key, transpeft, remat),
-                                     has_aux=True)
 
-        def micro_step(carry, inputs):
+        def micro_loss(lora, inputs):
             index, mb = inputs
-            grads_sum, nll_sum, count = carry
-            (nll, n), grads = grad_fn(state.lora, mb, jax.random.fold_in(step_key, index))
-            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
+            return token_loss(base, lora, mb, jax.random.fold_in(step_key, index), transpeft, remat)
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.lora)
-        (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-        loss = nll_sum / count
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
-        lora = optax.apply_updates(state.lora, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = TrainState(lora, opt_state, state.step + 1)
-        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        return kept._replace(step=state.step + 1), {"loss": loss, "grad_norm": grad_norm, "tokens": count,
-                                                     "finite": finite}
+        micro = (jnp.arange(grad_accum), split_micro_batches(batch, grad_accum))
+        lora, opt_state, metrics = accumulated_update(micro_loss, state.lora, state.opt_state, optimizer, micro)
+        return TrainState(lora, opt_state, state.step + 1), metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=0)
