@@ -2,12 +2,16 @@
 
 The same step on both sides: a random-weight model of the given shape (SmolLM2-135M: 30 layers, hidden 576,
 GQA 9/3 heads, vocab 49152, tied embeddings; or a tiny one), LoRA r 8 / alpha 16 on all seven projections,
-next-token loss on every token, AdamW. Each measurement runs in its own process (so peak RSS is that
+next-token loss on every token (or, with ``--targets N``, on the last N tokens of each row only: the
+response-only loss of instruction tuning, where jtranspeft runs the LM head only at those positions and
+PyTorch gets labels -100 elsewhere, as transformers' Trainer would), AdamW. Each measurement runs in its own process (so peak RSS is that
 framework's alone), the frameworks alternate round by round, and each process reports the first step
 (compile / warm-up) separately from the median of the timed steps.
 
     python benchmarks/train_throughput.py                       # all shapes, 3 rounds
     python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --rounds 2 --steps 5
+    python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --targets 8 --out \
+        benchmarks/results/train_throughput_response.json
 
 Results are printed as a table and written to benchmarks/results/train_throughput.json.
 """
@@ -54,7 +58,16 @@ def _batch(vocab: int, batch: int, seq: int):
     return np.random.default_rng(0).integers(3, vocab, size=(batch, seq)).astype(np.int32)
 
 
-def run_jax(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
+def _loss_mask(batch: int, seq: int, targets: int):
+    """float32 [batch, seq]: 1 on the last ``targets`` tokens of each row (0 = every token)."""
+    import numpy as np
+
+    mask = np.zeros((batch, seq), np.float32)
+    mask[:, seq - targets if targets else 0:] = 1
+    return mask
+
+
+def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> dict:
     """Time jtranspeft's jitted LoRA train step."""
     import jax
     import jax.numpy as jnp
@@ -62,15 +75,16 @@ def run_jax(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
 
     import jtranspeft as jt
     from jtranspeft.train_config import TrainConfig
-    from jtranspeft.train_step import TrainState, make_optimizer, make_step
+    from jtranspeft.train_step import TrainState, make_optimizer, make_step, max_targets_of
 
     base = jt.load_base(model_dir)
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
     optimizer = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 100)
     state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
     ids = _batch(base.spec.vocab_size, batch, seq)
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, np.float32)}
-    step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0)
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": _loss_mask(batch, seq, targets)}
+    step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0,
+                     max_targets=max_targets_of([{"loss_mask": data["loss_mask"][0]}]) if targets else None)
     times = []
     for _ in range(steps + 1):
         tick = time.perf_counter()
@@ -80,7 +94,7 @@ def run_jax(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
     return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(metrics["loss"])}
 
 
-def run_torch(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
+def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> dict:
     """Time the same step in PyTorch transformers + peft with torch.optim.AdamW."""
     import peft
     import torch
@@ -92,10 +106,11 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     ids = torch.tensor(_batch(model.config.vocab_size, batch, seq), dtype=torch.long)
+    labels = torch.where(torch.tensor(_loss_mask(batch, seq, targets)) > 0, ids, -100)
     times = []
     for _ in range(steps + 1):
         tick = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -104,12 +119,12 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int) -> dict:
     return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss), "threads": torch.get_num_threads()}
 
 
-def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path) -> None:
+def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path, targets: int) -> None:
     """One measurement in this process; prints a JSON line."""
     model_dir = _hf_model_dir(shape, cache / shape)
-    result = (run_jax if framework == "jax" else run_torch)(model_dir, batch, seq, steps)
+    result = (run_jax if framework == "jax" else run_torch)(model_dir, batch, seq, steps, targets)
     median = statistics.median(result["step_times_s"])
-    result.update(framework=framework, shape=shape, batch=batch, seq=seq, median_step_s=median,
+    result.update(framework=framework, shape=shape, batch=batch, seq=seq, targets=targets, median_step_s=median,
                   tokens_per_s=batch * seq / median,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result))
@@ -123,13 +138,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process after the first")
+    parser.add_argument("--targets", type=int, default=0,
+                        help="loss on the last N tokens of each row only (response-only SFT); 0 = every token")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         framework, shape, batch, seq = args.worker
-        worker(framework, shape, int(batch), int(seq), args.steps, args.cache)
+        worker(framework, shape, int(batch), int(seq), args.steps, args.cache, args.targets)
         return
     cases = [(args.shape, args.batch, args.seq)] if args.shape else DEFAULT_CASES
     repo = Path(__file__).resolve().parents[1]
@@ -139,7 +156,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for framework in ("jax", "torch") if round_ % 2 == 0 else ("torch", "jax"):
                 cmd = [sys.executable, __file__, "--worker", framework, shape, str(batch), str(seq),
-                       "--steps", str(args.steps), "--cache", str(args.cache)]
+                       "--steps", str(args.steps), "--cache", str(args.cache), "--targets", str(args.targets)]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{framework} {shape} failed:\n{done.stderr[-3000:]}")
@@ -150,7 +167,7 @@ def main() -> None:
     print(f"{'case':<18} {'jax tok/s':>10} {'torch tok/s':>12} {'ratio':>6} {'jax RSS':>9} {'torch RSS':>10} "
           f"{'jax 1st step':>13} {'torch 1st':>10}")
     for shape, batch, seq in cases:
-        row = {"shape": shape, "batch": batch, "seq": seq}
+        row = {"shape": shape, "batch": batch, "seq": seq, "targets": args.targets or seq}
         for fw in ("jax", "torch"):
             mine = [r for r in runs if (r["framework"], r["shape"], r["batch"], r["seq"]) == (fw, shape, batch, seq)]
             row[fw] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),

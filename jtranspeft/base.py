@@ -73,17 +73,21 @@ def _bind(base: Base, lora: Lora | AdapterBank | None, adapter_ids, transpeft: T
 
 
 def apply(base: Base, input_ids, lora: Lora | AdapterBank | None = None, attention_mask=None, *, positions=None,
-          rng=None, transpeft: TransPeftConfig = TransPeftConfig(), remat: bool = False, adapter_ids=None):
+          rng=None, transpeft: TransPeftConfig = TransPeftConfig(), remat: bool = False, adapter_ids=None,
+          logits_at=None, transpeft_scale=1.0):
     """Logits [B, T, vocab] in float32 for int token ids [B, T]; pure and jit-able.
 
     ``attention_mask`` [B, T] (1 = token, 0 = padding; left or right padding) defaults to all ones;
     positions count real tokens only. ``rng`` turns on training-time randomness: LoRA dropout and the
     Trans-PEFT FFN perturbations of ``transpeft``. Without it the pass is deterministic. With an
     `AdapterBank` as ``lora``, ``adapter_ids`` [B] says which of its adapters each row uses.
+    ``logits_at`` (int [B, K]) returns only those positions' logits [B, K, vocab] (a loss over a few
+    target tokens skips the LM head elsewhere); ``transpeft_scale`` multiplies every Trans-PEFT
+    probability (`jtranspeft.peft.transpeft.warmup_scale`).
     """
     module, variables, adapter_ids = _bind(base, lora, adapter_ids, transpeft, remat)
     return module.apply(variables, jnp.asarray(input_ids), attention_mask, positions, rng,
-                        adapter_ids_b=adapter_ids)
+                        adapter_ids_b=adapter_ids, logits_at_bk=logits_at, p_scale=transpeft_scale)
 
 
 def apply_cached(base: Base, input_ids, cache: KVCache, lora: Lora | AdapterBank | None = None,
@@ -95,8 +99,10 @@ def apply_cached(base: Base, input_ids, cache: KVCache, lora: Lora | AdapterBank
     of the last position only ([B, 1, vocab]). Deterministic (no training randomness).
     """
     module, variables, adapter_ids = _bind(base, lora, adapter_ids, TransPeftConfig(), False)
-    return module.apply(variables, jnp.asarray(input_ids), attention_mask, None, None, cache=cache,
-                        adapter_ids_b=adapter_ids, last_only=last_only)
+    input_ids = jnp.asarray(input_ids)
+    last_bk = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1) if last_only else None
+    return module.apply(variables, input_ids, attention_mask, None, None, cache=cache,
+                        adapter_ids_b=adapter_ids, logits_at_bk=last_bk)
 
 
 def merge_lora(base: Base, lora: Lora) -> Base:

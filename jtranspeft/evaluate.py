@@ -225,8 +225,12 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def run(args) -> dict:
-    """Evaluate as the parsed ``args`` say; writes the output files and returns the results dict."""
+def run(args, base=None) -> dict:
+    """Evaluate as the parsed ``args`` say; writes the output files and returns the results dict.
+
+    ``base``: the already loaded `Base` that ``args.base`` names (callers scoring many adapters on one
+    base load it once).
+    """
     import jtranspeft as jt
     from jtranspeft.eval import scorers
 
@@ -236,7 +240,7 @@ def run(args) -> dict:
     items = None if args.perplexity else _load_items(args)  # before the model: bad data fails fast
     if items == []:
         raise InputError(f"task {args.task!r}: no items to evaluate")
-    base = jt.load_base(args.base, dtype=args.dtype)
+    base = base if base is not None else jt.load_base(args.base, dtype=args.dtype)
     if base.tokenizer is None:
         raise InputError(f"--base {args.base}: no tokenizer files; evaluation needs one")
     lora = jt.load_peft(args.adapter, base) if args.adapter else None
@@ -297,18 +301,22 @@ def _resolve_defaults(args) -> None:
     args.template = args.template or ("commonsense" if commonsense else "alpaca")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+def run_argv(argv: list[str], base=None) -> dict:
+    """Parse command-line ``argv``, check the inputs and `run` (library form of the CLI; raises InputError)."""
     args = build_parser().parse_args(argv)
     for flag in ("limit", "batch_size", "max_new_tokens", "window"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            print(f"evaluate: error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     _resolve_defaults(args)
+    _check_inputs(args)
+    return run(args, base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
     try:
-        _check_inputs(args)
-        results = run(args)
+        results = run_argv(sys.argv[1:] if argv is None else argv)
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

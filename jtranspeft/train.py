@@ -1,11 +1,11 @@
 """``python -m jtranspeft.train --config FILE [key=value ...]``: train a (Trans-PEFT) LoRA on a frozen base.
 
 The run directory (``output_dir``) receives the resolved ``config.yaml``, ``metrics.jsonl`` (one line per
-step: loss, learning rate, gradient norm, tokens/s), orbax ``checkpoints/`` and, at the end, ``adapter/``
-in HF PEFT format plus ``summary.json``. Running the same command again continues from the newest complete
-checkpoint and ends with the same adapter as an uninterrupted run; SIGTERM (preemption) writes a
-checkpoint before exiting with status 143. A non-finite loss stops the run (status 1) and keeps the last
-good checkpoint.
+step: loss, learning rate, gradient norm, tokens/s, model TFLOP/s and, on a device of known peak, MFU; see
+`jtranspeft.flops`), orbax ``checkpoints/`` and, at the end, ``adapter/`` in HF PEFT format plus
+``summary.json``. Running the same command again continues from the newest complete checkpoint and ends
+with the same adapter as an uninterrupted run; SIGTERM (preemption) writes a checkpoint before exiting with
+status 143. A non-finite loss stops the run (status 1) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from jtranspeft.checkpoints.state import Checkpoints
 from jtranspeft.config_io import exit_on_config_error, load_config, parse_cli, to_dict, to_yaml
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
+from jtranspeft.flops import lora_train_flops_per_token, peak_flops_per_device, throughput_metrics
 from jtranspeft.sharding import make_mesh, place
 from jtranspeft.train_config import DistributedConfig, ModelConfig, RunConfig
-from jtranspeft.train_step import TrainState, lr_schedule, make_optimizer, make_step, step_shardings
+from jtranspeft.train_step import TrainState, lr_schedule, make_optimizer, make_step, max_targets_of, step_shardings
 
 EXAMPLES = """python -m jtranspeft.train --config configs/quickstart.yaml
 python -m jtranspeft.train --config configs/quickstart.yaml output_dir=runs/q2 train.max_steps=20
@@ -41,7 +42,8 @@ python -m jtranspeft.train --config configs/qwen2-7b_math_transpeft.yaml model.p
     data.source=/data/MetaMathQA-395K.json
 # rerun the same command to resume from the newest checkpoint in output_dir"""
 # Settings that may change between a run and its resumption without changing what is trained.
-_RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.progress", "train.log_every", "checkpoint")
+_RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.progress", "train.log_every", "train.peak_flops",
+                      "checkpoint")
 
 
 class TrainingStopped(RuntimeError):
@@ -214,7 +216,9 @@ def train(cfg: RunConfig) -> dict:
     if is_main:  # after the resume check, so a refused resume leaves the run's config as it was
         (out / "config.yaml").write_text(to_yaml(cfg))
     start = int(state.step)
-    step_fn = make_step(optimizer, cfg.transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings)
+    transpeft = cfg.transpeft.resolve(base.spec.num_layers)  # per-layer options checked against the model
+    step_fn = make_step(optimizer, transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings,
+                        max_targets_of(batcher.examples))
     schedule = lr_schedule(cfg.train, steps)
 
     def save(step):
@@ -224,7 +228,8 @@ def train(cfg: RunConfig) -> dict:
     sigterm = SigtermFlag()
     log = MetricsLog(out / "metrics.jsonl") if is_main else None
     bar = tqdm(total=steps, initial=start, disable=not (cfg.train.progress and is_main), desc="train", unit="step")
-    shapes_seen, timed_tokens, timed_seconds, losses = set(), 0, 0.0, []
+    peak, n_devices = peak_flops_per_device(override=cfg.train.peak_flops), jax.device_count()  # no peak on CPU
+    shapes_seen, timed_tokens, timed_seconds, timed_flops, losses = set(), 0, 0.0, 0.0, []
     try:
         for step in range(start, steps):
             batch = batcher.batch_at(step)
@@ -234,14 +239,19 @@ def train(cfg: RunConfig) -> dict:
             seconds = time.perf_counter() - tick
             check_finite(step, metrics)
             tokens = int(batch["attention_mask"].sum())
+            # Model FLOPs per real token; the LM head counts only at the positions the loss uses (targets).
+            flops_per_token = lora_train_flops_per_token(base.spec, cfg.lora, batch["input_ids"].shape[1],
+                                                         float(metrics["tokens"]) / max(tokens, 1))["total"]
             if batch["input_ids"].shape in shapes_seen:  # steps that compiled are left out of tokens/s
                 timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+                timed_flops += flops_per_token * tokens
             shapes_seen.add(batch["input_ids"].shape)
             losses.append(float(metrics["loss"]))
             row = {"step": step + 1, "loss": float(metrics["loss"]), "lr": float(schedule(step)),
                    "grad_norm": float(metrics["grad_norm"]), "target_tokens": int(metrics["tokens"]),
                    "tokens": tokens, "seq_len": batch["input_ids"].shape[1], "step_s": round(seconds, 4),
-                   "tokens_per_s": round(tokens / seconds, 1)}
+                   "tokens_per_s": round(tokens / seconds, 1),
+                   **throughput_metrics(flops_per_token, tokens / seconds, n_devices, peak)}
             end_step(step, steps, row, log=log, bar=bar, log_every=cfg.train.log_every,
                      checkpoint_every=cfg.checkpoint.every, save=save, sigterm=sigterm,
                      checkpoint_dir=checkpoints.directory)
@@ -252,8 +262,13 @@ def train(cfg: RunConfig) -> dict:
         sigterm.restore()
         checkpoints.close()
     lora = jax.jit(lambda x: x, out_shardings=shardings.replicated)(state.lora)  # readable on every host
+    timed = (throughput_metrics(timed_flops / timed_tokens, timed_tokens / timed_seconds, n_devices, peak)
+             if timed_seconds else {})
     summary = {"steps": steps, "resumed_from": start, "wall_s": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
+               "model_flops_per_token": round(timed_flops / timed_tokens) if timed_seconds else None,
+               "achieved_tflops_per_s": timed.get("tflops_per_s"), "mfu": timed.get("mfu"),
+               "device_kind": jax.devices()[0].device_kind,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "data": data_stats, "adapter": str(out / "adapter")}
     if is_main:

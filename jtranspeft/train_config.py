@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     progress: bool = True
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: jtranspeft.flops' table by device kind
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ValueError(f"peak_flops must be positive (FLOP/s per device) or null, got {self.peak_flops}")
 
 
 @dataclasses.dataclass(frozen=True)

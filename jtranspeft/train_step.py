@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jtranspeft.base import Base, apply
 from jtranspeft.peft.lora import Lora
-from jtranspeft.peft.transpeft import TransPeftConfig
+from jtranspeft.peft.transpeft import TransPeftConfig, warmup_scale
 from jtranspeft.train_config import TrainConfig
 
 
@@ -51,13 +52,39 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
 
 
-def token_loss(base: Base, lora: Lora, batch: dict, rng, transpeft: TransPeftConfig, remat: bool = False):
-    """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets."""
-    logits_btv = apply(base, batch["input_ids"], lora, batch["attention_mask"], rng=rng, transpeft=transpeft,
-                       remat=remat)
-    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], batch["input_ids"][:, 1:])
-    mask_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
+def target_positions(loss_mask_bt, k: int):
+    """(int [B, k], bool [B, k]): the positions t - 1 whose next token t is a target, zero-padded, and which are real."""
+    mask_bt = loss_mask_bt[:, 1:] > 0
+    pos_bk = jax.vmap(lambda row: jnp.nonzero(row, size=k, fill_value=0)[0])(mask_bt)
+    valid_bk = jnp.arange(k)[None, :] < jnp.sum(mask_bt, axis=1, keepdims=True)
+    return pos_bk, valid_bk
+
+
+def token_loss(base: Base, lora: Lora, batch: dict, rng, transpeft: TransPeftConfig, remat: bool = False,
+               max_targets: int | None = None, transpeft_scale=1.0):
+    """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets.
+
+    With ``max_targets`` (at least the most target tokens of any row) the LM head runs only at the
+    positions that predict a target: for response-only losses most of the vocabulary projection is skipped.
+    """
+    ids_bt = batch["input_ids"]
+    kwargs = dict(rng=rng, transpeft=transpeft, remat=remat, transpeft_scale=transpeft_scale)
+    if max_targets is None or max_targets >= ids_bt.shape[1] - 1:
+        logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], **kwargs)
+        nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], ids_bt[:, 1:])
+        mask_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
+    pos_bk, valid_bk = target_positions(batch["loss_mask"], max_targets)
+    logits_bkv = apply(base, ids_bt, lora, batch["attention_mask"], logits_at=pos_bk, **kwargs)
+    labels_bk = jnp.take_along_axis(ids_bt, pos_bk + 1, axis=1)
+    nll_bk = optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
+    return jnp.sum(jnp.where(valid_bk, nll_bk, 0.0)), jnp.sum(valid_bk.astype(jnp.float32))
+
+
+def max_targets_of(examples, granularity: int = 8) -> int:
+    """The most target tokens of any example, rounded up to ``granularity`` (a static loss width)."""
+    most = max((int(np.sum(e["loss_mask"][1:])) for e in examples), default=1)
+    return -(-max(most, 1) // granularity) * granularity
 
 
 def split_micro_batches(batch: dict, grad_accum: int) -> dict:
@@ -93,20 +120,22 @@ def accumulated_update(loss_fn, params, opt_state, optimizer: optax.GradientTran
 
 
 def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
-              remat: bool = False, shardings: "StepShardings | None" = None):
+              remat: bool = False, shardings: "StepShardings | None" = None, max_targets: int | None = None):
     """A jitted train step ``(state, base, batch) -> (state, metrics)``; see the module docstring.
 
     With ``shardings`` the step is compiled for them (``jax.jit`` in/out shardings); the input state is
-    donated either way.
+    donated either way. ``max_targets``: see `token_loss`.
     """
     base_key = jax.random.key(seed)
 
     def step(state: TrainState, base: Base, batch: dict):
         step_key = jax.random.fold_in(base_key, state.step)
+        scale = warmup_scale(state.step, transpeft)
 
         def micro_loss(lora, inputs):
             index, mb = inputs
-            return token_loss(base, lora, mb, jax.random.fold_in(step_key, index), transpeft, remat)
+            return token_loss(base, lora, mb, jax.random.fold_in(step_key, index), transpeft, remat,
+                              max_targets, scale)
 
         micro = (jnp.arange(grad_accum), split_micro_batches(batch, grad_accum))
         lora, opt_state, metrics = accumulated_update(micro_loss, state.lora, state.opt_state, optimizer, micro)

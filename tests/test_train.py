@@ -216,3 +216,27 @@ def test_quickstart_runs_and_its_adapter_loads_in_peft(tmp_path, smollm2_base, s
     with torch.no_grad():
         reference = model(torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(jt.apply(smollm2_base, ids, lora=lora)) - reference).max() <= 1e-3
+
+
+def test_loss_over_gathered_target_positions_equals_the_full_loss(tmp_path):
+    """The LM head run only at target positions gives the full-logits loss and gradients (response-only masks)."""
+    from jtranspeft.train_step import token_loss
+    make_hf_model("llama_gqa_untied").save_pretrained(tmp_path)
+    base = jt.load_base(tmp_path)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.01, jt.init_lora(base, jt.LoraConfig(r=4, targets=ALL7),
+                                                                    jax.random.key(0)))
+    ids, mask = padded_batch(base.spec.vocab_size)
+    loss_mask = np.zeros(ids.shape, np.float32)
+    loss_mask[0, 3:5], loss_mask[1, 2:4] = 1, 1
+    loss_mask *= np.asarray(mask)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(loss_mask)}
+
+    def loss(l, k):
+        nll, n = token_loss(base, l, batch, None, jt.TransPeftConfig(), max_targets=k)
+        return nll / n
+
+    full, full_grads = jax.value_and_grad(loss)(lora, None)
+    gathered, gathered_grads = jax.value_and_grad(loss)(lora, 4)
+    assert abs(float(full) - float(gathered)) <= 1e-5 * abs(float(full))
+    for a, b in zip(jax.tree_util.tree_leaves(full_grads), jax.tree_util.tree_leaves(gathered_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)

@@ -63,10 +63,12 @@ def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32) -> 
 
 
 class _Extras(NamedTuple):
-    """Per-call inputs every layer sees unchanged: adapter index per row and the cache write index."""
+    """Per-call inputs every layer sees unchanged: adapter index per row, the cache write index and the
+    Trans-PEFT warm-up factor on every perturbation probability."""
 
     adapter_ids_b: Any = None
     cache_index: Any = None
+    p_scale: Any = 1.0
 
 
 class _LayerSettings(nn.Module):
@@ -124,17 +126,17 @@ class Mlp(_LayerSettings):
     transpeft: TransPeftConfig = TransPeftConfig()
 
     @nn.compact
-    def __call__(self, x_btd, layer_idx, key_of_layer, adapter_ids_b):
+    def __call__(self, x_btd, layer_idx, key_of_layer, extras: _Extras):
         spec = self.spec
 
         def project(name, features, inputs):
             key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index(name))
-            return self.proj(name, features, False)(inputs, layer_idx, key, adapter_ids_b)
+            return self.proj(name, features, False)(inputs, layer_idx, key, extras.adapter_ids_b)
 
         u_btf = nn.silu(project("gate_proj", spec.intermediate_size, x_btd)) * project(
             "up_proj", spec.intermediate_size, x_btd)
         if key_of_layer is not None:
-            u_btf = mask_ffn_activation(u_btf, key_of_layer, self.transpeft)
+            u_btf = mask_ffn_activation(u_btf, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
         return project("down_proj", spec.hidden_size, u_btf)
 
 
@@ -155,9 +157,9 @@ class DecoderLayer(_LayerSettings):
             kv_cache)
         h_btd = x_btd + attn_btd
         ffn_btd = Mlp(**shared, transpeft=self.transpeft, name="mlp")(
-            self.norm("post_attention_layernorm")(h_btd), layer_idx, key_of_layer, extras.adapter_ids_b)
+            self.norm("post_attention_layernorm")(h_btd), layer_idx, key_of_layer, extras)
         if key_of_layer is not None:
-            ffn_btd = drop_ffn_output(ffn_btd, key_of_layer, self.transpeft)
+            ffn_btd = drop_ffn_output(ffn_btd, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
         return h_btd + ffn_btd, kv_cache
 
 
@@ -169,10 +171,12 @@ class Decoder(_LayerSettings):
 
     @nn.compact
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
-                 adapter_ids_b=None, last_only=False):
+                 adapter_ids_b=None, logits_at_bk=None, p_scale=1.0):
         """Logits [b, t, vocab] (float32); with a `KVCache` also returns the updated cache.
 
-        ``last_only`` computes the logits of the last position only ([b, 1, vocab]), as a prefill needs.
+        ``logits_at_bk`` (int [b, k]) computes the logits of those positions only ([b, k, vocab]): the
+        last position for a prefill, the positions that predict target tokens for a training loss.
+        ``p_scale`` multiplies every Trans-PEFT probability (its warm-up).
         """
         spec, t = self.spec, input_ids_bt.shape[1]
         spec.check_seq_len(t if cache is None else cache.max_len)
@@ -204,12 +208,12 @@ class Decoder(_LayerSettings):
             spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
             lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training, name="layers")
         rng = rng if training else jax.random.key(0)
-        extras = _Extras(adapter_ids_b, None if cache is None else cache.index)
+        extras = _Extras(adapter_ids_b, None if cache is None else cache.index, p_scale)
         kv_cache = None if cache is None else (cache.k_lbske, cache.v_lbske)
         x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
                                  kv_cache)
-        if last_only:
-            x_btd = x_btd[:, -1:]
+        if logits_at_bk is not None:
+            x_btd = jnp.take_along_axis(x_btd, logits_at_bk[:, :, None], axis=1)
         x_btd = self.norm("norm")(x_btd)
         if spec.tie_word_embeddings:
             head_dv = embed.embedding.T

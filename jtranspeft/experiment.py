@@ -1,0 +1,374 @@
+"""`python -m jtranspeft.experiment`: the four-setting Trans-PEFT experiment (method.md §1) from one config.
+
+One experiment = an old base, one or more updated bases, a training recipe (a `RunConfig` YAML) and an
+evaluation task. For every LoRA variant and seed it trains, with the same data and steps:
+- ``plain`` on the old base -> scored on the old base (Fine-tune_o) and on each new base (Direct Transfer);
+- one adapter per Trans-PEFT row (``rows``: name -> config overrides, e.g. the paper's p_drop 0.1, masking
+  only, dropping only, per-layer or calibrated probabilities) on the old base -> scored on old and new;
+- ``plain`` on each new base -> scored there (Fine-tune_n, the re-tuned upper bound);
+- optionally the training-free projection of the plain old adapter onto each new base (LoRA-X style).
+Before the rows, ``analyze`` can run the component-swap attribution / FFN sensitivity of
+`jtranspeft.analyze` with the first plain old adapter, so the table can be read against its causes.
+
+Every piece (a training run, a projection, an evaluation, an analysis) writes into its own directory of
+``output_dir`` and counts as done once its final file exists; a killed experiment rerun with the same
+command continues (a killed training piece resumes from its checkpoint). The results are
+``results.md`` (tables: mean ± std over seeds and a 95% Wilson interval over all scored items),
+``results.json`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jtranspeft.config_io import ConfigError, exit_on_config_error, load_config, parse_cli, to_yaml
+
+EXAMPLES = """python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml
+python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml seeds=[0] eval.limit=100
+python -m jtranspeft.experiment --config configs/experiments/tiny.yaml output_dir=/tmp/exp
+# rerun the same command to continue: finished pieces are kept, a killed training run resumes"""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How every adapter is scored (the arguments of `jtranspeft.evaluate`); adapters are merged first."""
+
+    task: str = "rg:chain_sum"
+    limit: int = 500
+    seed: int = 42
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    template: str = "alpaca"
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeSettings:
+    """Sections of `jtranspeft.analyze` run per new base with the first plain old adapter ([] = none)."""
+
+    sections: tuple[str, ...] = ("attribution", "sensitivity")
+    limit: int = 64
+    sensitivity_limit: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """An experiment: bases, training recipe, variants, Trans-PEFT rows, seeds and evaluation."""
+
+    output_dir: str = "runs/experiment"
+    train_config: str = "configs/quickstart.yaml"
+    train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    old_base: str = "smollm2"
+    new_bases: dict[str, str] = dataclasses.field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1)
+    variants: dict[str, dict] = dataclasses.field(default_factory=lambda: {"qkvo": {}})
+    rows: dict[str, dict] = dataclasses.field(
+        default_factory=lambda: {"paper": {"transpeft.p_drop": 0.1, "transpeft.p_mask": 0.0}})
+    projection: bool = False
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    analyze: AnalyzeSettings = dataclasses.field(default_factory=AnalyzeSettings)
+
+    def __post_init__(self):
+        if not self.new_bases:
+            raise ValueError("new_bases: name at least one updated base (name: path)")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        for name in ("plain", *(f"plain_{b}" for b in self.new_bases)):
+            if name in self.rows:
+                raise ValueError(f"rows: {name!r} is reserved for the plain adapters")
+
+
+def _override_strings(overrides: dict[str, Any]) -> list[str]:
+    """{"transpeft.p_drop": 0.1} -> ["transpeft.p_drop=0.1"] (JSON values are valid YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+class Experiment:
+    """The pieces of one experiment and their cached outputs under ``cfg.output_dir``."""
+
+    def __init__(self, cfg: ExperimentConfig, log=print):
+        self.cfg, self.out, self.log = cfg, Path(cfg.output_dir), log
+        self.bases: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.timings_file = self.out / "timings.json"
+        if self.timings_file.is_file():
+            self.timings = json.loads(self.timings_file.read_text())
+
+    # -- bases ---------------------------------------------------------------------------------------
+    def base_path(self, name: str) -> str:
+        """The checkpoint of base ``name`` ("old" or a new base's name); a GGUF old base is saved as HF once."""
+        if name != "old":
+            return self.cfg.new_bases[name]
+        from jtranspeft.train import resolve_model_path
+
+        path = resolve_model_path(self.cfg.old_base)
+        if path.suffix != ".gguf":
+            return str(path)
+        converted = self.out / "bases" / "old"
+        if not _done(converted / "config.json"):
+            from jtranspeft.base import load_base, save_base
+
+            self._timed("convert old base", lambda: save_base(load_base(path), converted))
+        return str(converted)
+
+    def base(self, name: str):
+        """The loaded base ``name`` (kept in memory for the evaluations)."""
+        if name not in self.bases:
+            from jtranspeft.base import load_base
+
+            self.bases[name] = load_base(self.base_path(name))
+        return self.bases[name]
+
+    def _timed(self, what: str, fn):
+        self.log(f"[experiment] {what} ...")
+        tick = time.perf_counter()
+        value = fn()
+        self.timings[what] = round(time.perf_counter() - tick, 1)
+        self.timings_file.write_text(json.dumps(self.timings, indent=1) + "\n")
+        self.log(f"[experiment] {what}: {self.timings[what]} s")
+        return value
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def adapter_dir(self, variant: str, trained: str, seed: int) -> Path:
+        """Where the adapter ``trained`` ("plain", a row, "plain_<new>" or "projection_<new>") lives."""
+        return self.out / "adapters" / variant / trained / f"seed{seed}"
+
+    def run_config(self, variant: str, trained: str, seed: int):
+        """The `RunConfig` of one training piece: the recipe + overrides, variant, row, seed and base."""
+        from jtranspeft.train_config import RunConfig
+
+        on = trained.removeprefix("plain_") if trained.startswith("plain_") else "old"
+        overrides = {**self.cfg.train_overrides, **self.cfg.variants[variant],
+                     **self.cfg.rows.get(trained, {}), "train.seed": seed}
+        strings = [f"output_dir={self.adapter_dir(variant, trained, seed)}", f"model.path={self.base_path(on)}",
+                   *_override_strings(overrides)]
+        return load_config(RunConfig, [self.cfg.train_config], strings)
+
+    def train(self, variant: str, trained: str, seed: int) -> Path:
+        """Train (or resume, or reuse) one adapter; returns its PEFT directory."""
+        from jtranspeft.train import TrainingStopped, train
+
+        run_dir = self.adapter_dir(variant, trained, seed)
+        if _done(run_dir / "summary.json"):
+            return run_dir / "adapter"
+        run_cfg = self.run_config(variant, trained, seed)
+        try:
+            self._timed(f"train {variant}/{trained}/seed{seed}", lambda: train(run_cfg))
+        except TrainingStopped as stop:
+            raise RuntimeError(f"training {run_dir} stopped: {stop}") from None
+        return run_dir / "adapter"
+
+    def project(self, variant: str, new: str, seed: int) -> Path:
+        """The plain old adapter projected onto base ``new``'s top singular subspaces (training-free)."""
+        from jtranspeft.checkpoints.peft_format import load_peft, save_peft
+        from jtranspeft.transfer import project_lora
+
+        directory = self.adapter_dir(variant, f"projection_{new}", seed)
+        if not _done(directory / "adapter_config.json"):
+            source = self.train(variant, "plain", seed)
+            lora = load_peft(source, self.base("old"))
+            self._timed(f"project {variant}/seed{seed} onto {new}",
+                        lambda: save_peft(project_lora(lora, self.base(new).params), directory, self.base(new)))
+        return directory
+
+    def evaluate(self, adapter: Path, on: str) -> dict:
+        """Score ``adapter`` merged into base ``on`` (cached in ``<run>/eval/<on>/results.json``)."""
+        from jtranspeft.evaluate import run_argv
+
+        piece = adapter.parent if adapter.name == "adapter" else adapter  # a training run or a projection
+        out = piece / "eval" / on
+        if not _done(out / "results.json"):
+            e = self.cfg.eval
+            argv = ["--base", self.base_path(on), "--adapter", str(adapter), "--merge", "--task", e.task,
+                    "--limit", str(e.limit), "--seed", str(e.seed), "--batch-size", str(e.batch_size),
+                    "--max-new-tokens", str(e.max_new_tokens), "--template", e.template, "--out", str(out)]
+            self._timed(f"evaluate {piece.relative_to(self.out)} on {on}",
+                        lambda: run_argv(argv, base=self.base(on)))
+        return json.loads((out / "results.json").read_text())
+
+    def analyze(self, variant: str, new: str) -> Path | None:
+        """`jtranspeft.analyze` of (old, ``new``) with the first plain old adapter, if sections are configured."""
+        settings = self.cfg.analyze
+        if not settings.sections:
+            return None
+        out = self.out / "analysis" / variant / new
+        if not _done(out / "analyze.json"):
+            from jtranspeft.analyze import SECTIONS, main as analyze_main
+
+            adapter = self.train(variant, "plain", self.cfg.seeds[0])
+            skip = ",".join(s for s in SECTIONS if s not in settings.sections)
+            argv = ["--old", self.base_path("old"), "--new", self.base_path(new), "--adapter", str(adapter),
+                    "--task", self.cfg.eval.task, "--limit", str(settings.limit), "--sensitivity-limit",
+                    str(settings.sensitivity_limit), "--out", str(out), "--no-progress"] + (
+                ["--skip", skip] if skip else [])
+            status = self._timed(f"analyze {variant} old -> {new}", lambda: analyze_main(argv))
+            if status != 0:
+                raise RuntimeError(f"analyze of old -> {new} failed (exit {status})")
+        return out
+
+    # -- the whole experiment ------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run every missing piece, then write results.md / .json / .png; returns the results dict."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "experiment.yaml").write_text(to_yaml(self.cfg))
+        news = list(self.cfg.new_bases)
+        for variant in self.cfg.variants:  # every piece's config is checked before any work starts
+            for trained in ["plain", *self.cfg.rows, *(f"plain_{new}" for new in news)]:
+                self.run_config(variant, trained, self.cfg.seeds[0])
+        scores: dict[tuple, dict[int, dict]] = {}
+
+        def record(variant, setting, trained_on, on, seed, result):
+            scores.setdefault((variant, setting, trained_on, on), {})[seed] = result
+
+        for variant in self.cfg.variants:
+            for new in news:
+                self.analyze(variant, new)
+            for seed in self.cfg.seeds:
+                plain = self.train(variant, "plain", seed)
+                for on in ["old", *news]:
+                    record(variant, "Fine-tune_o" if on == "old" else "Direct Transfer", "old", on, seed,
+                           self.evaluate(plain, on))
+                for row in self.cfg.rows:
+                    adapter = self.train(variant, row, seed)
+                    for on in ["old", *news]:
+                        record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
+                for new in news:
+                    if self.cfg.projection:
+                        record(variant, "Projection (training-free)", "old", new, seed,
+                               self.evaluate(self.project(variant, new, seed), new))
+                    record(variant, "Fine-tune_n", new, new, seed,
+                           self.evaluate(self.train(variant, f"plain_{new}", seed), new))
+        results = summarize(scores, self.cfg, self.timings)
+        write_results(results, self.out)
+        return results
+
+
+def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timings: dict) -> dict:
+    """JSON-ready rows: per (variant, setting, trained on, evaluated on) the per-seed accuracies, their
+    mean and sample std, and a 95% Wilson interval over every scored item of every seed."""
+    from jtranspeft.eval.scorers import accuracy_with_ci
+
+    rows = []
+    for (variant, setting, trained_on, on), by_seed in scores.items():
+        accs = [by_seed[s]["accuracy"] for s in sorted(by_seed)]
+        pooled = [True] * sum(r["n_correct"] for r in by_seed.values())
+        pooled += [False] * sum(r["n"] - r["n_correct"] for r in by_seed.values())
+        ci = accuracy_with_ci(pooled)
+        rows.append({"variant": variant, "setting": setting, "trained_on": trained_on, "evaluated_on": on,
+                     "seeds": sorted(by_seed), "accuracy_per_seed": accs, "mean": float(np.mean(accs)),
+                     "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                     "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "items": ci["n"]})
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "rows": rows, "timings_s": timings}
+
+
+def _table(rows: list[dict], variant: str, new: str) -> list[str]:
+    """Markdown lines of one (variant, new base) table: the four settings first, then the other rows."""
+    def pct(x):
+        return f"{100 * x:.1f}"
+
+    def line(name, row):
+        per_seed = ", ".join(pct(a) for a in row["accuracy_per_seed"])
+        return (f"| {name} | {row['trained_on']} | {row['evaluated_on']} | {pct(row['mean'])} ± {pct(row['std'])} "
+                f"| [{pct(row['ci_low'])}, {pct(row['ci_high'])}] | {per_seed} |")
+
+    mine = [r for r in rows if r["variant"] == variant]
+    pick = {(r["setting"], r["evaluated_on"]): r for r in mine}
+    out = [f"### {variant}: old -> {new}", "",
+           "| setting | trained on | evaluated on | accuracy % (mean ± std) | 95% CI (pooled) | per seed |",
+           "|---|---|---|---|---|---|"]
+    order = [("Fine-tune_o", "old"), ("Direct Transfer", new)]
+    order += [(r["setting"], new) for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == new]
+    order += [("Projection (training-free)", new), ("Fine-tune_n", new)]
+    order += [(r["setting"], "old") for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == "old"]
+    for setting, on in dict.fromkeys(order):
+        if (setting, on) in pick:
+            name = setting if setting in ("Fine-tune_o", "Fine-tune_n") else f"{setting}_(o->{on})" if on != "old" \
+                else f"{setting} on old"
+            out.append(line(name, pick[(setting, on)]))
+    return out + [""]
+
+
+def format_results(results: dict) -> str:
+    """The markdown report: one table per LoRA variant and new base."""
+    cfg = results["config"]
+    lines = ["# Trans-PEFT experiment", "",
+             f"old base `{cfg['old_base']}`; new bases {', '.join(f'`{k}` ({v})' for k, v in cfg['new_bases'].items())}; "
+             f"task {cfg['eval']['task']} ({cfg['eval']['limit']} test items per seed, greedy); "
+             f"seeds {list(cfg['seeds'])}; recipe {cfg['train_config']} with {cfg['train_overrides']}.",
+             "Rows: " + "; ".join(f"{k} = {v}" for k, v in cfg["rows"].items()) + ".", ""]
+    for variant in cfg["variants"]:
+        for new in cfg["new_bases"]:
+            lines += _table(results["rows"], variant, new)
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Grouped bars: accuracy (mean, std error bars) per setting, one panel per (variant, new base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    panels = [(v, n) for v in cfg["variants"] for n in cfg["new_bases"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (variant, new) in zip(axes[0], panels):
+        rows = [r for r in results["rows"] if r["variant"] == variant and r["evaluated_on"] in ("old", new)
+                and not (r["evaluated_on"] == "old" and r["setting"] != "Fine-tune_o")]
+        labels = [r["setting"].replace("Trans-PEFT ", "TP ") for r in rows]
+        ax.bar(range(len(rows)), [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows],
+               color=["tab:gray" if r["evaluated_on"] == "old" else "tab:blue" for r in rows], capsize=3)
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy %")
+        ax.set_title(f"{variant}: old -> {new}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.md and results.png in ``out``."""
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(format_results(results))
+    plot_results(results, out / "results.png")
+
+
+def _share_compilations(directory: Path) -> None:
+    """Persist XLA compilations on disk: the experiment's many training and evaluation pieces share shapes."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@exit_on_config_error
+def main(argv=None) -> int:
+    """CLI entry point; returns the process exit status."""
+    config_path, overrides = parse_cli(argv, "Run the four-setting Trans-PEFT experiment (method.md section 1).",
+                                       EXAMPLES.splitlines(), prog="python -m jtranspeft.experiment")
+    cfg = load_config(ExperimentConfig, [config_path], overrides)
+    _share_compilations(Path(cfg.output_dir) / "jax_cache")
+    try:
+        results = Experiment(cfg).run()
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_results(results))
+    print(f"written to {cfg.output_dir}/results.md, results.json, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The four-setting experiment end to end on a tiny model: one command, every piece, caching, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+import yaml
+
+import jtranspeft as jt
+from jtranspeft.config_io import load_config
+from jtranspeft.experiment import ExperimentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, tiny_model_dir):
+    """(old, new) HF directories: the new base has every FFN kernel of the old one scaled by 1.2."""
+    old = jt.load_base(tiny_model_dir)
+    params = dict(old.params, layers=dict(old.params["layers"]))
+    params["layers"]["mlp"] = {name: {"kernel": module["kernel"] * jnp.float32(1.2)}
+                               for name, module in old.params["layers"]["mlp"].items()}
+    new_dir = tmp_path_factory.mktemp("new_base")
+    jt.save_base(old.replace(params=params), new_dir)
+    return tiny_model_dir, new_dir
+
+
+def _experiment_file(tmp_path, old, new, **changes):
+    recipe = {"defaults": str(REPO / "configs" / "base.yaml"),
+              "lora": {"r": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"]},
+              "data": {"source": "reasoning_gym:chain_sum", "max_length": 64, "buckets": [64], "train_size": 32},
+              "train": {"batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "progress": False},
+              "checkpoint": {"every": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    experiment = {"output_dir": str(tmp_path / "exp"), "train_config": str(tmp_path / "recipe.yaml"),
+                  "old_base": str(old), "new_bases": {"ffn": str(new)}, "seeds": [0, 1],
+                  "variants": {"qv": {}},
+                  "rows": {"drop": {"transpeft.p_drop": 0.5}, "mask_warm": {"transpeft.p_mask": 0.3,
+                                                                           "transpeft.warmup_steps": 2}},
+                  "projection": True,
+                  "eval": {"task": "rg:chain_sum", "limit": 4, "batch_size": 4, "max_new_tokens": 4},
+                  "analyze": {"sections": ["attribution"], "limit": 4}, **changes}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    return path
+
+
+def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases):
+    path = _experiment_file(tmp_path, *bases)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "jtranspeft.experiment", "--config", str(path)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "exp"
+    results = json.loads((out / "results.json").read_text())
+    settings = {(r["setting"], r["evaluated_on"]) for r in results["rows"]}
+    assert settings == {("Fine-tune_o", "old"), ("Direct Transfer", "ffn"), ("Fine-tune_n", "ffn"),
+                        ("Projection (training-free)", "ffn"),
+                        ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "ffn"),
+                        ("Trans-PEFT [mask_warm]", "old"), ("Trans-PEFT [mask_warm]", "ffn")}
+    for row in results["rows"]:
+        assert row["seeds"] == [0, 1] and row["items"] == 8 and 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"]
+        # the per-seed accuracies are the evaluation files' own numbers
+        assert len(row["accuracy_per_seed"]) == 2
+    # each training piece used its own settings: the row's transpeft config, the seed, the base
+    drop_cfg = yaml.safe_load((out / "adapters/qv/drop/seed1/config.yaml").read_text())
+    assert drop_cfg["transpeft"]["p_drop"] == 0.5 and drop_cfg["train"]["seed"] == 1
+    warm_cfg = yaml.safe_load((out / "adapters/qv/mask_warm/seed0/config.yaml").read_text())
+    assert warm_cfg["transpeft"]["warmup_steps"] == 2 and warm_cfg["transpeft"]["p_mask"] == 0.3
+    assert yaml.safe_load((out / "adapters/qv/plain_ffn/seed0/config.yaml").read_text())["model"]["path"] == str(bases[1])
+    plain = json.loads((out / "adapters/qv/plain/seed0/eval/ffn/results.json").read_text())
+    direct = next(r for r in results["rows"] if r["setting"] == "Direct Transfer")
+    assert direct["accuracy_per_seed"][0] == plain["accuracy"]
+    table = (out / "results.md").read_text()
+    assert "Direct Transfer_(o->ffn)" in table and "Fine-tune_n" in table
+    assert (out / "results.png").stat().st_size > 1000
+    assert (out / "analysis/qv/ffn/analyze.json").is_file()
+
+    # a rerun reuses every finished piece: nothing is trained or evaluated again
+    stamp = {p: p.stat().st_mtime for p in out.rglob("results.json") if "eval" in p.parts}
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train " not in again.stdout and "evaluate " not in again.stdout
+    assert all(p.stat().st_mtime == t for p, t in stamp.items())
+
+
+def test_bad_experiment_configs_name_the_field(tmp_path, bases):
+    with pytest.raises(ValueError, match="new_bases"):
+        load_config(ExperimentConfig, [_experiment_file(tmp_path, *bases, new_bases={})])
+    with pytest.raises(ValueError, match="reserved"):
+        load_config(ExperimentConfig, [_experiment_file(tmp_path, *bases, rows={"plain": {}})])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    bad = _experiment_file(tmp_path, *bases, rows={"x": {"transpeft.p_dorp": 0.1}})
+    done = subprocess.run([sys.executable, "-m", "jtranspeft.experiment", "--config", str(bad)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "p_dorp" in done.stderr
