@@ -77,6 +77,38 @@ def apply_rope(x_bthe, cos_bte, sin_bte):
     return out.astype(x_bthe.dtype)
 
 
+@jax.custom_vjp
+def lora_delta(x_ni, a_ir, b_ro, scale):
+    """``scale * (x A) B`` over flattened tokens n, with a backward pass that keeps XLA:CPU off big transposes.
+
+    Autodiff's gradients of A and B contract the token axis of two big operands (x or dy), which XLA:CPU
+    lowers inside the scanned layers with a transposed copy of the [n, out] cotangent. Here the small
+    [n, r] factors are transposed instead (behind an optimization barrier, so the transpose is not folded
+    back into the dot), and every big operand is used in its natural layout.
+    """
+    return (x_ni @ a_ir) @ b_ro * scale
+
+
+def _lora_delta_fwd(x_ni, a_ir, b_ro, scale):
+    h_nr = x_ni @ a_ir
+    return h_nr @ b_ro * scale, (x_ni, a_ir, b_ro, scale, h_nr)
+
+
+def _lora_delta_bwd(residuals, g_no):
+    x_ni, a_ir, b_ro, scale, h_nr = residuals
+    dscale = jnp.sum((h_nr @ b_ro) * g_no).astype(scale.dtype)  # dead code in training (static scales)
+    g_no = g_no * scale.astype(g_no.dtype)
+    h_rn = jax.lax.optimization_barrier(h_nr.T)
+    db_ro = h_rn @ g_no
+    dh_nr = g_no @ b_ro.T
+    dh_rn = jax.lax.optimization_barrier(dh_nr.T)
+    da_ir = (dh_rn @ x_ni).T
+    return dh_nr @ a_ir.T, da_ir, db_ro, dscale
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 class Projection(nn.Module):
     """Dense layer (kernel [in, out], optional bias) plus an optional LoRA branch from the "lora" collection.
 
@@ -108,7 +140,8 @@ class Projection(nn.Module):
             x_lora = jnp.where(keep, x_lora / (1.0 - self.lora_dropout), 0).astype(lora_a.dtype)
         scale = jnp.asarray(self.lora_scales, dtype=lora_a.dtype)[layer_idx]
         if adapter_ids_b is None:
-            delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x_lora, lora_a), lora_b) * scale
+            delta = lora_delta(x_lora.reshape(-1, x_lora.shape[-1]), lora_a, lora_b, scale).reshape(
+                *x_lora.shape[:-1], lora_b.shape[-1])
         else:  # one adapter of the bank per row: gather that row's factors
             a_bir, b_bro = lora_a[adapter_ids_b], lora_b[adapter_ids_b]
             delta = jnp.einsum("b...r,bro->b...o", jnp.einsum("b...i,bir->b...r", x_lora, a_bir), b_bro) * scale
