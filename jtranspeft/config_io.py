@@ -498,12 +498,14 @@ def to_yaml(instance: Any) -> str:
 
 
 def parse_cli(
-    argv: Sequence[str] | None, description: str, examples: Sequence[str], prog: str | None = None
-) -> tuple[Path, list[str]]:
+    argv: Sequence[str] | None, description: str, examples: Sequence[str], prog: str | None = None,
+    switches: dict[str, str] | None = None,
+) -> tuple:
     """``--config FILE [key=value ...]`` -> (config path, overrides); argparse exits 2 on misuse.
 
     ``argv`` defaults to ``sys.argv[1:]`` when None. ``examples`` are command lines shown under
     ``--help``. Overrides may come before or after ``--config``; one without ``=`` is an error naming it.
+    ``switches`` ({"--flag": help}) adds boolean flags; then a third item {"flag": bool} is returned.
     """
     epilog = "overrides: KEY=VALUE sets any config key (dotted, e.g. train.max_steps=10; value in YAML,\n"
     epilog += "e.g. lora.targets=[q_proj,v_proj]); they apply after the config file.\n\nexamples:\n"
@@ -518,10 +520,15 @@ def parse_cli(
         "--config", required=True, type=Path, metavar="FILE", help="YAML recipe (or a dumped config)"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, in order")
+    for flag, help_text in (switches or {}).items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_intermixed_args(argv)
     for item in args.overrides:
         if "=" not in item or item.startswith("="):
             parser.error(f"argument {item!r} is not a KEY=VALUE override (e.g. train.max_steps=10)")
+    if switches:
+        names = [flag.lstrip("-").replace("-", "_") for flag in switches]
+        return args.config, list(args.overrides), {name: getattr(args, name) for name in names}
     return args.config, list(args.overrides)
 
 

@@ -14,7 +14,7 @@ Every piece (a training run, a projection, an evaluation, an analysis) writes in
 ``output_dir`` and counts as done once its final file exists; a killed experiment rerun with the same
 command continues (a killed training piece resumes from its checkpoint). The results are
 ``results.md`` (tables: mean ± std over seeds and a 95% Wilson interval over all scored items),
-``results.json`` and ``results.png``.
+``results.json`` and ``results.png``, rewritten as each seed finishes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from jtranspeft.config_io import ConfigError, exit_on_config_error, load_config,
 EXAMPLES = """python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml
 python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml seeds=[0] eval.limit=100
 python -m jtranspeft.experiment --config configs/experiments/tiny.yaml output_dir=/tmp/exp
-# rerun the same command to continue: finished pieces are kept, a killed training run resumes"""
+# rerun the same command to continue: finished pieces are kept, a killed training run resumes
+# tables from the pieces finished so far, running nothing:
+python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml --report"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,7 @@ class EvalSettings:
     """How every adapter is scored (the arguments of `jtranspeft.evaluate`); adapters are merged first."""
 
     task: str = "rg:chain_sum"
+    rg_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     limit: int = 500
     seed: int = 42
     batch_size: int = 32
@@ -50,7 +53,10 @@ class EvalSettings:
 
 @dataclasses.dataclass(frozen=True)
 class AnalyzeSettings:
-    """Sections of `jtranspeft.analyze` run per new base with the first plain old adapter ([] = none)."""
+    """Sections of `jtranspeft.analyze` run per new base with the first plain old adapter ([] = none).
+
+    The FFN sensitivity is a property of the old base, so it runs with the first new base only.
+    """
 
     sections: tuple[str, ...] = ("attribution", "sensitivity")
     limit: int = 64
@@ -96,8 +102,8 @@ def _done(path: Path) -> bool:
 class Experiment:
     """The pieces of one experiment and their cached outputs under ``cfg.output_dir``."""
 
-    def __init__(self, cfg: ExperimentConfig, log=print):
-        self.cfg, self.out, self.log = cfg, Path(cfg.output_dir), log
+    def __init__(self, cfg: ExperimentConfig, log=print, report_only: bool = False):
+        self.cfg, self.out, self.log, self.report_only = cfg, Path(cfg.output_dir), log, report_only
         self.bases: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.timings_file = self.out / "timings.json"
@@ -159,7 +165,7 @@ class Experiment:
         from jtranspeft.train import TrainingStopped, train
 
         run_dir = self.adapter_dir(variant, trained, seed)
-        if _done(run_dir / "summary.json"):
+        if _done(run_dir / "summary.json") or self.report_only:
             return run_dir / "adapter"
         run_cfg = self.run_config(variant, trained, seed)
         try:
@@ -174,24 +180,28 @@ class Experiment:
         from jtranspeft.transfer import project_lora
 
         directory = self.adapter_dir(variant, f"projection_{new}", seed)
-        if not _done(directory / "adapter_config.json"):
+        if not _done(directory / "adapter_config.json") and not self.report_only:
             source = self.train(variant, "plain", seed)
             lora = load_peft(source, self.base("old"))
             self._timed(f"project {variant}/seed{seed} onto {new}",
                         lambda: save_peft(project_lora(lora, self.base(new).params), directory, self.base(new)))
         return directory
 
-    def evaluate(self, adapter: Path, on: str) -> dict:
-        """Score ``adapter`` merged into base ``on`` (cached in ``<run>/eval/<on>/results.json``)."""
+    def evaluate(self, adapter: Path, on: str) -> dict | None:
+        """Score ``adapter`` merged into base ``on`` (cached in ``<run>/eval/<on>/results.json``); None when
+        only reporting and the score is not there yet."""
         from jtranspeft.evaluate import run_argv
 
         piece = adapter.parent if adapter.name == "adapter" else adapter  # a training run or a projection
         out = piece / "eval" / on
+        if self.report_only and not _done(out / "results.json"):
+            return None
         if not _done(out / "results.json"):
             e = self.cfg.eval
             argv = ["--base", self.base_path(on), "--adapter", str(adapter), "--merge", "--task", e.task,
                     "--limit", str(e.limit), "--seed", str(e.seed), "--batch-size", str(e.batch_size),
                     "--max-new-tokens", str(e.max_new_tokens), "--template", e.template, "--out", str(out)]
+            argv += ["--rg-kwargs", json.dumps(e.rg_kwargs)] if e.rg_kwargs else []
             self._timed(f"evaluate {piece.relative_to(self.out)} on {on}",
                         lambda: run_argv(argv, base=self.base(on)))
         return json.loads((out / "results.json").read_text())
@@ -199,14 +209,17 @@ class Experiment:
     def analyze(self, variant: str, new: str) -> Path | None:
         """`jtranspeft.analyze` of (old, ``new``) with the first plain old adapter, if sections are configured."""
         settings = self.cfg.analyze
-        if not settings.sections:
+        if not settings.sections or self.report_only:
             return None
         out = self.out / "analysis" / variant / new
         if not _done(out / "analyze.json"):
             from jtranspeft.analyze import SECTIONS, main as analyze_main
 
             adapter = self.train(variant, "plain", self.cfg.seeds[0])
-            skip = ",".join(s for s in SECTIONS if s not in settings.sections)
+            sections = set(settings.sections)
+            if new != next(iter(self.cfg.new_bases)):  # FFN sensitivity is measured on the old base: once
+                sections.discard("sensitivity")
+            skip = ",".join(s for s in SECTIONS if s not in sections)
             argv = ["--old", self.base_path("old"), "--new", self.base_path(new), "--adapter", str(adapter),
                     "--task", self.cfg.eval.task, "--limit", str(settings.limit), "--sensitivity-limit",
                     str(settings.sensitivity_limit), "--out", str(out), "--no-progress"] + (
@@ -218,7 +231,7 @@ class Experiment:
 
     # -- the whole experiment ------------------------------------------------------------------------
     def run(self) -> dict:
-        """Run every missing piece, then write results.md / .json / .png; returns the results dict."""
+        """Run every missing piece (with ``report_only``: none), then write results.md / .json / .png."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "experiment.yaml").write_text(to_yaml(self.cfg))
         news = list(self.cfg.new_bases)
@@ -228,6 +241,8 @@ class Experiment:
         scores: dict[tuple, dict[int, dict]] = {}
 
         def record(variant, setting, trained_on, on, seed, result):
+            if result is None:  # report_only: not scored yet
+                return
             scores.setdefault((variant, setting, trained_on, on), {})[seed] = result
 
         for variant in self.cfg.variants:
@@ -238,19 +253,18 @@ class Experiment:
                 for on in ["old", *news]:
                     record(variant, "Fine-tune_o" if on == "old" else "Direct Transfer", "old", on, seed,
                            self.evaluate(plain, on))
-                for row in self.cfg.rows:
-                    adapter = self.train(variant, row, seed)
-                    for on in ["old", *news]:
-                        record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
                 for new in news:
                     if self.cfg.projection:
                         record(variant, "Projection (training-free)", "old", new, seed,
                                self.evaluate(self.project(variant, new, seed), new))
                     record(variant, "Fine-tune_n", new, new, seed,
                            self.evaluate(self.train(variant, f"plain_{new}", seed), new))
-        results = summarize(scores, self.cfg, self.timings)
-        write_results(results, self.out)
-        return results
+                for row in self.cfg.rows:
+                    adapter = self.train(variant, row, seed)
+                    for on in ["old", *news]:
+                        record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
+                write_results(summarize(scores, self.cfg, self.timings), self.out)  # partial tables as seeds finish
+        return summarize(scores, self.cfg, self.timings)
 
 
 def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timings: dict) -> dict:
@@ -266,7 +280,7 @@ def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timin
         ci = accuracy_with_ci(pooled)
         rows.append({"variant": variant, "setting": setting, "trained_on": trained_on, "evaluated_on": on,
                      "seeds": sorted(by_seed), "accuracy_per_seed": accs, "mean": float(np.mean(accs)),
-                     "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                     "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
                      "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "items": ci["n"]})
     return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "rows": rows, "timings_s": timings}
 
@@ -278,7 +292,8 @@ def _table(rows: list[dict], variant: str, new: str) -> list[str]:
 
     def line(name, row):
         per_seed = ", ".join(pct(a) for a in row["accuracy_per_seed"])
-        return (f"| {name} | {row['trained_on']} | {row['evaluated_on']} | {pct(row['mean'])} ± {pct(row['std'])} "
+        spread = "(1 seed)" if row["std"] is None else f"± {pct(row['std'])}"
+        return (f"| {name} | {row['trained_on']} | {row['evaluated_on']} | {pct(row['mean'])} {spread} "
                 f"| [{pct(row['ci_low'])}, {pct(row['ci_high'])}] | {per_seed} |")
 
     mine = [r for r in rows if r["variant"] == variant]
@@ -326,7 +341,7 @@ def plot_results(results: dict, path: Path) -> None:
         rows = [r for r in results["rows"] if r["variant"] == variant and r["evaluated_on"] in ("old", new)
                 and not (r["evaluated_on"] == "old" and r["setting"] != "Fine-tune_o")]
         labels = [r["setting"].replace("Trans-PEFT ", "TP ") for r in rows]
-        ax.bar(range(len(rows)), [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows],
+        ax.bar(range(len(rows)), [100 * r["mean"] for r in rows], yerr=[100 * (r["std"] or 0) for r in rows],
                color=["tab:gray" if r["evaluated_on"] == "old" else "tab:blue" for r in rows], capsize=3)
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("accuracy %")
@@ -354,12 +369,14 @@ def _share_compilations(directory: Path) -> None:
 @exit_on_config_error
 def main(argv=None) -> int:
     """CLI entry point; returns the process exit status."""
-    config_path, overrides = parse_cli(argv, "Run the four-setting Trans-PEFT experiment (method.md section 1).",
-                                       EXAMPLES.splitlines(), prog="python -m jtranspeft.experiment")
+    config_path, overrides, flags = parse_cli(
+        argv, "Run the four-setting Trans-PEFT experiment (method.md section 1).", EXAMPLES.splitlines(),
+        prog="python -m jtranspeft.experiment",
+        switches={"--report": "write the tables from the pieces finished so far; train and score nothing"})
     cfg = load_config(ExperimentConfig, [config_path], overrides)
     _share_compilations(Path(cfg.output_dir) / "jax_cache")
     try:
-        results = Experiment(cfg).run()
+        results = Experiment(cfg, report_only=flags["report"]).run()
     except ConfigError:
         raise
     except (FileNotFoundError, ValueError, RuntimeError) as err:

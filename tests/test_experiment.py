@@ -32,7 +32,8 @@ def bases(tmp_path_factory, tiny_model_dir):
 def _experiment_file(tmp_path, old, new, **changes):
     recipe = {"defaults": str(REPO / "configs" / "base.yaml"),
               "lora": {"r": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"]},
-              "data": {"source": "reasoning_gym:chain_sum", "max_length": 64, "buckets": [64], "train_size": 32},
+              "data": {"source": "reasoning_gym:chain_sum", "max_length": 64, "buckets": [64], "train_size": 32,
+                       "rg_kwargs": {"max_terms": 2, "max_digits": 1}},
               "train": {"batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "progress": False},
               "checkpoint": {"every": 2}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -42,7 +43,8 @@ def _experiment_file(tmp_path, old, new, **changes):
                   "rows": {"drop": {"transpeft.p_drop": 0.5}, "mask_warm": {"transpeft.p_mask": 0.3,
                                                                            "transpeft.warmup_steps": 2}},
                   "projection": True,
-                  "eval": {"task": "rg:chain_sum", "limit": 4, "batch_size": 4, "max_new_tokens": 4},
+                  "eval": {"task": "rg:chain_sum", "limit": 4, "batch_size": 4, "max_new_tokens": 4,
+                           "rg_kwargs": {"max_terms": 2, "max_digits": 1}},
                   "analyze": {"sections": ["attribution"], "limit": 4}, **changes}
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(experiment))
@@ -73,6 +75,11 @@ def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases
     assert warm_cfg["transpeft"]["warmup_steps"] == 2 and warm_cfg["transpeft"]["p_mask"] == 0.3
     assert yaml.safe_load((out / "adapters/qv/plain_ffn/seed0/config.yaml").read_text())["model"]["path"] == str(bases[1])
     plain = json.loads((out / "adapters/qv/plain/seed0/eval/ffn/results.json").read_text())
+    assert plain["settings"]["rg_kwargs"] == {"max_terms": 2, "max_digits": 1}
+    prompts = [json.loads(line)["prompt"] for line in
+               (out / "adapters/qv/plain/seed0/eval/ffn/predictions.jsonl").read_text().splitlines()]
+    problems = [p.split("problem:")[1].split("=")[0] for p in prompts]
+    assert all(q.count("+") + q.count("-") == 1 for q in problems)  # two one-digit terms, as asked
     direct = next(r for r in results["rows"] if r["setting"] == "Direct Transfer")
     assert direct["accuracy_per_seed"][0] == plain["accuracy"]
     table = (out / "results.md").read_text()
@@ -86,6 +93,15 @@ def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train " not in again.stdout and "evaluate " not in again.stdout
     assert all(p.stat().st_mtime == t for p, t in stamp.items())
+
+    # --report tables whatever is finished, running nothing: remove one score and it drops out of the table
+    (out / "adapters/qv/drop/seed1/eval/ffn/results.json").unlink()
+    report = subprocess.run(command + ["--report"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert not (out / "adapters/qv/drop/seed1/eval/ffn/results.json").exists()
+    drop_row = next(r for r in json.loads((out / "results.json").read_text())["rows"]
+                    if r["setting"] == "Trans-PEFT [drop]" and r["evaluated_on"] == "ffn")
+    assert drop_row["seeds"] == [0] and drop_row["std"] is None
 
 
 def test_bad_experiment_configs_name_the_field(tmp_path, bases):
