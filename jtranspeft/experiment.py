@@ -73,6 +73,7 @@ class ExperimentConfig:
     old_base: str = "smollm2"
     new_bases: dict[str, str] = dataclasses.field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1)
+    fine_tune_n_seeds: tuple[int, ...] | None = None
     variants: dict[str, dict] = dataclasses.field(default_factory=lambda: {"qkvo": {}})
     rows: dict[str, dict] = dataclasses.field(
         default_factory=lambda: {"paper": {"transpeft.p_drop": 0.1, "transpeft.p_mask": 0.0}})
@@ -85,6 +86,8 @@ class ExperimentConfig:
             raise ValueError("new_bases: name at least one updated base (name: path)")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if self.fine_tune_n_seeds is not None and not set(self.fine_tune_n_seeds) <= set(self.seeds):
+            raise ValueError(f"fine_tune_n_seeds {list(self.fine_tune_n_seeds)} must be among seeds {list(self.seeds)}")
         for name in ("plain", *(f"plain_{b}" for b in self.new_bases)):
             if name in self.rows:
                 raise ValueError(f"rows: {name!r} is reserved for the plain adapters")
@@ -257,8 +260,9 @@ class Experiment:
                     if self.cfg.projection:
                         record(variant, "Projection (training-free)", "old", new, seed,
                                self.evaluate(self.project(variant, new, seed), new))
-                    record(variant, "Fine-tune_n", new, new, seed,
-                           self.evaluate(self.train(variant, f"plain_{new}", seed), new))
+                    if self.cfg.fine_tune_n_seeds is None or seed in self.cfg.fine_tune_n_seeds:
+                        record(variant, "Fine-tune_n", new, new, seed,
+                               self.evaluate(self.train(variant, f"plain_{new}", seed), new))
                 for row in self.cfg.rows:
                     adapter = self.train(variant, row, seed)
                     for on in ["old", *news]:

@@ -38,7 +38,7 @@ def _experiment_file(tmp_path, old, new, **changes):
               "checkpoint": {"every": 2}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     experiment = {"output_dir": str(tmp_path / "exp"), "train_config": str(tmp_path / "recipe.yaml"),
-                  "old_base": str(old), "new_bases": {"ffn": str(new)}, "seeds": [0, 1],
+                  "old_base": str(old), "new_bases": {"ffn": str(new)}, "seeds": [0, 1], "fine_tune_n_seeds": [1],
                   "variants": {"qv": {}},
                   "rows": {"drop": {"transpeft.p_drop": 0.5}, "mask_warm": {"transpeft.p_mask": 0.3,
                                                                            "transpeft.warmup_steps": 2}},
@@ -65,15 +65,16 @@ def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases
                         ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "ffn"),
                         ("Trans-PEFT [mask_warm]", "old"), ("Trans-PEFT [mask_warm]", "ffn")}
     for row in results["rows"]:
-        assert row["seeds"] == [0, 1] and row["items"] == 8 and 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"]
-        # the per-seed accuracies are the evaluation files' own numbers
-        assert len(row["accuracy_per_seed"]) == 2
+        seeds = [1] if row["setting"] == "Fine-tune_n" else [0, 1]  # the re-tuned reference: fine_tune_n_seeds
+        assert row["seeds"] == seeds and row["items"] == 4 * len(seeds)
+        assert 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"]
     # each training piece used its own settings: the row's transpeft config, the seed, the base
     drop_cfg = yaml.safe_load((out / "adapters/qv/drop/seed1/config.yaml").read_text())
     assert drop_cfg["transpeft"]["p_drop"] == 0.5 and drop_cfg["train"]["seed"] == 1
     warm_cfg = yaml.safe_load((out / "adapters/qv/mask_warm/seed0/config.yaml").read_text())
     assert warm_cfg["transpeft"]["warmup_steps"] == 2 and warm_cfg["transpeft"]["p_mask"] == 0.3
-    assert yaml.safe_load((out / "adapters/qv/plain_ffn/seed0/config.yaml").read_text())["model"]["path"] == str(bases[1])
+    assert yaml.safe_load((out / "adapters/qv/plain_ffn/seed1/config.yaml").read_text())["model"]["path"] == str(bases[1])
+    assert not (out / "adapters/qv/plain_ffn/seed0").exists()
     plain = json.loads((out / "adapters/qv/plain/seed0/eval/ffn/results.json").read_text())
     assert plain["settings"]["rg_kwargs"] == {"max_terms": 2, "max_digits": 1}
     prompts = [json.loads(line)["prompt"] for line in
