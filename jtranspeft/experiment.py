@@ -4,10 +4,12 @@ One experiment = an old base, one or more updated bases, a training recipe (a `R
 evaluation task. For every LoRA variant and seed it trains, with the same data and steps:
 - ``plain`` on the old base -> scored on the old base (Fine-tune_o) and on each new base (Direct Transfer);
 - one adapter per Trans-PEFT row (``rows``: name -> config overrides, e.g. the paper's p_drop 0.1, masking
-  only, dropping only, per-layer or calibrated probabilities) on the old base -> scored on old and new;
+  only, dropping only, per-layer or calibrated probabilities; a ``seeds`` entry trains that row with fewer
+  seeds) on the old base -> scored on each new base (and on old unless ``score_rows_on_old`` is false);
 - ``plain`` on each new base -> scored there (Fine-tune_n, the re-tuned upper bound);
 - optionally the training-free projection of the plain old adapter onto each new base (LoRA-X style).
-Before the rows, ``analyze`` can run the component-swap attribution / FFN sensitivity of
+The plain settings of every seed run first, then the rows in the config's order (so the order is a
+priority). Before all of it, ``analyze`` can run the component-swap attribution / FFN sensitivity of
 `jtranspeft.analyze` with the first plain old adapter, so the table can be read against its causes.
 
 Every piece (a training run, a projection, an evaluation, an analysis) writes into its own directory of
@@ -78,6 +80,7 @@ class ExperimentConfig:
     rows: dict[str, dict] = dataclasses.field(
         default_factory=lambda: {"paper": {"transpeft.p_drop": 0.1, "transpeft.p_mask": 0.0}})
     projection: bool = False
+    score_rows_on_old: bool = True
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     analyze: AnalyzeSettings = dataclasses.field(default_factory=AnalyzeSettings)
 
@@ -152,13 +155,17 @@ class Experiment:
         """Where the adapter ``trained`` ("plain", a row, "plain_<new>" or "projection_<new>") lives."""
         return self.out / "adapters" / variant / trained / f"seed{seed}"
 
+    def row_seeds(self, row: str) -> tuple[int, ...]:
+        """The seeds a Trans-PEFT row trains with: its own ``seeds`` entry, else the experiment's."""
+        return tuple(self.cfg.rows[row].get("seeds", self.cfg.seeds))
+
     def run_config(self, variant: str, trained: str, seed: int):
         """The `RunConfig` of one training piece: the recipe + overrides, variant, row, seed and base."""
         from jtranspeft.train_config import RunConfig
 
         on = trained.removeprefix("plain_") if trained.startswith("plain_") else "old"
-        overrides = {**self.cfg.train_overrides, **self.cfg.variants[variant],
-                     **self.cfg.rows.get(trained, {}), "train.seed": seed}
+        row = {k: v for k, v in self.cfg.rows.get(trained, {}).items() if k != "seeds"}
+        overrides = {**self.cfg.train_overrides, **self.cfg.variants[variant], **row, "train.seed": seed}
         strings = [f"output_dir={self.adapter_dir(variant, trained, seed)}", f"model.path={self.base_path(on)}",
                    *_override_strings(overrides)]
         return load_config(RunConfig, [self.cfg.train_config], strings)
@@ -251,7 +258,7 @@ class Experiment:
         for variant in self.cfg.variants:
             for new in news:
                 self.analyze(variant, new)
-            for seed in self.cfg.seeds:
+            for seed in self.cfg.seeds:  # the plain settings first, then each row in the config's order
                 plain = self.train(variant, "plain", seed)
                 for on in ["old", *news]:
                     record(variant, "Fine-tune_o" if on == "old" else "Direct Transfer", "old", on, seed,
@@ -263,11 +270,13 @@ class Experiment:
                     if self.cfg.fine_tune_n_seeds is None or seed in self.cfg.fine_tune_n_seeds:
                         record(variant, "Fine-tune_n", new, new, seed,
                                self.evaluate(self.train(variant, f"plain_{new}", seed), new))
-                for row in self.cfg.rows:
+            write_results(summarize(scores, self.cfg, self.timings), self.out)  # partial tables as pieces finish
+            for row in self.cfg.rows:
+                for seed in self.row_seeds(row):
                     adapter = self.train(variant, row, seed)
-                    for on in ["old", *news]:
+                    for on in (["old"] if self.cfg.score_rows_on_old else []) + news:
                         record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
-                write_results(summarize(scores, self.cfg, self.timings), self.out)  # partial tables as seeds finish
+                write_results(summarize(scores, self.cfg, self.timings), self.out)
         return summarize(scores, self.cfg, self.timings)
 
 

@@ -40,8 +40,8 @@ def _experiment_file(tmp_path, old, new, **changes):
     experiment = {"output_dir": str(tmp_path / "exp"), "train_config": str(tmp_path / "recipe.yaml"),
                   "old_base": str(old), "new_bases": {"ffn": str(new)}, "seeds": [0, 1], "fine_tune_n_seeds": [1],
                   "variants": {"qv": {}},
-                  "rows": {"drop": {"transpeft.p_drop": 0.5}, "mask_warm": {"transpeft.p_mask": 0.3,
-                                                                           "transpeft.warmup_steps": 2}},
+                  "rows": {"drop": {"transpeft.p_drop": 0.5},
+                           "mask_warm": {"transpeft.p_mask": 0.3, "transpeft.warmup_steps": 2, "seeds": [0]}},
                   "projection": True,
                   "eval": {"task": "rg:chain_sum", "limit": 4, "batch_size": 4, "max_new_tokens": 4,
                            "rg_kwargs": {"max_terms": 2, "max_digits": 1}},
@@ -65,7 +65,8 @@ def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases
                         ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "ffn"),
                         ("Trans-PEFT [mask_warm]", "old"), ("Trans-PEFT [mask_warm]", "ffn")}
     for row in results["rows"]:
-        seeds = [1] if row["setting"] == "Fine-tune_n" else [0, 1]  # the re-tuned reference: fine_tune_n_seeds
+        # the re-tuned reference trains with fine_tune_n_seeds, a row with its own seeds entry
+        seeds = {"Fine-tune_n": [1], "Trans-PEFT [mask_warm]": [0]}.get(row["setting"], [0, 1])
         assert row["seeds"] == seeds and row["items"] == 4 * len(seeds)
         assert 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"]
     # each training piece used its own settings: the row's transpeft config, the seed, the base
@@ -73,6 +74,7 @@ def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases
     assert drop_cfg["transpeft"]["p_drop"] == 0.5 and drop_cfg["train"]["seed"] == 1
     warm_cfg = yaml.safe_load((out / "adapters/qv/mask_warm/seed0/config.yaml").read_text())
     assert warm_cfg["transpeft"]["warmup_steps"] == 2 and warm_cfg["transpeft"]["p_mask"] == 0.3
+    assert not (out / "adapters/qv/mask_warm/seed1").exists()
     assert yaml.safe_load((out / "adapters/qv/plain_ffn/seed1/config.yaml").read_text())["model"]["path"] == str(bases[1])
     assert not (out / "adapters/qv/plain_ffn/seed0").exists()
     plain = json.loads((out / "adapters/qv/plain/seed0/eval/ffn/results.json").read_text())
