@@ -4,7 +4,7 @@ A random-weight base of a named shape (bfloat16 weights and compute) gets LoRA r
 projections (float32 factors) and AdamW, and is trained with the library's own step as `jtranspeft.train`
 runs it: `make_mesh` (data parallel over every device), `step_shardings`, `make_step`, next-token loss on
 every token. Reported: compile seconds, median step time, tokens/s, model TFLOP/s and MFU
-(`jtranspeft.flops`: model FLOPs of a LoRA step over the dense bf16 peak of the device kind, or
+(`jtranspeft.training.flops`: model FLOPs of a LoRA step over the dense bf16 peak of the device kind, or
 ``--peak-flops``) and peak device memory (``memory_stats``; null on CPU, which does not report it).
 
     python benchmarks/accelerator_train.py --shape smollm2 --batch 32 --seq 512 --steps 20
@@ -45,10 +45,10 @@ def random_base_and_state(shape: str, mesh, rules: dict, optimizer):
     import jax.numpy as jnp
 
     import jtranspeft as jt
-    from jtranspeft.base import decoder_module
+    from jtranspeft.models.base import decoder_module
     from jtranspeft.models.spec import spec_from_hf_config
-    from jtranspeft.sharding import place
-    from jtranspeft.train_step import TrainState, step_shardings
+    from jtranspeft.training.sharding import place
+    from jtranspeft.training.step import TrainState, step_shardings
 
     spec = spec_from_hf_config(SHAPES[shape])
     module = decoder_module(spec, jnp.bfloat16, jnp.bfloat16)
@@ -77,11 +77,11 @@ def run(shape: str, batch: int, seq: int, steps: int, remat: bool, peak_flops: f
     import jax
     import numpy as np
 
-    from jtranspeft.flops import lora_train_flops_per_token, peak_flops_per_device, throughput_metrics
+    from jtranspeft.training.flops import lora_train_flops_per_token, peak_flops_per_device, throughput_metrics
     from jtranspeft.peft.transpeft import TransPeftConfig
-    from jtranspeft.sharding import MeshConfig, make_mesh, place
-    from jtranspeft.train_config import TrainConfig
-    from jtranspeft.train_step import make_optimizer, make_step
+    from jtranspeft.training.sharding import MeshConfig, make_mesh, place
+    from jtranspeft.training.config import TrainConfig
+    from jtranspeft.training.step import make_optimizer, make_step
 
     mesh_cfg = MeshConfig()
     mesh, n_devices = make_mesh(mesh_cfg), jax.device_count()
@@ -104,7 +104,7 @@ def run(shape: str, batch: int, seq: int, steps: int, remat: bool, peak_flops: f
         times.append(time.perf_counter() - tick)
     median_s, tokens = statistics.median(times[1:]), batch * seq
     # As jtranspeft.train counts: the LM head at the target positions only (here every token but the first).
-    flops = lora_train_flops_per_token(base.spec, state.lora, seq, float(metrics["tokens"]) / tokens)
+    flops = lora_train_flops_per_token(base.spec, state.params, seq, float(metrics["tokens"]) / tokens)
     peak = peak_flops_per_device(jax.devices()[0].device_kind, override=peak_flops)
     return {"shape": shape, "batch": batch, "seq": seq, "steps": steps, "remat": remat, "dtype": "bfloat16",
             "devices": n_devices, "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import jtranspeft as jt
-from jtranspeft.assets import smollm2_gguf_path
+from jtranspeft.checkpoints.assets import smollm2_gguf_path
 
 PROMPTS = [
     "The capital of France is",

@@ -2,7 +2,7 @@
 
 For the released Qwen2-7B recipe (bf16 base, LoRA r 64 on q,k,v,o, AdamW, global batch 16 x 512 tokens,
 remat) this prints, per device: base params, LoRA, optimizer state (from ``jax.eval_shape`` and the
-sharding rules of `jtranspeft.sharding`), and the step's temporary buffers (activations, gradients,
+sharding rules of `jtranspeft.training.sharding`), and the step's temporary buffers (activations, gradients,
 logits) as XLA's buffer assignment reports them when compiling the sharded step for the mesh on CPU
 virtual devices (``compiled.memory_analysis()``; the CPU backend's estimate, not a GPU/TPU measurement).
 
@@ -35,9 +35,9 @@ def plan(layout: str, compile_step: bool) -> dict:
 
     import jtranspeft as jt
     from jtranspeft.models.spec import spec_from_hf_config
-    from jtranspeft.sharding import MeshConfig, make_mesh
-    from jtranspeft.train_config import TrainConfig
-    from jtranspeft.train_step import TrainState, make_optimizer, make_step, step_shardings
+    from jtranspeft.training.sharding import MeshConfig, make_mesh
+    from jtranspeft.training.config import TrainConfig
+    from jtranspeft.training.step import TrainState, make_optimizer, make_step, step_shardings
 
     n_devices, mesh_shape, capacity = LAYOUTS[layout]
     mesh_cfg = MeshConfig(*mesh_shape)
@@ -67,7 +67,7 @@ def plan(layout: str, compile_step: bool) -> dict:
 
     result = {"layout": layout, "mesh": dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
               "device_bytes": capacity,
-              "base_params": per_device(base, shardings.base), "lora": per_device(state.lora, shardings.state.lora),
+              "base_params": per_device(base, shardings.base), "lora": per_device(state.params, shardings.state.params),
               "optimizer_state": per_device(state.opt_state, shardings.state.opt_state)}
     if compile_step:
         batch = {k: jax.ShapeDtypeStruct((16, 512), dt) for k, dt in

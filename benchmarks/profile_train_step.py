@@ -44,8 +44,8 @@ def main() -> None:
     import numpy as np
 
     import jtranspeft as jt
-    from jtranspeft.train_config import TrainConfig
-    from jtranspeft.train_step import TrainState, make_optimizer, make_step, max_targets_of
+    from jtranspeft.training.config import TrainConfig
+    from jtranspeft.training.step import TrainState, make_optimizer, make_step, max_targets_of
 
     base = jt.load_base(_hf_model_dir(args.shape, args.cache / args.shape))
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))

@@ -74,8 +74,8 @@ def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> 
     import numpy as np
 
     import jtranspeft as jt
-    from jtranspeft.train_config import TrainConfig
-    from jtranspeft.train_step import TrainState, make_optimizer, make_step, max_targets_of
+    from jtranspeft.training.config import TrainConfig
+    from jtranspeft.training.step import TrainState, make_optimizer, make_step, max_targets_of
 
     base = jt.load_base(model_dir)
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))

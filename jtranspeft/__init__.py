@@ -10,19 +10,74 @@ Public API::
     lora = jt.load_peft(adapter_dir, base)              # any HF PEFT LoRA adapter of a supported family
     merged = jt.merge_lora(base, lora)                  # W + s * A @ B in float32, cast back
     texts = jt.generate(base, prompts, lora=lora, max_new_tokens=64)   # greedy; KV cache, left padding
-    ids = jt.generate_ids(base, prompt_ids, lora=lora)  # the same on token ids
     bank = jt.stack_adapters([lora_a, lora_b])          # several adapters, one per row, unmerged:
     texts = jt.generate(base, prompts, lora=bank, adapter_ids=[0, 1, 1])
+
+The jobs, each also a CLI (``python -m jtranspeft.<job>`` or ``jtranspeft-<job>``), with typed arguments::
+
+    summary = jt.train(jt.load_config(jt.RunConfig, ["configs/quickstart.yaml"], ["train.max_steps=10"]))
+    summary = jt.evolve(evolve_config)                  # continued pre-training: an updated base
+    result = jt.transfer("runs/a/adapter", new_base)    # verdict + the adapter moved onto new_base
+    results = jt.evaluate(base, jt.EvalConfig(task="rg:chain_sum", limit=50), adapter=lora)
+    report = jt.analyze(old, new, jt.AnalyzeConfig(task="rg:chain_sum"), adapter="runs/a/adapter")
+    drift = jt.drift_report(old, new)
+    results = jt.run_experiment(experiment_config)      # the four-setting Trans-PEFT table
+
+Names are imported on first use (PEP 562), so ``import jtranspeft`` and every CLI's ``--help`` stay fast and
+do not load JAX.
 """
 
-from jtranspeft.base import Base, apply, init_lora, load_base, merge_lora, save_base, unmerge_lora
-from jtranspeft.checkpoints.peft_format import load_peft, read_metadata, save_peft
-from jtranspeft.generate import generate, generate_ids
-from jtranspeft.models.spec import ModelSpec, SpecError
-from jtranspeft.peft.bank import AdapterBank, stack_adapters
-from jtranspeft.peft.lora import Lora, LoraConfig
-from jtranspeft.peft.transpeft import TransPeftConfig
+from __future__ import annotations
 
-__all__ = ["AdapterBank", "Base", "Lora", "LoraConfig", "ModelSpec", "SpecError", "TransPeftConfig", "apply",
-           "generate", "generate_ids", "init_lora", "load_base", "load_peft", "merge_lora", "read_metadata",
-           "save_base", "save_peft", "stack_adapters", "unmerge_lora"]
+import importlib
+
+# public name -> the module defining it
+_EXPORTS = {
+    "Base": "jtranspeft.models.base",
+    "apply": "jtranspeft.models.base",
+    "ModelSpec": "jtranspeft.models.spec",
+    "SpecError": "jtranspeft.models.spec",
+    "Lora": "jtranspeft.peft.lora",
+    "LoraConfig": "jtranspeft.peft.lora",
+    "init_lora": "jtranspeft.peft.lora",
+    "merge_lora": "jtranspeft.peft.lora",
+    "unmerge_lora": "jtranspeft.peft.lora",
+    "AdapterBank": "jtranspeft.peft.bank",
+    "stack_adapters": "jtranspeft.peft.bank",
+    "TransPeftConfig": "jtranspeft.peft.transpeft",
+    "load_base": "jtranspeft.checkpoints.loading",
+    "save_base": "jtranspeft.checkpoints.loading",
+    "load_peft": "jtranspeft.checkpoints.peft_format",
+    "save_peft": "jtranspeft.checkpoints.peft_format",
+    "read_metadata": "jtranspeft.checkpoints.peft_format",
+    "generate": "jtranspeft.inference.generate",
+    "generate_ids": "jtranspeft.inference.generate",
+    "load_config": "jtranspeft.utils.config_io",
+    "ConfigError": "jtranspeft.utils.config_io",
+    "RunConfig": "jtranspeft.training.config",
+    "EvolveConfig": "jtranspeft.training.config",
+    "train": "jtranspeft.training.finetune",
+    "evolve": "jtranspeft.training.evolve",
+    "transfer": "jtranspeft.migration.transfer",
+    "TransferResult": "jtranspeft.migration.transfer",
+    "EvalConfig": "jtranspeft.eval.evaluate",
+    "evaluate": "jtranspeft.eval.evaluate",
+    "AnalyzeConfig": "jtranspeft.analysis.analyze",
+    "analyze": "jtranspeft.analysis.analyze",
+    "drift_report": "jtranspeft.analysis.drift",
+    "ExperimentConfig": "jtranspeft.analysis.experiment",
+    "run_experiment": "jtranspeft.analysis.experiment",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jtranspeft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

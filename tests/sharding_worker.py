@@ -11,9 +11,9 @@ import numpy as np
 
 import jtranspeft as jt
 from jtranspeft.checkpoints.state import Checkpoints
-from jtranspeft.sharding import MeshConfig, make_mesh, place
-from jtranspeft.train_config import TrainConfig
-from jtranspeft.train_step import TrainState, make_optimizer, make_step, step_shardings
+from jtranspeft.training.sharding import MeshConfig, make_mesh, place
+from jtranspeft.training.config import TrainConfig
+from jtranspeft.training.step import TrainState, make_optimizer, make_step, step_shardings
 
 jax.config.update("jax_default_matmul_precision", "highest")
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,7 +52,7 @@ def run(base, lora, batch, optimizer, steps, mesh_shape=None, state=None):
 
 
 def lora_arrays(state):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.lora)]
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
 
 
 def max_diff(a, b):
@@ -66,7 +66,7 @@ def main(model_dir):
     ref = lora_arrays(ref_state)
     for shape in MESHES:
         losses, state, shardings = run(base, lora, batch, optimizer, 2, shape)
-        a_spec = shardings.state.lora.params["layers"]["self_attn"]["q_proj"]["lora_A"].spec
+        a_spec = shardings.state.params.params["layers"]["self_attn"]["q_proj"]["lora_A"].spec
         report[str(shape)] = {"loss_diff": max(abs(x - y) for x, y in zip(losses, ref_losses)),
                               "lora_diff": max_diff(lora_arrays(state), ref), "lora_A_spec": str(a_spec),
                               "q_kernel_spec": str(shardings.base.params["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -77,7 +77,7 @@ def main(model_dir):
         Checkpoints(tmp, keep=1).save(1, state, {"step": 1})
         _, like, _ = run(base, lora, batch, optimizer, 0, (1, 2, 4))
         restored, _ = Checkpoints(tmp, keep=1).latest(like)
-        spec = restored.lora.params["layers"]["mlp"]["down_proj"]["lora_A"].sharding.spec
+        spec = restored.params.params["layers"]["mlp"]["down_proj"]["lora_A"].sharding.spec
         losses, state, _ = run(base, lora, batch, optimizer, 1, (1, 2, 4), state=restored)
         report["resharded_checkpoint"] = {"loss_diff": abs(losses[0] - ref_losses[1]),
                                           "lora_diff": max_diff(lora_arrays(state), ref), "restored_spec": str(spec)}

@@ -15,10 +15,10 @@ import jtranspeft as jt
 from jtranspeft.analysis.activations import capture_sublayers
 from jtranspeft.analysis.scoring import TeacherForcedScorer, load_task, task_data_config
 from jtranspeft.analysis.sensitivity import drop_ffn_layer
-from jtranspeft.analyze import main
+from jtranspeft.cli.analyze import main
 from jtranspeft.peft.lora import lora_from_factors
-from jtranspeft.peft.transpeft import dropped_layers
-from jtranspeft.train_step import token_loss
+from jtranspeft.models.perturb import dropped_layers
+from jtranspeft.training.step import token_loss
 
 TARGETS = ("q_proj", "v_proj", "up_proj")  # no down_proj: an FFN with a zero down_proj then outputs exactly 0
 APPLY = jax.jit(jt.apply, static_argnames="transpeft")

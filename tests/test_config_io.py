@@ -1,4 +1,4 @@
-"""Tests of jtranspeft.config_io: merging, overrides, type checks, error messages, round trip, CLI helpers."""
+"""Tests of jtranspeft.utils.config_io: merging, overrides, type checks, error messages, round trip, CLI helpers."""
 
 from __future__ import annotations  # like the real config modules: hints are strings until resolved
 
@@ -12,11 +12,11 @@ from typing import Any, Literal, Optional
 
 import pytest
 
-from jtranspeft.config_io import (
+from jtranspeft.cli.common import cli_main
+from jtranspeft.utils.config_io import (
     ConfigError,
     all_keys,
     dump_yaml,
-    exit_on_config_error,
     load_config,
     parse_cli,
     to_dict,
@@ -369,19 +369,19 @@ def test_parse_cli_help_shows_examples(capsys):
     assert "examples:\n  tool --config r.yaml\n  tool --config r.yaml x=1" in out
 
 
-def test_exit_on_config_error_prints_and_exits_2(capsys):
-    @exit_on_config_error
+def test_cli_main_prints_config_errors_and_exits_2(capsys):
+    @cli_main
     def main():
         raise ConfigError("unknown key 'x'")
 
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 2 and capsys.readouterr().err == "error: unknown key 'x'\n"
+    assert main() == 2 and capsys.readouterr().err == "error: unknown key 'x'\n"
 
 
 CLI_SCRIPT = '''
 import dataclasses
-from jtranspeft.config_io import exit_on_config_error, load_config, parse_cli
+import sys
+from jtranspeft.cli.common import cli_main
+from jtranspeft.utils.config_io import load_config, parse_cli
 
 @dataclasses.dataclass(frozen=True)
 class Train:
@@ -391,13 +391,14 @@ class Train:
 class Root:
     train: Train = dataclasses.field(default_factory=Train)
 
-@exit_on_config_error
+@cli_main
 def main(argv=None):
     path, overrides = parse_cli(argv, "Tiny tool.", ["tool.py --config r.yaml train.max_steps=2"])
     print(load_config(Root, [path], overrides).train.max_steps)
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 '''
 
 

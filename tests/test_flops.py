@@ -1,4 +1,4 @@
-"""jtranspeft.flops against independent counts: XLA's cost analysis, parameter counts, hand arithmetic.
+"""jtranspeft.training.flops against independent counts: XLA's cost analysis, parameter counts, hand arithmetic.
 
 XLA's ``cost_analysis()`` counts a dot as 2 x M x N x K FLOPs, as we do, plus every elementwise op (norms,
 rotary, softmax, SiLU, residuals, the loss) that the model-FLOPs convention leaves out. At the shapes used
@@ -23,13 +23,14 @@ import optax
 import pytest
 
 import jtranspeft as jt
-from jtranspeft.base import decoder_module
-from jtranspeft.config_io import ConfigError, load_config
-from jtranspeft.flops import lora_train_flops_per_token, mfu, peak_flops_per_device, throughput_metrics
+from jtranspeft.models.base import decoder_module
+from jtranspeft.utils.config_io import ConfigError, load_config
+from jtranspeft.training.flops import lora_train_flops_per_token, mfu, peak_flops_per_device, throughput_metrics
 from jtranspeft.models.spec import spec_from_hf_config
 from jtranspeft.peft.lora import init_lora_params
-from jtranspeft.train import config_digest, train
-from jtranspeft.train_config import RunConfig
+from jtranspeft.training.finetune import train
+from jtranspeft.training.loop import config_digest
+from jtranspeft.training.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import jtranspeft as jt
-from jtranspeft.base import apply_cached
-from jtranspeft.generate import truncate_at_stop
+from jtranspeft.models.base import apply_cached
+from jtranspeft.inference.generate import truncate_at_stop
 from jtranspeft.models.decoder import init_cache
-from jtranspeft.peft.lora import base_kernel, layer_ranks, lora_from_factors
+from jtranspeft.models.params import base_kernel
+from jtranspeft.peft.lora import layer_ranks, lora_from_factors
 from reference import make_hf_model
 
 PROMPT_LENGTHS = (5, 9, 2, 7)
@@ -181,7 +182,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_base, smollm2_reference):
 def test_smollm2_stop_strings_truncate_text_and_end_rows(smollm2_base, monkeypatch):
     full = jt.generate(smollm2_base, [PARIS_PROMPT], max_new_tokens=NEW_TOKENS, eos=False)[0]
     assert "Paris" in full
-    monkeypatch.setattr(importlib.import_module("jtranspeft.generate"), "STOP_CHECK_EVERY", 2)
+    monkeypatch.setattr(importlib.import_module("jtranspeft.inference.generate"), "STOP_CHECK_EVERY", 2)
     texts, ids = jt.generate(smollm2_base, [PARIS_PROMPT], max_new_tokens=NEW_TOKENS, eos=False, stop=["Paris"],
                              return_ids=True)
     assert texts[0] == full[:full.index("Paris")]

@@ -19,10 +19,11 @@ import torch
 
 import jtranspeft as jt
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
-from jtranspeft.config_io import load_config
-from jtranspeft.train import main, train
-from jtranspeft.train_config import RunConfig, TrainConfig
-from jtranspeft.train_step import TrainState, make_optimizer, make_step
+from jtranspeft.utils.config_io import load_config
+from jtranspeft.cli.train import main
+from jtranspeft.training.finetune import train
+from jtranspeft.training.config import RunConfig, TrainConfig
+from jtranspeft.training.step import TrainState, make_optimizer, make_step
 from reference import make_hf_model, padded_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_plain_lora_steps_match_peft_with_torch_adamw(tmp_path):
         torch.nn.utils.clip_grad_norm_(trainable, 0.5)
         opt.step()
     for module in ALL7:
-        ours_a, ours_b = (np.asarray(x) for x in state.lora.factors(module))
+        ours_a, ours_b = (np.asarray(x) for x in state.params.factors(module))
         for layer in range(base.spec.num_layers):
             group = "self_attn" if module in ALL7[:4] else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
@@ -79,7 +80,7 @@ def test_plain_lora_steps_match_peft_with_torch_adamw(tmp_path):
             ref_b = named[f"{prefix}.lora_B.default.weight"].detach().numpy().T
             assert np.abs(ours_a[layer] - ref_a).max() <= 5e-5, (module, layer)  # Adam: ~lr * 1e-3
             assert np.abs(ours_b[layer] - ref_b).max() <= 5e-5, (module, layer)
-    assert np.abs(np.asarray(state.lora.factors("q_proj")[1])).max() > 1e-3  # training moved B
+    assert np.abs(np.asarray(state.params.factors("q_proj")[1])).max() > 1e-3  # training moved B
 
 
 def _config_file(tmp_path, model_dir, data_file, **sections):
@@ -192,7 +193,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     ("train.max_step=3", 2, "did you mean 'train.max_steps'"),
     ("train.batch_size=many", 2, "train.batch_size"),
     ("transpeft.p_drop=1.5", 2, "p_drop"),
-    ("data.source=/nonexistent/data.jsonl", 1, "/nonexistent/data.jsonl"),
+    ("data.source=/nonexistent/data.jsonl", 2, "/nonexistent/data.jsonl"),  # bad input: 2 (jtranspeft.utils.errors)
 ])
 def test_bad_config_exits_non_zero_naming_the_key_or_file(tmp_path, tiny_model_dir, tiny_task_file, capsys,
                                                           override, code, words):
@@ -220,7 +221,7 @@ def test_quickstart_runs_and_its_adapter_loads_in_peft(tmp_path, smollm2_base, s
 
 def test_loss_over_gathered_target_positions_equals_the_full_loss(tmp_path):
     """The LM head run only at target positions gives the full-logits loss and gradients (response-only masks)."""
-    from jtranspeft.train_step import token_loss
+    from jtranspeft.training.step import token_loss
     make_hf_model("llama_gqa_untied").save_pretrained(tmp_path)
     base = jt.load_base(tmp_path)
     lora = jax.tree_util.tree_map(lambda x: x + 0.01, jt.init_lora(base, jt.LoraConfig(r=4, targets=ALL7),

@@ -15,10 +15,14 @@ import torch
 import transformers
 
 import jtranspeft as jt
-from jtranspeft.drift import drift_report, write_drift_report
-from jtranspeft.fingerprint import base_fingerprint, fingerprint_differences, kernel_norms
-from jtranspeft.peft.lora import base_kernel, lora_deltas, lora_from_factors
-from jtranspeft.transfer import EXIT_INCOMPATIBLE, main, project_lora, rescale_lora, transfer
+from jtranspeft.analysis.drift import drift_report, write_drift_report
+from jtranspeft.checkpoints.fingerprint import base_fingerprint, fingerprint_differences, kernel_norms
+from jtranspeft.models.params import base_kernel
+from jtranspeft.peft.lora import lora_deltas, lora_from_factors
+from jtranspeft.cli.transfer import main
+from jtranspeft.migration.transfer import transfer
+from jtranspeft.peft.moves import project_lora, rescale_lora
+from jtranspeft.utils.errors import EXIT_INCOMPATIBLE
 from reference import TINY, hf_logits, make_hf_model, max_diff_on_tokens, padded_batch
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -193,12 +197,12 @@ def test_drift_report_sees_ffn_change_only(root, old, tmp_path):
 
 
 def test_accelerator_svd_branch_spans_the_same_subspaces(monkeypatch):
-    from jtranspeft import drift
+    from jtranspeft.peft import moves
 
     w = np.random.default_rng(0).normal(size=(24, 40)).astype(np.float32)
-    u_cpu, v_cpu = drift.top_singular_vectors(w, 5)
-    monkeypatch.setattr(drift.jax, "default_backend", lambda: "gpu")  # take the on-device path on CPU
-    u_dev, v_dev = drift.top_singular_vectors(w, 5)
+    u_cpu, v_cpu = moves.top_singular_vectors(w, 5)
+    monkeypatch.setattr(moves.jax, "default_backend", lambda: "gpu")  # take the on-device path on CPU
+    u_dev, v_dev = moves.top_singular_vectors(w, 5)
     assert u_dev.shape == (24, 5) and v_dev.shape == (40, 5)
     np.testing.assert_allclose(u_dev @ u_dev.T, u_cpu @ u_cpu.T, atol=1e-5)
     np.testing.assert_allclose(v_dev @ v_dev.T, v_cpu @ v_cpu.T, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Trans-PEFT's FFN perturbations (method.md §3): masking statistics, dropping semantics and gradients."""
+"""Trans-PEFT's FFN perturbations (docs/method.md §3): masking statistics, dropping semantics and gradients."""
 
 import dataclasses
 import json
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jtranspeft as jt
-from jtranspeft.peft.transpeft import dropped_layers, layer_key, mask_ffn_activation, warmup_scale
+from jtranspeft.models.perturb import dropped_layers, layer_key, mask_ffn_activation
+from jtranspeft.peft.transpeft import warmup_scale
 from reference import make_hf_model, padded_batch
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,5 +1,7 @@
-"""The measurements behind ``python -m jtranspeft.analyze``.
+"""Research measurements and the experiment runner: drift, activations, attribution, sensitivity, `analyze`,
+and the four-setting Trans-PEFT experiment.
 
-scoring (task items, teacher-forced score), activations (shift per layer), attribution (component swaps),
-sensitivity (per-layer FFN drop and masking), report (markdown and plots).
+This file stays free of heavy imports: the CLI reads `SECTIONS` for its ``--help`` without loading JAX.
 """
+
+SECTIONS = ("drift", "activations", "attribution", "sensitivity")  # what `analyze.analyze` can measure

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jtranspeft.base import Base, apply
+from jtranspeft.models.base import Base, apply
 from jtranspeft.peft.lora import Lora
 
 # sub-module name -> (what is recorded, which value of its __call__)

@@ -2,7 +2,7 @@
 
 Direct Transfer puts an adapter trained on the OLD base onto the NEW one. To see which part of the update
 causes the loss, the old base gets the new base's tensors of one module group at a time
-(`jtranspeft.param_groups.swap_groups`), and the same adapter is scored on each hybrid:
+(`jtranspeft.models.params.swap_groups`), and the same adapter is scored on each hybrid:
 
     all old | old + new FFN | old + new attention | old + new embeddings & norms | all new
 
@@ -20,8 +20,8 @@ import math
 from tqdm import tqdm
 
 from jtranspeft.analysis.scoring import Scorer
-from jtranspeft.base import Base
-from jtranspeft.param_groups import GROUPS, swap_groups
+from jtranspeft.models.base import Base
+from jtranspeft.models.params import GROUPS, swap_groups
 from jtranspeft.peft.lora import Lora
 
 SWAPS = (("all old", ()), ("new ffn", ("ffn",)), ("new attention", ("attention",)),

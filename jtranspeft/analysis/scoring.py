@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtranspeft.base import Base, apply
+from jtranspeft.models.base import Base, apply
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.config import RG_PREFIX, DataConfig
 from jtranspeft.data.sources import load_records

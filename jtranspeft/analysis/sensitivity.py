@@ -1,10 +1,10 @@
 """How much the task depends on each layer's FFN: the loss with one FFN dropped, and with FFN masking.
 
-- Dropping: Trans-PEFT's knowledge dropping (method.md 3.2) skips a layer's whole FFN sub-block, out = h.
+- Dropping: Trans-PEFT's knowledge dropping (docs/method.md §3.2) skips a layer's whole FFN sub-block, out = h.
   `drop_ffn_layer` does exactly that for one chosen layer, deterministically: it zeroes that layer's
   down_proj kernel (and the adapter's down_proj B factor, if any), so the sub-block adds exactly 0 to h;
   every other layer is untouched. `ffn_sensitivity` scores the base (+ adapter) once per dropped layer.
-- Masking: Trans-PEFT's knowledge masking (method.md 3.1) at probability ``mask_p``, no rescale, through
+- Masking: Trans-PEFT's knowledge masking (docs/method.md §3.1) at probability ``mask_p``, no rescale, through
   the decoder's own training-time path (`jtranspeft.apply` with an rng), averaged over ``mask_draws`` random
   draws. The adapter's own LoRA dropout is switched off so that only the FFN masking perturbs.
 
@@ -20,8 +20,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jtranspeft.base import Base
-from jtranspeft.peft.lora import MODULE_GROUP, Lora
+from jtranspeft.models.base import Base
+from jtranspeft.models.spec import MODULE_BLOCK
+from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.transpeft import TransPeftConfig
 
 
@@ -41,9 +42,10 @@ def _zero_layer(tree: dict, path: tuple[str, ...], layer: int) -> dict:
 
 def drop_ffn_layer(base: Base, lora: Lora | None, layer: int) -> tuple[Base, Lora | None]:
     """(base, adapter) whose FFN sub-block in ``layer`` outputs exactly zero, as Trans-PEFT's dropping does."""
-    base = base.replace(params=_zero_layer(base.params, ("layers", "mlp", "down_proj", "kernel"), layer))
+    base = base.replace(params=_zero_layer(base.params, ("layers", MODULE_BLOCK["down_proj"], "down_proj", "kernel"),
+                                           layer))
     if lora is not None and "down_proj" in lora.modules():
-        lora = lora.replace(params=_zero_layer(lora.params, ("layers", MODULE_GROUP["down_proj"], "down_proj",
+        lora = lora.replace(params=_zero_layer(lora.params, ("layers", MODULE_BLOCK["down_proj"], "down_proj",
                                                              "lora_B"), layer))
     return base, lora
 

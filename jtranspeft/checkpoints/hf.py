@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
-from jtranspeft.models.decoder import ATTN_MODULES, MLP_MODULES
-from jtranspeft.models.spec import ModelSpec
+from jtranspeft.models.spec import PROJECTIONS, ModelSpec, hf_module_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,24 +57,15 @@ KEY_TABLE: tuple[KeyEntry, ...] = (
     KeyEntry("lm_head.weight", ("lm_head",), transpose=True, when="untied"),
     KeyEntry(f"{_LAYER}.input_layernorm.weight", ("layers", "input_layernorm", "scale")),
     KeyEntry(f"{_LAYER}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale")),
-    *(KeyEntry(f"{_LAYER}.self_attn.{m}.weight", ("layers", "self_attn", m, "kernel"), True) for m in ATTN_MODULES),
+    *(KeyEntry(f"{hf_module_name(p.name)}.weight", ("layers", p.block, p.name, "kernel"), True) for p in PROJECTIONS),
     *(KeyEntry(f"{_LAYER}.self_attn.{m}.bias", ("layers", "self_attn", m, "bias"), when="qkv_bias")
-      for m in ATTN_MODULES[:3]),
+      for m in ("q_proj", "k_proj", "v_proj")),
     KeyEntry(f"{_LAYER}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), when="o_bias"),
     KeyEntry(f"{_LAYER}.self_attn.q_norm.weight", ("layers", "self_attn", "q_norm", "scale"), when="qk_norm"),
     KeyEntry(f"{_LAYER}.self_attn.k_norm.weight", ("layers", "self_attn", "k_norm", "scale"), when="qk_norm"),
-    *(KeyEntry(f"{_LAYER}.mlp.{m}.weight", ("layers", "mlp", m, "kernel"), True) for m in MLP_MODULES),
 )
 # Tensors some checkpoints carry that hold nothing we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def module_prefix(module: str) -> str:
-    """HF name template of a projection module, e.g. ``model.layers.{i}.self_attn.q_proj`` (from the table)."""
-    for entry in KEY_TABLE:
-        if entry.path[-2:] == (module, "kernel"):
-            return entry.hf.removesuffix(".weight")
-    raise KeyError(f"no projection module {module!r}")
 
 
 def key_table(spec: ModelSpec) -> list[KeyEntry]:

@@ -1,11 +1,11 @@
-"""Hugging Face PEFT LoRA adapter directories <-> `Lora` pytrees (method.md §7).
+"""Hugging Face PEFT LoRA adapter directories <-> `Lora` pytrees (docs/method.md §7).
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module prefix>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] (torch layout;
 our factors are [in, r] and [r, out]). Module prefixes come from the checkpoint key table, so adapters and
 base weights share one naming. jtranspeft's own metadata (the base it was made for, later fingerprints)
 travels as JSON in the safetensors header, which peft and vLLM ignore: the fingerprint of the base it was
-made for and the bases it was moved to (`jtranspeft.fingerprint`, `jtranspeft.transfer`).
+made for and the bases it was moved to (`jtranspeft.checkpoints.fingerprint`, `jtranspeft.migration.transfer`).
 
 `load_peft` refuses, with the tensor or field named, whatever it cannot honour exactly: DoRA,
 ``modules_to_save``, biases, fan-in/fan-out layout, a key outside the expected prefix, a layer the base
@@ -22,20 +22,27 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jtranspeft.checkpoints.fingerprint import base_fingerprint
 from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
-from jtranspeft.fingerprint import base_fingerprint
-from jtranspeft.models.decoder import TARGET_MODULES
-from jtranspeft.peft.lora import Lora, LoraConfig, base_kernel, layer_ranks, lora_from_factors, module_name
+from jtranspeft.models.params import base_kernel
+from jtranspeft.models.spec import TARGET_MODULES, hf_module_name
+from jtranspeft.peft.lora import Lora, LoraConfig, layer_ranks, lora_from_factors
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
 def peft_key(module: str, layer: int, factor: str) -> str:
     """The PEFT tensor name of factor "A" or "B" of ``module`` in ``layer``."""
-    return f"{PREFIX}{module_name(module, layer)}.lora_{factor}.weight"
+    return f"{PREFIX}{hf_module_name(module, layer)}.lora_{factor}.weight"
+
+
+def split_peft_key(key: str) -> tuple[str, str] | None:
+    """(module path, factor "A" | "B") of a PEFT LoRA tensor name, e.g. ("model.layers.3.mlp.up_proj", "A")."""
+    match = _PEFT_KEY.match(key)
+    return None if match is None else (match["path"], match["factor"])
 
 
 def _peft_config(lora: Lora, base_name: str | None) -> dict[str, Any]:
@@ -56,7 +63,7 @@ def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | Non
     """Write ``lora`` as an HF PEFT adapter directory that peft and vLLM load.
 
     ``base`` (a `jtranspeft.Base`) supplies ``base_model_name_or_path`` and, recorded automatically, its
-    ``base_fingerprint`` (`jtranspeft.fingerprint`) with an empty ``transfers`` list; ``metadata`` is
+    ``base_fingerprint`` (`jtranspeft.checkpoints.fingerprint`) with an empty ``transfers`` list; ``metadata`` is
     stored as jtranspeft metadata in the safetensors header, its keys overriding those two.
     """
     if base is not None:
@@ -106,25 +113,28 @@ def _refuse_unsupported(cfg: dict, path: Path) -> None:
             raise ValueError(f"{path}: field {field!r} is missing")
 
 
+def modules_named(name: str) -> list[str]:
+    """The projections a peft ``target_modules`` entry names: a module name, or a suffix of its full name
+    after a dot (``"q_proj"``, ``"self_attn.q_proj"``)."""
+    return [m for m in TARGET_MODULES if name == m or hf_module_name(m, 0).endswith("." + name)]
+
+
 def _targets(target_modules: str | list[str], num_layers: int, path: Path) -> tuple[str, ...]:
     if target_modules == "all-linear":
         return TARGET_MODULES
     if isinstance(target_modules, str):  # peft: a regex full-matched against module names
         hits = {(m, i) for m in TARGET_MODULES for i in range(num_layers)
-                if re.fullmatch(target_modules, module_name(m, i))}
+                if re.fullmatch(target_modules, hf_module_name(m, i))}
         targets = tuple(m for m in TARGET_MODULES if any(h[0] == m for h in hits))
         if hits != {(m, i) for m in targets for i in range(num_layers)}:
             raise ValueError(f"{path}: target_modules regex {target_modules!r} selects some layers only; "
                              "use layers_to_transform instead")
     else:
-        def hits(t):
-            return [m for m in TARGET_MODULES if t == m or module_name(m, 0).endswith("." + t)]
-
-        unsupported = [t for t in target_modules if not hits(t)]
+        unsupported = [t for t in target_modules if not modules_named(t)]
         if unsupported:
             raise ValueError(f"{path}: target_modules {unsupported} are not supported "
                              f"(supported: {', '.join(TARGET_MODULES)})")
-        targets = tuple(m for m in TARGET_MODULES if any(m in hits(t) for t in target_modules))
+        targets = tuple(m for m in TARGET_MODULES if any(m in modules_named(t) for t in target_modules))
     if not targets:
         raise ValueError(f"{path}: target_modules {target_modules!r} matches none of {', '.join(TARGET_MODULES)}")
     return targets
@@ -155,10 +165,11 @@ def load_peft(directory: str | Path, base) -> Lora:
     with SafetensorsFile(weights_path) as f:
         for key in f.keys():
             if key not in expected:
-                match = _KEY_RE.match(key)
+                split = split_peft_key(key)
                 why = ("outside the expected prefix 'base_model.model.model.layers.{i}.<self_attn|mlp>.<module>'"
-                       if match is None else "for a layer or module the config does not adapt on this base "
-                       f"({num_layers} layers, targets {list(config.targets)})")
+                       if split is None or not re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+", split[0])
+                       else "for a layer or module "
+                       f"the config does not adapt on this base ({num_layers} layers, targets {list(config.targets)})")
                 raise ValueError(f"{weights_path}: tensor {key!r} is {why}")
         for module in config.targets:
             ranks = layer_ranks(config, module, num_layers)

@@ -4,7 +4,7 @@ The prompt is what the model reads, the response what it must produce; `batches.
 two separately and appends EOS to the response, so no template writes EOS itself.
 
 - ``alpaca``: the Stanford Alpaca prompts used by MetaMath and Trans-PEFT for math and code, ending in
-  ``### Response:`` with the response following directly (method.md §4).
+  ``### Response:`` with the response following directly (docs/method.md §4).
 - ``commonsense``: the LLM-Adapters text for Commonsense170K: the same Alpaca wording, with the answer on
   the line after ``### Response:``. Whether the loss covers the whole string is `DataConfig.loss_on`.
 - ``chat``: the tokenizer's chat template, one user turn, ``add_generation_prompt=True``.

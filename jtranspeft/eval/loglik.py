@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtranspeft.base import Base, apply
+from jtranspeft.models.base import Base, apply
 from jtranspeft.peft.lora import Lora
 
 

@@ -1,4 +1,4 @@
-"""Answer extraction and scoring for the paper's evaluation protocols (method.md §5); pure Python.
+"""Answer extraction and scoring for the paper's evaluation protocols (docs/method.md §5); pure Python.
 
 Every benchmark is scored in two steps: pull the model's final answer out of the generated text, then
 compare it with the gold answer.

@@ -6,9 +6,9 @@ so compile time does not grow with depth; ``remat`` recomputes each layer's acti
 pass. Parameter names are Hugging Face's (embed_tokens, layers.self_attn.q_proj, mlp.down_proj, norm,
 lm_head), which keeps the key tables of `jtranspeft.checkpoints` short.
 
-``rng`` switches on training-time randomness (LoRA dropout and Trans-PEFT's FFN perturbations); it is folded
-with the layer index inside the scan, so every layer draws from its own stream. Without it the forward pass
-is deterministic, as at evaluation.
+``rng`` switches on training-time randomness (LoRA dropout and Trans-PEFT's FFN perturbations,
+`jtranspeft.models.perturb`); it is folded with the layer index inside the scan, so every layer draws from
+its own stream. Without it the forward pass is deterministic, as at evaluation.
 
 Generation uses the same modules with a `KVCache` passed in and returned: keys and values of every layer
 ([L, b, s_max, k, e], scanned over L like the params, so each layer reads and writes its own slice), a
@@ -29,14 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from jtranspeft.models.layers import Projection, RMSNorm, apply_rope, attention, rope_inv_freq, rope_tables
-from jtranspeft.models.spec import ModelSpec
-from jtranspeft.peft.transpeft import (LORA_STREAM0, TransPeftConfig, drop_ffn_output, layer_key,
-                                      mask_ffn_activation)
+from jtranspeft.models.perturb import LORA_STREAM0, FfnPerturbation, drop_ffn_output, layer_key, mask_ffn_activation
+from jtranspeft.models.spec import TARGET_MODULES, ModelSpec
 
 Dtype = Any
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-TARGET_MODULES = ATTN_MODULES + MLP_MODULES
 
 
 @jax.tree_util.register_dataclass
@@ -123,7 +119,7 @@ class Attention(_LayerSettings):
 class Mlp(_LayerSettings):
     """SwiGLU FFN; Trans-PEFT knowledge masking acts on the intermediate activation before down_proj."""
 
-    transpeft: TransPeftConfig = TransPeftConfig()
+    transpeft: FfnPerturbation = FfnPerturbation()
 
     @nn.compact
     def __call__(self, x_btd, layer_idx, key_of_layer, extras: _Extras):
@@ -143,7 +139,7 @@ class Mlp(_LayerSettings):
 class DecoderLayer(_LayerSettings):
     """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)), the FFN possibly dropped (Trans-PEFT)."""
 
-    transpeft: TransPeftConfig = TransPeftConfig()
+    transpeft: FfnPerturbation = FfnPerturbation()
     training: bool = False
 
     @nn.compact
@@ -166,7 +162,7 @@ class DecoderLayer(_LayerSettings):
 class Decoder(_LayerSettings):
     """Token ids -> float32 logits [b, t, vocab]; see the module docstring for the calling convention."""
 
-    transpeft: TransPeftConfig = TransPeftConfig()
+    transpeft: FfnPerturbation = FfnPerturbation()
     remat: bool = False
 
     @nn.compact

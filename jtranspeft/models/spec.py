@@ -6,20 +6,93 @@ tied embeddings). Both config forms are read: transformers-5 ``rope_parameters``
 top-level ``rope_theta`` / ``rope_scaling``. Anything we cannot honour exactly is a `SpecError`
 naming the field; nothing is approximated silently. GGUF files reach this module through
 `jtranspeft.checkpoints.gguf.read_gguf_config`, which produces the same kind of dict.
+
+This module also holds THE table of a decoder layer's projections (`PROJECTIONS`): each one's Hugging Face
+name, the sub-block that holds it (``self_attn`` or ``mlp``: also its place in our params tree and in
+HF tensor names), its module group (attention or ffn), and the widths that set its input and output
+features, each with its logical sharding axis. Everything that needs module names, groups, full HF names
+or projection shapes (key tables, adapters, sharding, FLOP counts, fingerprints, drift, transfer) reads it
+from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
+
+from jtranspeft.utils.errors import InputError
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "llama3")
 
 
-class SpecError(ValueError):
+@dataclasses.dataclass(frozen=True)
+class Width:
+    """A feature width of the architecture: the `ModelSpec` property giving it, how messages name it, and
+    the logical axis (`jtranspeft.training.sharding`) a dimension of that width carries."""
+
+    attribute: str
+    label: str
+    axis: str
+
+
+WIDTHS = {
+    "hidden": Width("hidden_size", "hidden_size", "embed"),
+    "q": Width("q_size", "num_heads*head_dim", "heads"),
+    "kv": Width("kv_size", "num_kv_heads*head_dim", "kv_heads"),
+    "intermediate": Width("intermediate_size", "intermediate_size", "mlp"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionInfo:
+    """One projection of a decoder layer: HF name, sub-block, module group, input and output width."""
+
+    name: str
+    block: str  # "self_attn" | "mlp": the sub-block holding it (params tree and HF names)
+    group: str  # "attention" | "ffn"
+    d_in: str  # a key of WIDTHS
+    d_out: str
+
+
+PROJECTIONS = (
+    ProjectionInfo("q_proj", "self_attn", "attention", "hidden", "q"),
+    ProjectionInfo("k_proj", "self_attn", "attention", "hidden", "kv"),
+    ProjectionInfo("v_proj", "self_attn", "attention", "hidden", "kv"),
+    ProjectionInfo("o_proj", "self_attn", "attention", "q", "hidden"),
+    ProjectionInfo("gate_proj", "mlp", "ffn", "hidden", "intermediate"),
+    ProjectionInfo("up_proj", "mlp", "ffn", "hidden", "intermediate"),
+    ProjectionInfo("down_proj", "mlp", "ffn", "intermediate", "hidden"),
+)
+PROJECTION = {p.name: p for p in PROJECTIONS}
+TARGET_MODULES = tuple(p.name for p in PROJECTIONS)  # canonical order everywhere
+ATTN_MODULES = tuple(p.name for p in PROJECTIONS if p.group == "attention")
+MLP_MODULES = tuple(p.name for p in PROJECTIONS if p.group == "ffn")
+MODULE_BLOCK = {p.name: p.block for p in PROJECTIONS}  # "q_proj" -> "self_attn"
+# The four module groups every parameter belongs to (`jtranspeft.models.params.param_group`).
+GROUPS = ("attention", "ffn", "embeddings", "norms")
+_HF_LAYER = "model.layers.{i}"
+_HF_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<module>\w+)$")
+
+
+def hf_module_name(module: str, layer: int | str = "{i}") -> str:
+    """Full Hugging Face name of a projection, e.g. ``model.layers.3.self_attn.q_proj`` (``{i}`` by default)."""
+    return f"{_HF_LAYER.format(i=layer)}.{MODULE_BLOCK[module]}.{module}"
+
+
+def parse_hf_module_name(name: str) -> tuple[str, int] | None:
+    """(module, layer) of a full projection name such as ``model.layers.3.self_attn.q_proj``; None otherwise
+    (another module, or a projection under the wrong sub-block)."""
+    match = _HF_MODULE.match(name)
+    if match is None or match["module"] not in PROJECTION or MODULE_BLOCK[match["module"]] != match["block"]:
+        return None
+    return match["module"], int(match["layer"])
+
+
+class SpecError(InputError):
     """An architecture or config value jtranspeft does not support; the message names the field."""
 
 
@@ -75,6 +148,19 @@ class ModelSpec:
     def kv_size(self) -> int:
         """Width of the key and value projection outputs (kv_heads * head_dim)."""
         return self.num_kv_heads * self.head_dim
+
+    def width(self, name: str) -> int:
+        """The size of one of the `WIDTHS` ("hidden", "q", "kv", "intermediate")."""
+        return getattr(self, WIDTHS[name].attribute)
+
+    def projection_shape(self, module: str) -> tuple[int, int]:
+        """(in, out) features of one projection, e.g. ``(hidden_size, num_heads * head_dim)`` for q_proj."""
+        info = PROJECTION[module]
+        return self.width(info.d_in), self.width(info.d_out)
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each of the seven projections of one decoder layer."""
+        return {m: self.projection_shape(m) for m in TARGET_MODULES}
 
     def check_seq_len(self, seq_len: int) -> None:
         """Refuse a sequence the sliding-window attention of this model would treat differently."""

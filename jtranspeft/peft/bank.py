@@ -22,8 +22,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.models.decoder import TARGET_MODULES
-from jtranspeft.peft.lora import MODULE_GROUP, Lora, LoraConfig
+from jtranspeft.models.spec import MODULE_BLOCK, TARGET_MODULES
+from jtranspeft.peft.lora import Lora, LoraConfig
 
 
 @jax.tree_util.register_dataclass
@@ -33,6 +33,8 @@ class AdapterBank:
 
     params: dict
     configs: tuple[LoraConfig, ...] = dataclasses.field(metadata=dict(static=True))
+    per_row = True  # each batch row names its adapter (``adapter_ids``)
+    dropout = 0.0  # banks serve inference: no LoRA dropout
 
     @property
     def num_adapters(self) -> int:
@@ -46,7 +48,7 @@ class AdapterBank:
 
     def modules(self) -> list[str]:
         """Modules targeted by at least one adapter, in canonical order."""
-        return [m for m in TARGET_MODULES if m in self.params["layers"].get(MODULE_GROUP[m], {})]
+        return [m for m in TARGET_MODULES if m in self.params["layers"].get(MODULE_BLOCK[m], {})]
 
     def scales(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
         """Per-module, per-layer scales in the form the decoder takes: all 1 (folded into B)."""
@@ -94,6 +96,6 @@ def stack_adapters(loras: Sequence[Lora]) -> AdapterBank:
             scale_l = jnp.asarray(dict(lora.scales())[module], jnp.float32)
             a_list.append(_pad_rank(a.astype(jnp.float32), 2, width))
             b_list.append(_pad_rank(b.astype(jnp.float32) * scale_l[:, None, None], 1, width))
-        params["layers"].setdefault(MODULE_GROUP[module], {})[module] = {
+        params["layers"].setdefault(MODULE_BLOCK[module], {})[module] = {
             "lora_A": jnp.stack(a_list, axis=1), "lora_B": jnp.stack(b_list, axis=1)}
     return AdapterBank(params=params, configs=tuple(lora.config for lora in loras))

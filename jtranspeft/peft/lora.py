@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtranspeft.checkpoints.hf import module_prefix
-from jtranspeft.models.decoder import ATTN_MODULES, MLP_MODULES, TARGET_MODULES
-
-MODULE_GROUP = {**{m: "self_attn" for m in ATTN_MODULES}, **{m: "mlp" for m in MLP_MODULES}}
+from jtranspeft.models.base import Base
+from jtranspeft.models.params import base_kernel
+from jtranspeft.models.spec import MODULE_BLOCK, TARGET_MODULES, hf_module_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +64,6 @@ class LoraConfig:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=list))
 
 
-def module_name(module: str, layer: int) -> str:
-    """Full Hugging Face name of a projection, e.g. ``model.layers.3.self_attn.q_proj``."""
-    return module_prefix(module).format(i=layer)
-
-
 def _pattern_value(patterns: dict[str, Any], name: str, default):
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", name):
@@ -82,7 +76,7 @@ def layer_ranks(config: LoraConfig, module: str, num_layers: int) -> tuple[int, 
     if module not in config.targets:
         return (0,) * num_layers
     return tuple(
-        int(_pattern_value(config.rank_pattern, module_name(module, i), config.r))
+        int(_pattern_value(config.rank_pattern, hf_module_name(module, i), config.r))
         if config.layers is None or i in config.layers else 0
         for i in range(num_layers))
 
@@ -91,7 +85,7 @@ def layer_scales(config: LoraConfig, module: str, num_layers: int) -> tuple[floa
     """LoRA scale of ``module`` in every layer: alpha / r, or alpha / sqrt(r) with rsLoRA (0 if not adapted)."""
     scales = []
     for i, rank in enumerate(layer_ranks(config, module, num_layers)):
-        alpha = float(_pattern_value(config.alpha_pattern, module_name(module, i), config.alpha))
+        alpha = float(_pattern_value(config.alpha_pattern, hf_module_name(module, i), config.alpha))
         scales.append(0.0 if rank == 0 else alpha / (math.sqrt(rank) if config.use_rslora else rank))
     return tuple(scales)
 
@@ -104,9 +98,16 @@ class Lora:
     params: dict
     config: LoraConfig = dataclasses.field(metadata=dict(static=True))
 
+    per_row = False  # one adapter for every row (an `AdapterBank` is per row)
+
     def replace(self, **changes) -> "Lora":
         """A copy with some fields changed (e.g. ``params``)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def dropout(self) -> float:
+        """LoRA dropout rate on the adapter's input while training."""
+        return self.config.dropout
 
     @property
     def num_layers(self) -> int:
@@ -115,21 +116,16 @@ class Lora:
 
     def modules(self) -> list[str]:
         """Adapted module names in canonical order."""
-        return [m for m in TARGET_MODULES if m in self.params["layers"].get(MODULE_GROUP[m], {})]
+        return [m for m in TARGET_MODULES if m in self.params["layers"].get(MODULE_BLOCK[m], {})]
 
     def factors(self, module: str) -> tuple[Any, Any]:
         """(lora_A [L, in, R], lora_B [L, R, out]) of a module."""
-        entry = self.params["layers"][MODULE_GROUP[module]][module]
+        entry = self.params["layers"][MODULE_BLOCK[module]][module]
         return entry["lora_A"], entry["lora_B"]
 
     def scales(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
         """Per-module, per-layer scales in the form the decoder takes."""
         return tuple((m, layer_scales(self.config, m, self.num_layers)) for m in self.modules())
-
-
-def base_kernel(params: dict, module: str):
-    """The stacked kernel [L, in, out] of a projection in a base params tree."""
-    return params["layers"][MODULE_GROUP[module]][module]["kernel"]
 
 
 def _rank_mask(ranks: tuple[int, ...], width: int) -> np.ndarray:
@@ -142,8 +138,13 @@ def lora_from_factors(factors: dict[str, tuple[Any, Any]], config: LoraConfig) -
     for module in TARGET_MODULES:
         if module in factors:
             a, b = factors[module]
-            params["layers"].setdefault(MODULE_GROUP[module], {})[module] = {"lora_A": a, "lora_B": b}
+            params["layers"].setdefault(MODULE_BLOCK[module], {})[module] = {"lora_A": a, "lora_B": b}
     return Lora(params=params, config=config)
+
+
+def init_lora(base: Base, config: LoraConfig, key, dtype="float32") -> Lora:
+    """A fresh adapter for ``base``, initialised as peft does (A kaiming-uniform with a = sqrt(5), B zeros)."""
+    return init_lora_params(base.params, config, key, jnp.dtype(dtype))
 
 
 def init_lora_params(params: dict, config: LoraConfig, key, dtype=jnp.float32) -> Lora:
@@ -177,7 +178,7 @@ def lora_deltas(lora: Lora):
 def _add_deltas(params: dict, lora: Lora, sign: float) -> dict:
     params = jax.tree_util.tree_map(lambda x: x, params)  # new containers, shared leaves
     for module, delta in lora_deltas(lora):
-        entry = params["layers"][MODULE_GROUP[module]][module]
+        entry = params["layers"][MODULE_BLOCK[module]][module]
         if entry["kernel"].shape != delta.shape:
             raise ValueError(f"adapter for {module} has delta shape {delta.shape}, "
                              f"base kernel has {entry['kernel'].shape}")
@@ -185,11 +186,11 @@ def _add_deltas(params: dict, lora: Lora, sign: float) -> dict:
     return params
 
 
-def merge_params(params: dict, lora: Lora) -> dict:
-    """Base params with W + s * A @ B folded in (computed in float32, cast back to each kernel's dtype)."""
-    return _add_deltas(params, lora, 1.0)
+def merge_lora(base: Base, lora: Lora) -> Base:
+    """A new `Base` with W + s * A @ B folded in (float32 arithmetic, cast back to each kernel's dtype)."""
+    return base.replace(params=_add_deltas(base.params, lora, 1.0))
 
 
-def unmerge_params(params: dict, lora: Lora) -> dict:
-    """Inverse of `merge_params` (exact up to the rounding of the base dtype)."""
-    return _add_deltas(params, lora, -1.0)
+def unmerge_lora(base: Base, lora: Lora) -> Base:
+    """Inverse of `merge_lora`: subtract the adapter's delta (exact up to the base dtype's rounding)."""
+    return base.replace(params=_add_deltas(base.params, lora, -1.0))

@@ -26,16 +26,15 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jtranspeft.models.spec import PROJECTIONS, WIDTHS
+
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ["data", "fsdp"], "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
     "mlp": "tensor", "head_dim": None, "layers": None, "lora_rank": None,
 }
-_KERNEL_AXES = {  # (in, out) logical axes of each projection kernel, after the stacked layer axis
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"),
-}
+# (in, out) logical axes of each projection kernel, after the stacked layer axis, from the module table
+_KERNEL_AXES = {p.name: (WIDTHS[p.d_in].axis, WIDTHS[p.d_out].axis) for p in PROJECTIONS}
 
 
 @dataclasses.dataclass(frozen=True)

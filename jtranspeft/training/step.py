@@ -1,12 +1,17 @@
-"""The pure training step: masked next-token loss, gradients for the LoRA only, optax AdamW update.
+"""The pure training steps: masked next-token loss, gradients for the trained tensors only, optax AdamW.
 
-`make_step` returns one jitted function ``step(state, base, batch) -> (state, metrics)``. The global batch
-[B, T] is split into ``grad_accum`` micro-batches scanned in sequence; token-summed losses and gradients
-are accumulated and divided by the global count of target tokens, so accumulation gives the same update
-as one big batch. The randomness of a micro-batch (LoRA dropout, Trans-PEFT masks and drops) comes from
-``fold_in(fold_in(key(seed), step), micro)``: reproducible, and the same on every replica. A non-finite
-loss or gradient leaves the state unchanged and is reported in the metrics (``finite``), so the host can
-stop with the last good state. Nothing in the step talks to the host.
+A step is one jitted function ``step(state, frozen, batch) -> (state, metrics)`` (`compile_step`): the
+global batch [B, T] is split into ``grad_accum`` micro-batches scanned in sequence; token-summed losses and
+gradients are accumulated and divided by the global count of target tokens, so accumulation gives the same
+update as one big batch. A non-finite loss or gradient leaves the state unchanged and is reported in the
+metrics (``finite``), so the host can stop with the last good state. Nothing in the step talks to the host.
+Two steps are built on it:
+
+- `make_step`, LoRA / Trans-PEFT fine-tuning: ``state.params`` is a `Lora`, ``frozen`` the base. The
+  randomness of a micro-batch (LoRA dropout, Trans-PEFT masks and drops) comes from
+  ``fold_in(fold_in(key(seed), step), micro)``: reproducible, and the same on every replica;
+- `make_full_step`, continued pre-training: ``state.params`` holds the trained base tensors (a subset of
+  the params tree), ``frozen`` the base holding the others; the loss covers every token.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtranspeft.base import Base, apply
+from jtranspeft.models.base import Base, apply
+from jtranspeft.models.params import merge_trees
+from jtranspeft.models.perturb import FfnPerturbation
 from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.transpeft import TransPeftConfig, warmup_scale
-from jtranspeft.train_config import TrainConfig
+from jtranspeft.training.config import TrainConfig
 
 
 class TrainState(NamedTuple):
     """Everything that changes during training (and goes into a checkpoint)."""
 
-    lora: Lora
+    params: Any  # the trained tensors: a `Lora`, or a dict of base tensors (continued pre-training)
     opt_state: Any
     step: jax.Array
 
@@ -60,7 +67,7 @@ def target_positions(loss_mask_bt, k: int):
     return pos_bk, valid_bk
 
 
-def token_loss(base: Base, lora: Lora, batch: dict, rng, transpeft: TransPeftConfig, remat: bool = False,
+def token_loss(base: Base, lora: Lora | None, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
                max_targets: int | None = None, transpeft_scale=1.0):
     """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets.
 
@@ -119,32 +126,51 @@ def accumulated_update(loss_fn, params, opt_state, optimizer: optax.GradientTran
     return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
 
 
-def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
-              remat: bool = False, shardings: "StepShardings | None" = None, max_targets: int | None = None):
-    """A jitted train step ``(state, base, batch) -> (state, metrics)``; see the module docstring.
+def compile_step(micro_loss, optimizer: optax.GradientTransformation, grad_accum: int,
+                 shardings: "StepShardings | None" = None):
+    """The jitted step ``(state, frozen, batch) -> (state, metrics)`` of the module docstring.
 
-    With ``shardings`` the step is compiled for them (``jax.jit`` in/out shardings); the input state is
-    donated either way. ``max_targets``: see `token_loss`.
+    ``micro_loss(params, frozen, micro_batch, step, micro_index) -> (token-summed NLL, token count)``. With
+    ``shardings`` the step is compiled for them (``jax.jit`` in/out shardings); the input state is donated.
     """
-    base_key = jax.random.key(seed)
 
-    def step(state: TrainState, base: Base, batch: dict):
-        step_key = jax.random.fold_in(base_key, state.step)
-        scale = warmup_scale(state.step, transpeft)
-
-        def micro_loss(lora, inputs):
+    def step(state: TrainState, frozen: Base, batch: dict):
+        def loss(params, inputs):
             index, mb = inputs
-            return token_loss(base, lora, mb, jax.random.fold_in(step_key, index), transpeft, remat,
-                              max_targets, scale)
+            return micro_loss(params, frozen, mb, state.step, index)
 
         micro = (jnp.arange(grad_accum), split_micro_batches(batch, grad_accum))
-        lora, opt_state, metrics = accumulated_update(micro_loss, state.lora, state.opt_state, optimizer, micro)
-        return TrainState(lora, opt_state, state.step + 1), metrics
+        params, opt_state, metrics = accumulated_update(loss, state.params, state.opt_state, optimizer, micro)
+        return TrainState(params, opt_state, state.step + 1), metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=0)
     return jax.jit(step, in_shardings=(shardings.state, shardings.base, shardings.batch),
                    out_shardings=(shardings.state, shardings.replicated), donate_argnums=0)
+
+
+def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
+              remat: bool = False, shardings: "StepShardings | None" = None, max_targets: int | None = None):
+    """The LoRA / Trans-PEFT step ``(state, base, batch) -> (state, metrics)``; ``max_targets``: see `token_loss`."""
+    base_key = jax.random.key(seed)
+
+    def micro_loss(lora, base, mb, step, index):
+        key = jax.random.fold_in(jax.random.fold_in(base_key, step), index)
+        return token_loss(base, lora, mb, key, transpeft, remat, max_targets, warmup_scale(step, transpeft))
+
+    return compile_step(micro_loss, optimizer, grad_accum, shardings)
+
+
+def make_full_step(optimizer: optax.GradientTransformation, grad_accum: int, remat: bool = False,
+                   shardings: "StepShardings | None" = None):
+    """The continued pre-training step: ``state.params`` (trained tensors) merged into ``frozen``'s params."""
+
+    def micro_loss(trained, frozen, mb, step, index):
+        del step, index  # deterministic: no dropout, no perturbation
+        base = frozen.replace(params=merge_trees(trained, frozen.params))
+        return token_loss(base, None, mb, None, FfnPerturbation(), remat)
+
+    return compile_step(micro_loss, optimizer, grad_accum, shardings)
 
 
 class StepShardings(NamedTuple):
@@ -157,14 +183,20 @@ class StepShardings(NamedTuple):
 
 
 def step_shardings(mesh, rules: dict, base: Base, state: TrainState, optimizer) -> StepShardings:
-    """Shardings of the train state (LoRA + optimizer moments by rule), the base, a batch and scalars."""
+    """Shardings of the train state (trained tensors + optimizer moments by rule), the frozen base, a batch
+    and scalars. The trained tensors are a `Lora` or a dict of base tensors; both follow the logical-axis
+    rules of their paths (`jtranspeft.training.sharding`)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jtranspeft.sharding import batch_sharding, opt_state_shardings, tree_shardings
+    from jtranspeft.training.sharding import batch_sharding, opt_state_shardings, tree_shardings
 
-    lora_sh = state.lora.replace(params=tree_shardings(state.lora.params, mesh, rules))
+    params = state.params
+    if isinstance(params, Lora):
+        params_sh = params.replace(params=tree_shardings(params.params, mesh, rules))
+    else:
+        params_sh = tree_shardings(params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = opt_state_shardings(optimizer, state.opt_state, lora_sh, mesh)
-    return StepShardings(state=TrainState(lora_sh, opt_sh, replicated),
+    opt_sh = opt_state_shardings(optimizer, state.opt_state, params_sh, mesh)
+    return StepShardings(state=TrainState(params_sh, opt_sh, replicated),
                          base=base.replace(params=tree_shardings(base.params, mesh, rules)),
                          batch=batch_sharding(mesh, rules), replicated=replicated)

@@ -1,8 +1,10 @@
-"""The four module groups of a base model, and pytree surgery by group.
+"""Our params tree: where a projection's kernel lives, the module group of every parameter, surgery by group.
 
-Continued pre-training (`jtranspeft.evolve`) gives each group its own learning-rate multiplier, and the
-component-swap attribution (`jtranspeft.analysis.attribution`) moves whole groups from one base to another,
-so both read the group of a parameter from this one table:
+Base params are nested dicts stacked over layers: ``params["layers"][block][module]["kernel"]`` is the
+[L, in, out] kernel of a projection (`base_kernel`; ``block`` from `jtranspeft.models.spec.PROJECTIONS`).
+Continued pre-training (`jtranspeft.training.evolve`) gives each module group its own learning-rate
+multiplier, and the component-swap attribution (`jtranspeft.analysis.attribution`) moves whole groups from
+one base to another, so both read the group of a parameter from `param_group`:
 
 - ``attention``: q, k, v, o kernels and biases, and the per-head q/k norms (qwen3);
 - ``ffn``: gate, up and down kernels;
@@ -19,8 +21,15 @@ from collections.abc import Iterable
 
 import jax
 
-GROUPS = ("attention", "ffn", "embeddings", "norms")
+from jtranspeft.models.spec import GROUPS, MODULE_BLOCK, PROJECTIONS
+
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+_BLOCK_GROUP = {p.block: p.group for p in PROJECTIONS}
+
+
+def base_kernel(params: dict, module: str):
+    """The stacked kernel [L, in, out] of a projection in a base params tree."""
+    return params["layers"][MODULE_BLOCK[module]][module]["kernel"]
 
 
 def param_group(path: tuple[str, ...]) -> str:
@@ -33,10 +42,8 @@ def param_group(path: tuple[str, ...]) -> str:
     if top == "layers" and len(path) >= 3:
         if path[1] in _LAYER_NORMS:
             return "norms"
-        if path[1] == "self_attn":
-            return "attention"
-        if path[1] == "mlp":
-            return "ffn"
+        if path[1] in _BLOCK_GROUP:
+            return _BLOCK_GROUP[path[1]]
     raise KeyError(f"parameter {'.'.join(path)} belongs to no module group ({', '.join(GROUPS)})")
 
 

@@ -10,7 +10,7 @@ token ids. Per batch of prompts:
 2. A jitted prefill runs the decoder once over the prompts, writing their keys and values into a
    `KVCache` sized prompt + new tokens, and picks the first new token.
 3. A jitted decode loop (`jax.lax.while_loop`) feeds one token per step through the same decoder
-   (`jtranspeft.base.apply_cached`), picks the next one (greedy, or temperature / top-p sampling from
+   (`jtranspeft.models.base.apply_cached`), picks the next one (greedy, or temperature / top-p sampling from
    ``seed``), stops a row at EOS and stops the loop when every row is done.
 4. Stop strings are checked on the host: the loop runs in chunks of `STOP_CHECK_EVERY` tokens, rows
    whose decoded text holds a stop string are marked done, and the text is cut before the first stop
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtranspeft.base import Base, apply_cached
+from jtranspeft.models.base import Base, apply_cached
 from jtranspeft.models.decoder import KVCache, init_cache
 from jtranspeft.peft.bank import AdapterBank
 from jtranspeft.peft.lora import Lora

@@ -34,37 +34,19 @@ import functools
 import json
 import math
 import operator
-import os
-import secrets
-import shutil
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.hf import key_table
-from jtranspeft.models.decoder import ATTN_MODULES, MLP_MODULES, TARGET_MODULES
-from jtranspeft.peft.lora import base_kernel, lora_deltas
+from jtranspeft.models.params import base_kernel
+from jtranspeft.models.spec import ATTN_MODULES, MLP_MODULES, TARGET_MODULES
+from jtranspeft.peft.lora import lora_deltas
+from jtranspeft.peft.moves import top_singular_vectors
+from jtranspeft.utils.files import atomic_directory, json_ready
 
 GROUPS = {"attention": ATTN_MODULES, "ffn": MLP_MODULES}
 _SHORT = {"attention": "attn", "ffn": "ffn"}
-
-
-_device_svd = jax.jit(functools.partial(jnp.linalg.svd, full_matrices=False))
-
-
-def top_singular_vectors(w_io, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k left [in, k] and right [out, k] singular vectors of one kernel [in, out] (float32, thin SVD).
-
-    On CPU numpy's LAPACK (no compilation per shape); on an accelerator the device's SVD, much faster for
-    large kernels. Only the top k vectors are returned (as host arrays).
-    """
-    if jax.default_backend() == "cpu":
-        u_im, _, vt_mo = np.linalg.svd(np.asarray(w_io, np.float32), full_matrices=False)
-    else:
-        u_im, _, vt_mo = _device_svd(jnp.asarray(w_io, jnp.float32))
-    return np.asarray(u_im[:, :k]), np.asarray(vt_mo[:k]).T
 
 
 def _fro2(x) -> float:
@@ -247,17 +229,6 @@ def _weighted_capture(modules: dict, weights: dict, present: list[str]) -> dict:
     return out
 
 
-def json_ready(value):
-    """Lists/dicts of floats with NaN or infinity -> None (JSON has neither)."""
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _fmt(x) -> str:
     return "     -" if x is None else f"{x:6.4f}"
 
@@ -328,31 +299,3 @@ def write_drift_report(report: dict, out_dir: str | Path) -> Path:
         (tmp / "drift.json").write_text(json.dumps(report, indent=1) + "\n")
         plot_drift(report, tmp / "drift.png")
     return out_dir
-
-
-class atomic_directory:
-    """Context manager: yields a temporary sibling of ``target``, renamed to ``target`` on success.
-
-    ``target`` must not exist, or be an empty directory; on an exception the temporary directory is removed
-    and nothing appears at ``target``.
-    """
-
-    def __init__(self, target: str | Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
-            raise FileExistsError(f"{self.target}: already exists and is not empty; choose a new directory")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{secrets.token_hex(4)}"
-        self.tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask (the directory is the final output)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.is_dir():
-            self.target.rmdir()  # empty, checked on entry
-        os.replace(self.tmp, self.target)
-        return False

@@ -1,6 +1,6 @@
 """A base model's fingerprint: a small JSON record that says which base an adapter was made for.
 
-`save_peft` stores it with every adapter it writes for a known base, and `jtranspeft.transfer` compares
+`save_peft` stores it with every adapter it writes for a known base, and `jtranspeft.migration.transfer` compares
 it with the base an adapter is moved to: equal fingerprints mean "the same base" (the adapter is reused
 as is), a family or shape difference means "incompatible", anything else "same architecture, new
 weights". The record holds
@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.hf import key_table
-from jtranspeft.models.decoder import TARGET_MODULES
-from jtranspeft.peft.lora import base_kernel, module_name
+from jtranspeft.models.params import base_kernel
+from jtranspeft.models.spec import TARGET_MODULES, hf_module_name
 
 VERSION = 1
 SAMPLE_SIZE = 16384  # elements hashed per tensor (per layer for projection weights)
@@ -105,7 +105,7 @@ def base_fingerprint(base) -> dict[str, Any]:
         samples_ln = np.asarray(_strided_sample(kernel_lio.reshape(num_layers, -1), _stride(d_in * d_out)))
         norms_l = norms[module]
         for layer in range(num_layers):
-            targets[module_name(module, layer)] = {
+            targets[hf_module_name(module, layer)] = {
                 "shape": [d_out, d_in], "hash": _sample_hash(samples_ln[layer], (d_in, d_out)),
                 "norm": float(norms_l[layer])}
     others = {}

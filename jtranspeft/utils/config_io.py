@@ -10,7 +10,8 @@ every value against its type hint. Nothing is coerced silently: a wrong type, an
 "did you mean" suggestion), a missing required field or a failing ``__post_init__`` is a
 `ConfigError` naming the dotted key and, when known, the file or command line it came from.
 `to_dict` / `dump_yaml` write the resolved config back out (it loads to an equal object), and
-`parse_cli` / `exit_on_config_error` give every CLI the same ``--config FILE key=value ...`` shape.
+`parse_cli` gives every CLI the same ``--config FILE key=value ...`` shape (`jtranspeft.cli.common.cli_main`
+turns a `ConfigError` into ``error: <message>`` and exit status 2).
 
 A recipe may name its base file with a top-level ``defaults: ../base.yaml`` (relative to the recipe);
 the base is loaded first and the recipe merged over it, so ``--config recipe.yaml`` alone is enough.
@@ -41,24 +42,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import functools
 import re
-import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from jtranspeft.utils.errors import InputError
+
 __all__ = [
     "ConfigError",
     "all_keys",
     "dump_yaml",
-    "exit_on_config_error",
     "load_config",
     "parse_cli",
+    "read_yaml",
     "to_dict",
 ]
 
@@ -69,7 +70,7 @@ _NoneType = type(None)
 _KeyPath = tuple  # ("train", "max_steps") or ("lora", "targets", 1)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file, override or value that cannot be used; the message names the key and its source."""
 
 
@@ -132,8 +133,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
-def _read_yaml(path: Path) -> dict:
-    """The top-level mapping of one YAML file (an empty file is an empty mapping)."""
+def read_yaml(path: Path) -> dict:
+    """The top-level mapping of one YAML file read with our scalar rules (an empty file is an empty mapping)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -157,7 +158,7 @@ def _read_with_defaults(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[
     if resolved in chain:
         loop = " -> ".join(map(str, chain + (resolved,)))
         raise ConfigError(f"{path}: '{DEFAULTS_KEY}' files form a loop: {loop}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     layers = []
     if DEFAULTS_KEY in data:
         base = data.pop(DEFAULTS_KEY)
@@ -391,14 +392,23 @@ class _Builder:
             }
         raise TypeError(f"config_io does not support the type hint {tp!r} (key {_dotted(path)!r})")
 
-    def build(self, cls: type, values: dict, path: _KeyPath) -> Any:
-        """One dataclass from its mapping; keys were already checked by `_unknown_paths`."""
+    def build(self, cls: type, values: dict, path: _KeyPath, default: Any = None) -> Any:
+        """One dataclass from its mapping; keys were already checked by `_unknown_paths`.
+
+        Unset fields come from ``default`` (the parent field's default instance, so a section default such
+        as ``field(default_factory=lambda: TrainConfig(lr=1e-4))`` keeps its values) or the class defaults.
+        """
         kwargs, missing = {}, []
         for field, tp in _fields(cls):
             field_path = path + (field.name,)
             if field.name in values:
-                kwargs[field.name] = self.convert(values[field.name], tp, field_path)
-            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                value, section = values[field.name], _section_type(tp)
+                inherited = getattr(default, field.name) if default is not None else _field_default(field)
+                if section is not None and isinstance(value, dict) and isinstance(inherited, section):
+                    kwargs[field.name] = self.build(section, value, field_path, inherited)
+                else:
+                    kwargs[field.name] = self.convert(value, tp, field_path)
+            elif default is None and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 if _is_dataclass_type(tp):  # a required section: its own fields may all have defaults
                     kwargs[field.name] = self.build(tp, {}, field_path)
                 else:
@@ -407,9 +417,16 @@ class _Builder:
             plural = "s" if len(missing) > 1 else ""
             raise ConfigError(f"missing required key{plural} " + ", ".join(map(repr, missing)))
         try:
-            return cls(**kwargs)
+            return dataclasses.replace(default, **kwargs) if default is not None else cls(**kwargs)
         except ValueError as err:  # __post_init__ validation
             raise ConfigError(f"{_dotted(path) or cls.__name__}: {err}") from err
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (its factory called), or None when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def _unknown_paths(values: dict, cls: type, prefix: _KeyPath = ()) -> list[_KeyPath]:
@@ -530,21 +547,3 @@ def parse_cli(
         names = [flag.lstrip("-").replace("-", "_") for flag in switches]
         return args.config, list(args.overrides), {name: getattr(args, name) for name in names}
     return args.config, list(args.overrides)
-
-
-def exit_on_config_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Decorate a CLI ``main`` so a `ConfigError` prints ``error: <message>`` to stderr and exits 2.
-
-    Missing or unreadable config files are ConfigErrors (naming the file) when they come from
-    `load_config`; other exceptions keep their traceback.
-    """
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper

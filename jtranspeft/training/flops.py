@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import re
 
-from jtranspeft.models.decoder import TARGET_MODULES
-from jtranspeft.models.spec import ModelSpec
+from jtranspeft.models.spec import TARGET_MODULES, ModelSpec
 from jtranspeft.peft.lora import Lora, LoraConfig, layer_ranks
 
 # Dense bf16 FLOP/s per chip (no 2:4 sparsity; NVIDIA datasheets print the sparse figure, twice this), by
@@ -42,13 +41,6 @@ PEAK_BF16_FLOPS_PER_S: tuple[tuple[str, float], ...] = (
 )
 
 
-def projection_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """(in, out) width of each of the seven projections of one decoder layer."""
-    d, f = spec.hidden_size, spec.intermediate_size
-    return {"q_proj": (d, spec.q_size), "k_proj": (d, spec.kv_size), "v_proj": (d, spec.kv_size),
-            "o_proj": (spec.q_size, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-
-
 def lora_train_flops_per_token(spec: ModelSpec, lora: Lora | LoraConfig, seq_len: int,
                                logits_positions_fraction: float = 1.0) -> dict[str, float]:
     """Model FLOPs per token of one LoRA training step on sequences of ``seq_len`` (see the module docstring).
@@ -59,7 +51,7 @@ def lora_train_flops_per_token(spec: ModelSpec, lora: Lora | LoraConfig, seq_len
     tokens, since logits anywhere else are not needed by the loss (like padding, not model FLOPs).
     """
     config = lora.config if isinstance(lora, Lora) else lora
-    shapes, layers = projection_shapes(spec), spec.num_layers
+    shapes, layers = spec.projection_shapes(), spec.num_layers
     ranks = {m: layer_ranks(config, m, layers) for m in TARGET_MODULES}
     adapted = [i for i in range(layers) if any(r[i] for r in ranks.values())]
     backward_layers = layers - adapted[0] if adapted else 0

@@ -1,7 +1,7 @@
 """The typed configuration of a training run: `RunConfig` and its sections.
 
 Every default lives in ``configs/base.yaml`` (commented, one key per field below); recipes override it
-and ``key=value`` arguments override both (`jtranspeft.config_io`). The LoRA, Trans-PEFT and data sections
+and ``key=value`` arguments override both (`jtranspeft.utils.config_io`). The LoRA, Trans-PEFT and data sections
 are the dataclasses their own modules define, so a setting is declared exactly once.
 """
 
@@ -11,9 +11,11 @@ import dataclasses
 from typing import Literal
 
 from jtranspeft.data.config import DataConfig
+from jtranspeft.data.corpus import SourceConfig
+from jtranspeft.models.spec import GROUPS
 from jtranspeft.peft.lora import LoraConfig
 from jtranspeft.peft.transpeft import TransPeftConfig
-from jtranspeft.sharding import MeshConfig
+from jtranspeft.training.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,8 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     progress: bool = True
-    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: jtranspeft.flops' table by device kind
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: jtranspeft.training.flops' table
+    tensorboard: bool = False  # also write the metrics as TensorBoard events in <output_dir>/tensorboard
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:
@@ -91,5 +94,66 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """Named text sources with mixing weights, packed into windows of ``seq_len`` tokens."""
+
+    seq_len: int = 128
+    sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", dict(self.sources or {}))
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not any(s.weight > 0 for s in self.sources.values()):
+            raise ValueError("sources: give at least one source with weight > 0")
+
+    def __hash__(self):
+        return hash((self.seq_len, tuple(sorted(self.sources.items()))))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLrConfig:
+    """Learning-rate multiplier of each module group (`jtranspeft.models.params`); 0 freezes the group."""
+
+    attention: float = 1.0
+    ffn: float = 1.0
+    embeddings: float = 1.0
+    norms: float = 1.0
+
+    def __post_init__(self):
+        for name in GROUPS:
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 = frozen), got {value}")
+        if not any(getattr(self, name) > 0 for name in GROUPS):
+            raise ValueError("every group is frozen (all multipliers 0): nothing would be trained")
+
+    def multipliers(self) -> dict[str, float]:
+        """{group: multiplier} for every group."""
+        return {name: getattr(self, name) for name in GROUPS}
+
+    def trained(self) -> tuple[str, ...]:
+        """The groups with a multiplier > 0."""
+        return tuple(name for name in GROUPS if getattr(self, name) > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolveConfig:
+    """A whole continued pre-training run; ``train.max_steps`` null means ``train.epochs`` passes over the corpus."""
+
+    output_dir: str = "runs/evolve"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    corpus: CorpusConfig = dataclasses.field(default_factory=lambda: CorpusConfig(
+        sources={"shakespeare": SourceConfig()}))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        batch_size=4, max_steps=100, lr=1e-4, schedule="constant", warmup_ratio=0.0, warmup_steps=10, b2=0.95,
+        seed=0))
+    groups: GroupLrConfig = dataclasses.field(default_factory=GroupLrConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every=50, keep=2))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)

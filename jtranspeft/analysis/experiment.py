@@ -1,0 +1,354 @@
+"""The four-setting Trans-PEFT experiment (docs/method.md §1) from one config: `run_experiment(config)`.
+
+One experiment = an old base, one or more updated bases, a training recipe (a `RunConfig` YAML) and an
+evaluation task. For every LoRA variant and seed it trains, with the same data and steps:
+- ``plain`` on the old base -> scored on the old base (Fine-tune_o) and on each new base (Direct Transfer);
+- one adapter per Trans-PEFT row (``rows``: name -> config overrides, e.g. the paper's p_drop 0.1, masking
+  only, dropping only, per-layer or calibrated probabilities; a ``seeds`` entry trains that row with fewer
+  seeds) on the old base -> scored on each new base (and on old unless ``score_rows_on_old`` is false);
+- ``plain`` on each new base -> scored there (Fine-tune_n, the re-tuned upper bound);
+- optionally the training-free projection of the plain old adapter onto each new base (LoRA-X style).
+The plain settings of every seed run first, then the rows in the config's order (so the order is a
+priority). Before all of it, ``analyze`` can run the component-swap attribution / FFN sensitivity of
+`jtranspeft.analyze` with the first plain old adapter, so the table can be read against its causes. Every
+piece calls the library (`jtranspeft.train`, `jtranspeft.evaluate`, `jtranspeft.analyze`) with typed configs;
+the CLI is ``python -m jtranspeft.experiment`` (`jtranspeft.cli.experiment`).
+
+Every piece (a training run, a projection, an evaluation, an analysis) writes into its own directory of
+``output_dir`` and counts as done once its final file exists; a killed experiment rerun with the same
+command continues (a killed training piece resumes from its checkpoint). The results are
+``results.md`` (tables: mean ± std over seeds and a 95% Wilson interval over all scored items),
+``results.json`` and ``results.png``, rewritten as each seed finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jtranspeft.analysis.analyze import AnalyzeConfig
+from jtranspeft.eval.evaluate import EvalConfig
+from jtranspeft.utils.config_io import load_config, to_yaml
+from jtranspeft.utils.errors import RunStopped
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """An experiment: bases, training recipe, variants, Trans-PEFT rows, seeds and evaluation."""
+
+    output_dir: str = "runs/experiment"
+    train_config: str = "configs/quickstart.yaml"
+    train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    old_base: str = "smollm2"
+    new_bases: dict[str, str] = dataclasses.field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1)
+    fine_tune_n_seeds: tuple[int, ...] | None = None
+    variants: dict[str, dict] = dataclasses.field(default_factory=lambda: {"qkvo": {}})
+    rows: dict[str, dict] = dataclasses.field(
+        default_factory=lambda: {"paper": {"transpeft.p_drop": 0.1, "transpeft.p_mask": 0.0}})
+    projection: bool = False
+    score_rows_on_old: bool = True
+    # how every adapter is scored (merged into the scored base first)
+    eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(
+        task="rg:chain_sum", limit=500, batch_size=32, max_new_tokens=16, template="alpaca"))
+    # the analysis run per new base with the first plain old adapter (sections [] = none); its task is the
+    # eval task; the FFN sensitivity is a property of the old base, so it runs with the first new base only
+    analyze: AnalyzeConfig = dataclasses.field(default_factory=lambda: AnalyzeConfig(
+        sections=("attribution", "sensitivity"), limit=64, sensitivity_limit=32))
+
+    def __post_init__(self):
+        if not self.new_bases:
+            raise ValueError("new_bases: name at least one updated base (name: path)")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if self.fine_tune_n_seeds is not None and not set(self.fine_tune_n_seeds) <= set(self.seeds):
+            raise ValueError(f"fine_tune_n_seeds {list(self.fine_tune_n_seeds)} must be among seeds {list(self.seeds)}")
+        for name in ("plain", *(f"plain_{b}" for b in self.new_bases)):
+            if name in self.rows:
+                raise ValueError(f"rows: {name!r} is reserved for the plain adapters")
+
+
+def _override_strings(overrides: dict[str, Any]) -> list[str]:
+    """{"transpeft.p_drop": 0.1} -> ["transpeft.p_drop=0.1"] (JSON values are valid YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+class Experiment:
+    """The pieces of one experiment and their cached outputs under ``cfg.output_dir``."""
+
+    def __init__(self, cfg: ExperimentConfig, report_only: bool = False):
+        self.cfg, self.out, self.report_only = cfg, Path(cfg.output_dir), report_only
+        self.bases: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.timings_file = self.out / "timings.json"
+        if self.timings_file.is_file():
+            self.timings = json.loads(self.timings_file.read_text())
+
+    # -- bases ---------------------------------------------------------------------------------------
+    def base_path(self, name: str) -> str:
+        """The checkpoint of base ``name`` ("old" or a new base's name); a GGUF old base is saved as HF once."""
+        from jtranspeft.checkpoints.loading import load_base, resolve_model_path, save_base
+
+        if name != "old":
+            return self.cfg.new_bases[name]
+        path = resolve_model_path(self.cfg.old_base)
+        if path.suffix != ".gguf":
+            return str(path)
+        converted = self.out / "bases" / "old"
+        if not _done(converted / "config.json"):
+            self._timed("convert old base", lambda: save_base(load_base(path), converted))
+        return str(converted)
+
+    def base(self, name: str):
+        """The loaded base ``name`` (kept in memory for the evaluations)."""
+        if name not in self.bases:
+            from jtranspeft.checkpoints.loading import load_base
+
+            self.bases[name] = load_base(self.base_path(name))
+        return self.bases[name]
+
+    def _timed(self, what: str, fn):
+        logger.info("%s ...", what)
+        tick = time.perf_counter()
+        value = fn()
+        self.timings[what] = round(time.perf_counter() - tick, 1)
+        self.timings_file.write_text(json.dumps(self.timings, indent=1) + "\n")
+        logger.info("%s: %s s", what, self.timings[what])
+        return value
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def adapter_dir(self, variant: str, trained: str, seed: int) -> Path:
+        """Where the adapter ``trained`` ("plain", a row, "plain_<new>" or "projection_<new>") lives."""
+        return self.out / "adapters" / variant / trained / f"seed{seed}"
+
+    def row_seeds(self, row: str) -> tuple[int, ...]:
+        """The seeds a Trans-PEFT row trains with: its own ``seeds`` entry, else the experiment's."""
+        return tuple(self.cfg.rows[row].get("seeds", self.cfg.seeds))
+
+    def run_config(self, variant: str, trained: str, seed: int):
+        """The `RunConfig` of one training piece: the recipe + overrides, variant, row, seed and base."""
+        from jtranspeft.training.config import RunConfig
+
+        on = trained.removeprefix("plain_") if trained.startswith("plain_") else "old"
+        row = {k: v for k, v in self.cfg.rows.get(trained, {}).items() if k != "seeds"}
+        overrides = {**self.cfg.train_overrides, **self.cfg.variants[variant], **row, "train.seed": seed}
+        strings = [f"output_dir={self.adapter_dir(variant, trained, seed)}", f"model.path={self.base_path(on)}",
+                   *_override_strings(overrides)]
+        return load_config(RunConfig, [self.cfg.train_config], strings)
+
+    def train(self, variant: str, trained: str, seed: int) -> Path:
+        """Train (or resume, or reuse) one adapter; returns its PEFT directory."""
+        from jtranspeft.training.finetune import train
+
+        run_dir = self.adapter_dir(variant, trained, seed)
+        if _done(run_dir / "summary.json") or self.report_only:
+            return run_dir / "adapter"
+        run_cfg = self.run_config(variant, trained, seed)
+        try:
+            self._timed(f"train {variant}/{trained}/seed{seed}", lambda: train(run_cfg))
+        except RunStopped as stop:
+            raise RunStopped(f"training {run_dir} stopped: {stop}", stop.exit_code) from None
+        return run_dir / "adapter"
+
+    def project(self, variant: str, new: str, seed: int) -> Path:
+        """The plain old adapter projected onto base ``new``'s top singular subspaces (training-free)."""
+        from jtranspeft.checkpoints.peft_format import load_peft, save_peft
+        from jtranspeft.peft.moves import project_lora
+
+        directory = self.adapter_dir(variant, f"projection_{new}", seed)
+        if not _done(directory / "adapter_config.json") and not self.report_only:
+            source = self.train(variant, "plain", seed)
+            lora = load_peft(source, self.base("old"))
+            self._timed(f"project {variant}/seed{seed} onto {new}",
+                        lambda: save_peft(project_lora(lora, self.base(new).params), directory, self.base(new)))
+        return directory
+
+    def evaluate(self, adapter: Path, on: str) -> dict | None:
+        """Score ``adapter`` merged into base ``on`` (cached in ``<run>/eval/<on>/results.json``); None when
+        only reporting and the score is not there yet."""
+        from jtranspeft.eval.evaluate import evaluate
+
+        piece = adapter.parent if adapter.name == "adapter" else adapter  # a training run or a projection
+        out = piece / "eval" / on
+        if self.report_only and not _done(out / "results.json"):
+            return None
+        if not _done(out / "results.json"):
+            self._timed(f"evaluate {piece.relative_to(self.out)} on {on}",
+                        lambda: evaluate(self.base(on), self.cfg.eval, adapter=adapter, merge=True, out=out))
+        return json.loads((out / "results.json").read_text())
+
+    def analyze(self, variant: str, new: str) -> Path | None:
+        """`jtranspeft.analyze` of (old, ``new``) with the first plain old adapter, if sections are configured."""
+        settings = self.cfg.analyze
+        if not settings.sections or self.report_only:
+            return None
+        out = self.out / "analysis" / variant / new
+        if not _done(out / "analyze.json"):
+            from jtranspeft.analysis.analyze import analyze
+
+            adapter = self.train(variant, "plain", self.cfg.seeds[0])
+            sections = settings.sections
+            if new != next(iter(self.cfg.new_bases)):  # FFN sensitivity is measured on the old base: once
+                sections = tuple(s for s in sections if s != "sensitivity")
+            config = dataclasses.replace(settings, sections=sections, task=self.cfg.eval.task)
+            self._timed(f"analyze {variant} old -> {new}",
+                        lambda: analyze(self.base("old"), self.base(new), config, adapter, out=out, progress=False))
+        return out
+
+    # -- the whole experiment ------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run every missing piece (with ``report_only``: none), then write results.md / .json / .png."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "experiment.yaml").write_text(to_yaml(self.cfg))
+        news = list(self.cfg.new_bases)
+        for variant in self.cfg.variants:  # every piece's config is checked before any work starts
+            for trained in ["plain", *self.cfg.rows, *(f"plain_{new}" for new in news)]:
+                self.run_config(variant, trained, self.cfg.seeds[0])
+        scores: dict[tuple, dict[int, dict]] = {}
+
+        def record(variant, setting, trained_on, on, seed, result):
+            if result is None:  # report_only: not scored yet
+                return
+            scores.setdefault((variant, setting, trained_on, on), {})[seed] = result
+
+        for variant in self.cfg.variants:
+            for new in news:
+                self.analyze(variant, new)
+            for seed in self.cfg.seeds:  # the plain settings first, then each row in the config's order
+                plain = self.train(variant, "plain", seed)
+                for on in ["old", *news]:
+                    record(variant, "Fine-tune_o" if on == "old" else "Direct Transfer", "old", on, seed,
+                           self.evaluate(plain, on))
+                for new in news:
+                    if self.cfg.projection:
+                        record(variant, "Projection (training-free)", "old", new, seed,
+                               self.evaluate(self.project(variant, new, seed), new))
+                    if self.cfg.fine_tune_n_seeds is None or seed in self.cfg.fine_tune_n_seeds:
+                        record(variant, "Fine-tune_n", new, new, seed,
+                               self.evaluate(self.train(variant, f"plain_{new}", seed), new))
+            write_results(summarize(scores, self.cfg, self.timings), self.out)  # partial tables as pieces finish
+            for row in self.cfg.rows:
+                for seed in self.row_seeds(row):
+                    adapter = self.train(variant, row, seed)
+                    for on in (["old"] if self.cfg.score_rows_on_old else []) + news:
+                        record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
+                write_results(summarize(scores, self.cfg, self.timings), self.out)
+        return summarize(scores, self.cfg, self.timings)
+
+
+def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timings: dict) -> dict:
+    """JSON-ready rows: per (variant, setting, trained on, evaluated on) the per-seed accuracies, their
+    mean and sample std, and a 95% Wilson interval over every scored item of every seed."""
+    from jtranspeft.eval.scorers import accuracy_with_ci
+
+    rows = []
+    for (variant, setting, trained_on, on), by_seed in scores.items():
+        accs = [by_seed[s]["accuracy"] for s in sorted(by_seed)]
+        pooled = [True] * sum(r["n_correct"] for r in by_seed.values())
+        pooled += [False] * sum(r["n"] - r["n_correct"] for r in by_seed.values())
+        ci = accuracy_with_ci(pooled)
+        rows.append({"variant": variant, "setting": setting, "trained_on": trained_on, "evaluated_on": on,
+                     "seeds": sorted(by_seed), "accuracy_per_seed": accs, "mean": float(np.mean(accs)),
+                     "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
+                     "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "items": ci["n"]})
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "rows": rows, "timings_s": timings}
+
+
+def _table(rows: list[dict], variant: str, new: str) -> list[str]:
+    """Markdown lines of one (variant, new base) table: the four settings first, then the other rows."""
+    def pct(x):
+        return f"{100 * x:.1f}"
+
+    def line(name, row):
+        per_seed = ", ".join(pct(a) for a in row["accuracy_per_seed"])
+        spread = "(1 seed)" if row["std"] is None else f"± {pct(row['std'])}"
+        return (f"| {name} | {row['trained_on']} | {row['evaluated_on']} | {pct(row['mean'])} {spread} "
+                f"| [{pct(row['ci_low'])}, {pct(row['ci_high'])}] | {per_seed} |")
+
+    mine = [r for r in rows if r["variant"] == variant]
+    pick = {(r["setting"], r["evaluated_on"]): r for r in mine}
+    out = [f"### {variant}: old -> {new}", "",
+           "| setting | trained on | evaluated on | accuracy % (mean ± std) | 95% CI (pooled) | per seed |",
+           "|---|---|---|---|---|---|"]
+    order = [("Fine-tune_o", "old"), ("Direct Transfer", new)]
+    order += [(r["setting"], new) for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == new]
+    order += [("Projection (training-free)", new), ("Fine-tune_n", new)]
+    order += [(r["setting"], "old") for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == "old"]
+    for setting, on in dict.fromkeys(order):
+        if (setting, on) in pick:
+            name = setting if setting in ("Fine-tune_o", "Fine-tune_n") else f"{setting}_(o->{on})" if on != "old" \
+                else f"{setting} on old"
+            out.append(line(name, pick[(setting, on)]))
+    return out + [""]
+
+
+def format_results(results: dict) -> str:
+    """The markdown report: one table per LoRA variant and new base."""
+    cfg = results["config"]
+    lines = ["# Trans-PEFT experiment", "",
+             f"old base `{cfg['old_base']}`; new bases {', '.join(f'`{k}` ({v})' for k, v in cfg['new_bases'].items())}; "
+             f"task {cfg['eval']['task']} ({cfg['eval']['limit']} test items per seed, greedy); "
+             f"seeds {list(cfg['seeds'])}; recipe {cfg['train_config']} with {cfg['train_overrides']}.",
+             "Rows: " + "; ".join(f"{k} = {v}" for k, v in cfg["rows"].items()) + ".", ""]
+    for variant in cfg["variants"]:
+        for new in cfg["new_bases"]:
+            lines += _table(results["rows"], variant, new)
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Grouped bars: accuracy (mean, std error bars) per setting, one panel per (variant, new base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    panels = [(v, n) for v in cfg["variants"] for n in cfg["new_bases"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (variant, new) in zip(axes[0], panels):
+        rows = [r for r in results["rows"] if r["variant"] == variant and r["evaluated_on"] in ("old", new)
+                and not (r["evaluated_on"] == "old" and r["setting"] != "Fine-tune_o")]
+        labels = [r["setting"].replace("Trans-PEFT ", "TP ") for r in rows]
+        ax.bar(range(len(rows)), [100 * r["mean"] for r in rows], yerr=[100 * (r["std"] or 0) for r in rows],
+               color=["tab:gray" if r["evaluated_on"] == "old" else "tab:blue" for r in rows], capsize=3)
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy %")
+        ax.set_title(f"{variant}: old -> {new}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.md and results.png in ``out``."""
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(format_results(results))
+    plot_results(results, out / "results.png")
+
+
+def share_compilations(directory: Path) -> None:
+    """Persist XLA compilations on disk: the experiment's many training and evaluation pieces share shapes."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_experiment(cfg: ExperimentConfig, report_only: bool = False) -> dict:
+    """Run every missing piece of the experiment (with ``report_only``: none), write results.md / .json /
+    .png into ``cfg.output_dir`` and return the summary (see the module docstring)."""
+    share_compilations(Path(cfg.output_dir) / "jax_cache")
+    return Experiment(cfg, report_only=report_only).run()

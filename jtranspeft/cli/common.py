@@ -1,0 +1,126 @@
+"""What every jtranspeft CLI shares: logging flags, the exit-code convention, and the ``python -m`` shims.
+
+A CLI module parses its arguments, configures logging (`setup_logging`: ``--quiet`` shows only warnings and
+errors and hides progress bars, ``--verbose`` adds debug messages), calls ONE library function with typed
+arguments and prints its result. `cli_main` turns the library's errors into the exit statuses of
+`jtranspeft.utils.errors` (0 ok, 1 runtime failure, 2 bad input, 3 incompatible, 143 SIGTERM) with a
+one-line ``error: ...`` on stderr instead of a traceback. CLI modules import nothing heavy at module level,
+so ``--help`` answers without loading JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import types
+from collections.abc import Callable, Sequence
+
+from jtranspeft.utils.config_io import parse_cli
+from jtranspeft.utils.errors import EXIT_BAD_INPUT, RunStopped
+
+LOGGING_SWITCHES = {"--quiet": "print only warnings and errors (no progress bars)",
+                    "--verbose": "also print debug messages"}
+# Errors that mean "the input is bad" (the message names the file, field or value): exit status 2.
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                    ConnectionError, json.JSONDecodeError)
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Log ``jtranspeft`` messages to stderr: INFO by default, WARNING with ``quiet`` (which also hides
+    progress bars, `jtranspeft.utils.progress`), DEBUG with ``verbose``."""
+    logger = logging.getLogger("jtranspeft")
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def add_logging_flags(parser) -> None:
+    """Add ``--quiet`` and ``--verbose`` to an argparse parser (read them back with `setup_logging`)."""
+    for flag, help_text in LOGGING_SWITCHES.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
+
+
+def parse_config_cli(argv: Sequence[str] | None, description: str, examples: Sequence[str], prog: str,
+                     switches: dict[str, str] | None = None) -> tuple:
+    """``--config FILE [key=value ...]`` plus ``switches`` and the logging flags; logging is set up.
+
+    Returns (config path, overrides, {switch: bool}) as `jtranspeft.utils.config_io.parse_cli` does.
+    """
+    path, overrides, flags = parse_cli(argv, description, examples, prog, {**(switches or {}), **LOGGING_SWITCHES})
+    setup_logging(flags.pop("quiet"), flags.pop("verbose"))
+    return path, overrides, flags
+
+
+def run_config_job(argv: Sequence[str] | None, *, prog: str, description: str, examples: str, config: str,
+                   job: str) -> int:
+    """A config-driven job's CLI: parse ``--config FILE key=value ...``, build the typed config, run the job,
+    print its summary as JSON. ``config`` / ``job`` are "module:name" of the config class and the function,
+    imported only after the arguments are parsed (``--help`` stays fast)."""
+    import importlib
+
+    from jtranspeft.utils.config_io import load_config
+
+    config_path, overrides, _ = parse_config_cli(argv, description, examples.splitlines(), prog)
+    (config_module, config_name), (job_module, job_name) = config.split(":"), job.split(":")
+    config_type = getattr(importlib.import_module(config_module), config_name)
+    summary = getattr(importlib.import_module(job_module), job_name)(load_config(config_type, [config_path], overrides))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cli_main(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a CLI ``main`` returning its exit status: bad input prints ``error: ...`` and returns 2,
+    `RunStopped` prints its message and returns its status. Other exceptions keep their traceback (a bug;
+    Python exits with 1). Entry points run ``sys.exit(main())``."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except RunStopped as stop:
+            print(f"error: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except BAD_INPUT_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return wrapper
+
+
+# The tools: ``python -m jtranspeft.<tool>`` / ``jtranspeft-<tool>`` -> jtranspeft.cli.<tool>.main, and the
+# library function of the same name ("module:function").
+TOOLS = {
+    "train": "jtranspeft.training.finetune:train",
+    "evolve": "jtranspeft.training.evolve:evolve",
+    "transfer": "jtranspeft.migration.transfer:transfer",
+    "evaluate": "jtranspeft.eval.evaluate:evaluate",
+    "analyze": "jtranspeft.analysis.analyze:analyze",
+    "experiment": "jtranspeft.analysis.experiment:run_experiment",
+}
+
+
+def shim(module_name: str) -> None:
+    """The body of a ``jtranspeft/<tool>.py`` entry module: run the tool's CLI when executed with
+    ``python -m``; when imported, make the module callable as the library function.
+
+    ``import jtranspeft.train`` binds the attribute ``jtranspeft.train`` to that module, shadowing the
+    function `jtranspeft.train`; calling the module forwards to the function, so ``jt.train(config)`` works
+    either way.
+    """
+    import importlib
+
+    if module_name == "__main__":
+        tool = sys.modules["__main__"].__spec__.name.rsplit(".", 1)[-1]
+        sys.exit(importlib.import_module(f"jtranspeft.cli.{tool}").main())
+    target, function = TOOLS[module_name.rsplit(".", 1)[-1]].split(":")
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return getattr(importlib.import_module(target), function)(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = _CallableModule

@@ -1,0 +1,149 @@
+"""``python -m jtranspeft.transfer``: move a LoRA adapter onto an updated base (verdict, outputs, drift).
+
+Loads the bases, calls `jtranspeft.transfer` (`jtranspeft.migration.transfer`), prints the verdict and writes
+what was asked for (`write_transfer`, and `jtranspeft.drift_report` for ``--drift-report``). See
+docs/transfer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
+from jtranspeft.migration import METHODS
+from jtranspeft.utils.errors import EXIT_INCOMPATIBLE
+
+
+EPILOG = textwrap.dedent("""\
+    verdicts and exit codes:
+      identical     the new base is the adapter's own base (same fingerprint)          exit 0
+      transfer      same architecture, different weights                                exit 0
+                    ("transfer (unverified: ...)" for an adapter with no recorded base
+                     fingerprint and no --old-base: checked from tensor shapes only)
+      incompatible  family, dimension, layer count or target module does not fit;     exit 3
+                    the reasons are printed and NOTHING is written
+      bad input (missing file, unreadable base, bad option, existing output dir)        exit 2
+
+    examples:
+      # verdict only (dry run)
+      python -m jtranspeft.transfer --adapter runs/qwen2-math/adapter --new-base models/Qwen2.5-7B
+      # move the adapter and also write a merged checkpoint of the new base
+      python -m jtranspeft.transfer --adapter runs/a/adapter --new-base models/Qwen2.5-7B \\
+          --out moved/adapter --merge moved/merged
+      # project onto the new weights' top-64 singular subspaces, with a drift report
+      python -m jtranspeft.transfer --adapter runs/a/adapter --old-base models/Qwen2-7B \\
+          --new-base models/Qwen2.5-7B --method project --project-k 64 --out moved/a --drift-report drift/
+      # a deeper new base: adapter layer i -> new layer 2i
+      python -m jtranspeft.transfer --adapter runs/a/adapter --new-base deeper/ --layer-map 0:0,1:2,2:4 --out moved/b
+    """)
+
+
+def parse_layer_map(text: str) -> dict[int, int]:
+    """Parse "0:0,1:2,..." (adapter layer : new-base layer) into {0: 0, 1: 2, ...}."""
+    mapping = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", item)
+        if match is None:
+            raise argparse.ArgumentTypeError(f"layer map item {item!r} is not OLD:NEW (e.g. 0:0,1:2)")
+        old, new = int(match[1]), int(match[2])
+        if old in mapping:
+            raise argparse.ArgumentTypeError(f"layer map lists adapter layer {old} twice")
+        mapping[old] = new
+    if not mapping:
+        raise argparse.ArgumentTypeError("layer map is empty")
+    return mapping
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m jtranspeft.transfer``."""
+    p = argparse.ArgumentParser(
+        prog="python -m jtranspeft.transfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Move a LoRA adapter (HF PEFT format) onto an updated base: verdict, moved adapter, "
+                    "optional merged checkpoint and drift report. See docs/transfer.md.")
+    p.add_argument("--adapter", required=True, help="HF PEFT adapter directory (from jtranspeft or peft)")
+    p.add_argument("--new-base", required=True, help="HF checkpoint directory or .gguf file of the new base")
+    p.add_argument("--old-base", help="the base the adapter was trained on (identity check for adapters without a "
+                                      "recorded fingerprint; needed for --drift-report)")
+    p.add_argument("--out", help="write the moved adapter here (PEFT format; must not exist)")
+    p.add_argument("--merge", help="write the new base with the adapter merged in (HF checkpoint + tokenizer)")
+    p.add_argument("--layer-map", type=parse_layer_map, help="OLD:NEW,... adapter layer -> new-base layer, for "
+                                                             "bases of different depth")
+    p.add_argument("--method", choices=METHODS, default="reuse",
+                   help="reuse: same tensors (default); project: onto the new weights' top-k singular subspaces; "
+                        "rescale: keep ||s A B|| / ||W|| per module and layer")
+    p.add_argument("--project-k", type=int, help="subspace size for --method project (default: min(in, out) // 2)")
+    p.add_argument("--drift-report", help="write drift.txt / drift.json / drift.png here (needs --old-base)")
+    p.add_argument("--top-k", type=int, default=16, help="singular directions compared in the drift report")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="storage dtype the bases are loaded (and merged) in; auto: the checkpoint's own dtype "
+                        "(config.json), float32 for GGUF")
+    add_logging_flags(p)
+    return p
+
+
+def _load_dtype(path: str, dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    config = Path(path) / "config.json"
+    if config.is_file():
+        stored = json.loads(config.read_text())
+        stored = stored.get("dtype") or stored.get("torch_dtype")
+        if stored in ("float32", "bfloat16", "float16"):
+            return stored
+    return "float32"
+
+
+def _print_result(result, stream) -> None:
+    print(f"verdict: {result.label}", file=stream)
+    print(f"  adapter's base: {result.old_description}", file=stream)
+    print(f"  new base:       {result.new_description}", file=stream)
+    for reason in result.reasons:
+        print(f"  - {reason}", file=stream)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input, 3 incompatible)."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    if args.drift_report and not args.old_base:
+        raise ValueError("--drift-report needs --old-base (drift compares the two bases' weights)")
+    for name in ("project_k", "top_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for target in (args.out, args.merge, args.drift_report):
+        if target and Path(target).exists() and (not Path(target).is_dir() or any(Path(target).iterdir())):
+            raise FileExistsError(f"{target}: already exists and is not empty; choose a new directory")
+    from jtranspeft.analysis.drift import drift_report, format_drift_table, write_drift_report
+    from jtranspeft.checkpoints.loading import load_base
+    from jtranspeft.migration.transfer import transfer, write_transfer
+
+    new_base = load_base(args.new_base, dtype=_load_dtype(args.new_base, args.dtype))
+    old_base = load_base(args.old_base, dtype=_load_dtype(args.old_base, args.dtype)) if args.old_base else None
+    result = transfer(args.adapter, new_base, old_base, layer_map=args.layer_map, method=args.method,
+                      project_k=args.project_k)
+    if not result.compatible:
+        _print_result(result, sys.stderr)
+        print("nothing written", file=sys.stderr)
+        return EXIT_INCOMPATIBLE
+    _print_result(result, sys.stdout)
+    print(f"  method: {args.method}", file=sys.stdout)
+    if args.drift_report:
+        report = drift_report(old_base, new_base, lora=result.source_lora, top_k=args.top_k, layer_map=args.layer_map)
+        print(format_drift_table(report))
+        write_drift_report(report, args.drift_report)
+        print(f"wrote drift report: {args.drift_report}")
+    write_transfer(result, new_base, out=args.out, merge=args.merge)
+    for what, target in (("adapter", args.out), ("merged checkpoint", args.merge)):
+        if target:
+            print(f"wrote {what}: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Moving adapters onto updated bases: the compatibility verdict and the moved adapter (`transfer`).
+
+This file stays free of heavy imports: the CLI reads `METHODS` for its ``--help`` without loading JAX.
+"""
+
+METHODS = ("reuse", "project", "rescale")  # how `transfer.transfer` re-shapes a moved adapter

@@ -1,0 +1,119 @@
+"""A frozen base model as one value: `Base` = params pytree + static spec, tokenizer and compute dtype.
+
+`apply` runs the decoder on it, optionally with an adapter: anything of the `Adapter` shape, i.e. a
+`jtranspeft.peft.lora.Lora`, or an `jtranspeft.peft.bank.AdapterBank` plus one adapter id per row;
+`apply_cached` is the same pass reading and extending a `KVCache`, for generation. `Base` and the adapters
+are pytrees whose leaves are only arrays, so ``jax.jit(apply)`` works and a train step can differentiate
+with respect to the adapter alone. Bases are read and written by `jtranspeft.checkpoints.loading`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jtranspeft.models.decoder import Decoder, KVCache
+from jtranspeft.models.perturb import FfnPerturbation
+from jtranspeft.models.spec import ModelSpec
+
+
+class Adapter(Protocol):
+    """What the decoder needs of an adapter (a `Lora`, an `AdapterBank`): its factors, depth and scales.
+
+    ``params``: {"layers": {block: {module: {"lora_A": [L, (n,) in, R], "lora_B": [L, (n,) R, out]}}}};
+    ``per_row``: True for a bank (factors carry an adapter axis n; each batch row names its adapter);
+    ``dropout``: the LoRA dropout rate applied while training; ``scales()``: per-module, per-layer scales.
+    """
+
+    params: dict
+    per_row: bool
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def dropout(self) -> float: ...
+
+    def scales(self) -> tuple[tuple[str, tuple[float, ...]], ...]: ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """A base model: ``params`` (the pytree leaves) and static facts about it."""
+
+    params: dict
+    spec: ModelSpec = dataclasses.field(metadata=dict(static=True))
+    tokenizer: Any = dataclasses.field(default=None, metadata=dict(static=True))
+    compute_dtype: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    source: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def param_dtype(self):
+        """Storage dtype of the base weights."""
+        return self.params["embed_tokens"]["embedding"].dtype
+
+    def replace(self, **changes) -> "Base":
+        """A copy with some fields changed (e.g. ``params``)."""
+        return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=64)
+def decoder_module(spec: ModelSpec, dtype, param_dtype, lora_scales=(), lora_dropout: float = 0.0,
+                   transpeft: FfnPerturbation = FfnPerturbation(), remat: bool = False) -> Decoder:
+    """The (cached, stateless) Flax module for one static configuration."""
+    return Decoder(spec=spec, dtype=dtype, param_dtype=param_dtype, lora_scales=lora_scales,
+                   lora_dropout=lora_dropout, transpeft=transpeft, remat=remat)
+
+
+def _bind(base: Base, lora: Adapter | None, adapter_ids, transpeft: FfnPerturbation, remat: bool):
+    """The decoder module, its variables and the per-row adapter ids for a base and optional adapter(s)."""
+    dtype = jnp.dtype(base.compute_dtype) if base.compute_dtype else base.param_dtype
+    module = decoder_module(base.spec, dtype, base.param_dtype, lora.scales() if lora else (),
+                            lora.dropout if lora else 0.0, transpeft.resolve(base.spec.num_layers), remat)
+    variables = {"params": base.params}
+    if lora is not None:
+        if lora.num_layers != base.spec.num_layers:
+            raise ValueError(f"adapter has {lora.num_layers} layers, the base has {base.spec.num_layers}")
+        variables["lora"] = lora.params
+    if (lora is not None and lora.per_row) != (adapter_ids is not None):
+        raise ValueError("adapter_ids (one adapter index per row) go with an AdapterBank, and only with one")
+    return module, variables, None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+
+
+def apply(base: Base, input_ids, lora: Adapter | None = None, attention_mask=None, *, positions=None,
+          rng=None, transpeft: FfnPerturbation = FfnPerturbation(), remat: bool = False, adapter_ids=None,
+          logits_at=None, transpeft_scale=1.0):
+    """Logits [B, T, vocab] in float32 for int token ids [B, T]; pure and jit-able.
+
+    ``attention_mask`` [B, T] (1 = token, 0 = padding; left or right padding) defaults to all ones;
+    positions count real tokens only. ``rng`` turns on training-time randomness: LoRA dropout and the
+    Trans-PEFT FFN perturbations of ``transpeft`` (a `jtranspeft.TransPeftConfig`, resolved for this
+    model's depth). Without it the pass is deterministic. With an
+    `AdapterBank` as ``lora``, ``adapter_ids`` [B] says which of its adapters each row uses.
+    ``logits_at`` (int [B, K]) returns only those positions' logits [B, K, vocab] (a loss over a few
+    target tokens skips the LM head elsewhere); ``transpeft_scale`` multiplies every Trans-PEFT
+    probability (`jtranspeft.peft.transpeft.warmup_scale`).
+    """
+    module, variables, adapter_ids = _bind(base, lora, adapter_ids, transpeft, remat)
+    return module.apply(variables, jnp.asarray(input_ids), attention_mask, positions, rng,
+                        adapter_ids_b=adapter_ids, logits_at_bk=logits_at, p_scale=transpeft_scale)
+
+
+def apply_cached(base: Base, input_ids, cache: KVCache, lora: Adapter | None = None,
+                 attention_mask=None, *, adapter_ids=None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """`apply` for generation: (logits, updated cache) for ids [B, T] written after the cached slots.
+
+    The tokens go into cache slots [cache.index, cache.index + T) and attend to every valid cached slot
+    before them; positions continue each row's count of real tokens. ``last_only`` returns the logits
+    of the last position only ([B, 1, vocab]). Deterministic (no training randomness).
+    """
+    module, variables, adapter_ids = _bind(base, lora, adapter_ids, FfnPerturbation(), False)
+    input_ids = jnp.asarray(input_ids)
+    last_bk = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1) if last_only else None
+    return module.apply(variables, input_ids, attention_mask, None, None, cache=cache,
+                        adapter_ids_b=adapter_ids, logits_at_bk=last_bk)

@@ -1,0 +1,96 @@
+"""LoRA / Trans-PEFT fine-tuning of a frozen base: `train(config)` (CLI: ``python -m jtranspeft.train``).
+
+The job: load the base (`jtranspeft.checkpoints.loading`) and its tokenizer, turn the data source into
+tokenised, loss-masked, length-bucketed batches (`jtranspeft.data`), initialise the adapter as peft does,
+place base, adapter and optimizer state on the mesh (`jtranspeft.training.sharding`), compile the LoRA step
+(`jtranspeft.training.step.make_step`, with the Trans-PEFT perturbations resolved for the model's depth) and
+hand it all to the shared loop (`jtranspeft.training.loop`). The run directory ends with ``adapter/`` in HF
+PEFT format (its metadata records the config and the base's fingerprint) beside the loop's files; every
+``metrics.jsonl`` row carries model TFLOP/s and, on a device of known peak, MFU (`jtranspeft.training.flops`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jtranspeft.checkpoints.loading import load_base
+from jtranspeft.checkpoints.peft_format import save_peft
+from jtranspeft.data.batches import Batcher, tokenize
+from jtranspeft.data.sources import load_records
+from jtranspeft.models.base import Base
+from jtranspeft.peft.lora import init_lora
+from jtranspeft.training import loop
+from jtranspeft.training.config import ModelConfig, RunConfig
+from jtranspeft.training.flops import lora_train_flops_per_token
+from jtranspeft.training.sharding import make_mesh, place
+from jtranspeft.training.step import TrainState, make_optimizer, make_step, max_targets_of, step_shardings
+from jtranspeft.utils.config_io import to_dict
+from jtranspeft.utils.errors import InputError
+from jtranspeft.utils.files import write_directory
+
+
+def load_model(cfg: ModelConfig) -> Base:
+    """The frozen base of a run, with its tokenizer (a tokenizer is required for training)."""
+    base = load_base(cfg.path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
+    if base.tokenizer is None:
+        raise InputError(f"model.path={cfg.path}: no tokenizer files found next to the weights")
+    return base
+
+
+def prepare_batches(cfg: RunConfig, tokenizer) -> tuple[Batcher, dict]:
+    """Records -> tokenised, loss-masked examples -> a seeded, length-bucketed batcher (and data stats)."""
+    examples, stats = tokenize(load_records(cfg.data, "train"), tokenizer, cfg.data)
+    if len(examples) < cfg.train.batch_size:
+        raise InputError(f"data.source={cfg.data.source}: {len(examples)} usable examples, fewer than "
+                         f"train.batch_size={cfg.train.batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Batcher(examples, cfg.train.batch_size, cfg.data.bucket_lengths, pad_id, cfg.data.seed), stats
+
+
+def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
+    """``train.max_steps``, or ``train.epochs`` worth of batches."""
+    return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batcher.n_batches_per_epoch))
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) a LoRA training run; returns the summary also written to ``summary.json``.
+
+    Every process of a multi-host run calls this; process 0 writes the run directory's files. Raises
+    `jtranspeft.utils.errors.RunStopped` (with the CLI's exit status) when the run stops early.
+    """
+    loop.init_distributed(cfg.distributed)
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
+    base = load_model(cfg.model)
+    batcher, data_stats = prepare_batches(cfg, base.tokenizer)
+    steps = total_steps(cfg, batcher)
+    transpeft = cfg.transpeft.resolve(base.spec.num_layers)  # per-layer options checked against the model
+    optimizer = make_optimizer(cfg.train, steps)
+    lora = init_lora(base, cfg.lora, jax.random.key(cfg.train.seed))
+    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    shardings = step_shardings(mesh, rules, base, state, optimizer)
+    base, state = place(base, shardings.base), place(state, shardings.state)
+    step_fn = make_step(optimizer, transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings,
+                        max_targets_of(batcher.examples))
+
+    def row_extras(step, batch, metrics):
+        return {"target_tokens": int(metrics["tokens"]), "seq_len": batch["input_ids"].shape[1]}
+
+    def flops_per_token(batch, metrics):  # the LM head counts only at the positions the loss uses (targets)
+        tokens = max(int(batch["attention_mask"].sum()), 1)
+        return lora_train_flops_per_token(base.spec, cfg.lora, batch["input_ids"].shape[1],
+                                          float(metrics["tokens"]) / tokens)["total"]
+
+    def export(final: TrainState, out, is_main: bool) -> dict:
+        adapter = jax.jit(lambda x: x, out_shardings=shardings.replicated)(final.params)  # readable on every host
+        if is_main:
+            metadata = {"config": to_dict(cfg), "trained_steps": steps}
+            write_directory(out / "adapter", lambda path: save_peft(adapter, path, base=base, metadata=metadata))
+        return {"adapter": str(out / "adapter")}
+
+    return loop.run(loop.Job(
+        name="train", cfg=cfg, state=state, frozen=base, step_fn=step_fn, shardings=shardings, steps=steps,
+        batch_at=batcher.batch_at, export=export, row_extras=row_extras, flops_per_token=flops_per_token,
+        summary_extras={"data": data_stats}))

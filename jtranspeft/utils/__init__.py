@@ -1,0 +1,1 @@
+"""Building blocks with no model knowledge: typed YAML configs, errors and exit codes, output files, progress."""

@@ -1,0 +1,78 @@
+"""Writing output directories so that nothing half-written is ever left where a result is expected.
+
+- `atomic_directory`: a context manager yielding a temporary sibling of the target, renamed onto the target
+  when the block succeeds and removed when it fails;
+- `write_directory`: run a writer (``save_peft``, ``save_base``, ...) for a directory that may be remote
+  (``gs://...``, through etils.epath): locally it writes through `atomic_directory`; for a remote target it
+  writes to a local temporary directory, then copies the files up.
+- `json_ready`: NaN and infinities -> None, so reports stay valid JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+class atomic_directory:
+    """Context manager: yields a temporary sibling of ``target``, renamed to ``target`` on success.
+
+    ``target`` must not exist, or be an empty directory; on an exception the temporary directory is removed
+    and nothing appears at ``target``.
+    """
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
+            raise FileExistsError(f"{self.target}: already exists and is not empty; choose a new directory")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{secrets.token_hex(4)}"
+        self.tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask (the directory is the final output)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.is_dir():
+            self.target.rmdir()  # empty, checked on entry
+        os.replace(self.tmp, self.target)
+        return False
+
+
+def write_directory(target, write: Callable[[Path], Any]) -> None:
+    """``write(path)`` for the directory ``target`` (a local path or an etils.epath remote path), atomically.
+
+    A local ``target`` left by an interrupted earlier attempt of the same run is replaced.
+    """
+    if "://" not in str(target):
+        target = Path(target)
+        if target.is_dir():
+            shutil.rmtree(target)
+        with atomic_directory(target) as tmp:
+            write(tmp)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "out"
+        write(local)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in local.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+
+
+def json_ready(value):
+    """Lists/dicts of floats with NaN or infinity -> None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
