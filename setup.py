@@ -34,6 +34,11 @@ setup(
         "reasoning-gym",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "peft", "jinja2"],
+        "tensorboard": ["tensorboardX>=2.6"],
+        "test": ["pytest", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6"],
+    },
+    entry_points={
+        "console_scripts": [f"jtranspeft-{tool}=jtranspeft.cli.{tool}:main"
+                            for tool in ("train", "evolve", "transfer", "evaluate", "analyze", "experiment")],
     },
 )

@@ -241,3 +241,43 @@ def test_loss_over_gathered_target_positions_equals_the_full_loss(tmp_path):
     assert abs(float(full) - float(gathered)) <= 1e-5 * abs(float(full))
     for a, b in zip(jax.tree_util.tree_leaves(full_grads), jax.tree_util.tree_leaves(gathered_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read from TensorBoard event files: TFRecord frames (u64 length, u32 crc, data,
+    u32 crc) of Event protos."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_events_repeat_metrics_jsonl_and_quiet_hides_the_bar(tmp_path, tiny_model_dir, tiny_task_file,
+                                                                       capsys):
+    recipe = _config_file(tmp_path, tiny_model_dir, tiny_task_file, transpeft={"p_drop": 0.0, "p_mask": 0.0},
+                          train={"max_steps": 3, "progress": True, "tensorboard": True})
+    assert main(["--config", str(recipe), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "train:" not in err and "step/s" not in err and "s/step" not in err  # no progress bar, no INFO log
+    rows = _metrics(tmp_path / "run")
+    scalars = _tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert set(scalars["train/loss"]) == {1, 2, 3}
+    for row in rows:
+        assert scalars["train/loss"][row["step"]] == pytest.approx(row["loss"], rel=1e-6)
+        assert scalars["train/lr"][row["step"]] == pytest.approx(row["lr"], rel=1e-6)
+    assert "train/step" not in scalars  # the step is the x axis, not a metric
+
+
+def test_without_quiet_the_bar_and_the_summary_log_show(tmp_path, tiny_model_dir, tiny_task_file, capsys):
+    recipe = _config_file(tmp_path, tiny_model_dir, tiny_task_file, train={"max_steps": 2, "progress": True})
+    assert main(["--config", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "train:" in err and "[jtranspeft.training.loop] train: 2 steps done" in err

@@ -31,10 +31,10 @@ import functools
 import flax.linen as nn
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from jtranspeft.models.base import Base, apply
 from jtranspeft.peft.lora import Lora
+from jtranspeft.utils.progress import progress_bar
 
 # sub-module name -> (what is recorded, which value of its __call__)
 CAPTURED = {"self_attn": ("attn_out", "output"), "post_attention_layernorm": ("ffn_in", "input"),
@@ -121,7 +121,7 @@ def activation_shift(old: Base, new: Base, batches, top_frac: float = 0.05, prog
     if not 0 < top_frac <= 1:
         raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
     sums: dict = {}
-    for batch in tqdm(batches, total=total, desc="activations", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, total=total, desc="activations", unit="batch", enabled=progress):
         captured_old = capture_sublayers(old, batch["input_ids"], batch["attention_mask"])
         captured_new = capture_sublayers(new, batch["input_ids"], batch["attention_mask"])
         _accumulate(sums, captured_old, captured_new, batch["token_mask"])

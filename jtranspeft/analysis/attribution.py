@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 
-from tqdm import tqdm
 
 from jtranspeft.analysis.scoring import Scorer
 from jtranspeft.models.base import Base
 from jtranspeft.models.params import GROUPS, swap_groups
 from jtranspeft.peft.lora import Lora
+from jtranspeft.utils.progress import progress_bar
 
 SWAPS = (("all old", ()), ("new ffn", ("ffn",)), ("new attention", ("attention",)),
          ("new embeddings+norms", ("embeddings", "norms")), ("all new", GROUPS))
@@ -41,7 +41,7 @@ def swap_attribution(old: Base, new: Base, scorer: Scorer, lora: Lora | None = N
     Returns {"rows": [{"name", "groups", "accuracy", "loss", "gap_share": {"accuracy", "loss"}}, ...]}.
     """
     rows = []
-    for name, groups in tqdm(SWAPS, desc="swaps", unit="swap", disable=not progress):
+    for name, groups in progress_bar(SWAPS, desc="swaps", unit="swap", enabled=progress):
         hybrid = old.replace(params=swap_groups(old.params, new.params, groups)) if groups else old
         rows.append({"name": name, "groups": list(groups), **scorer(hybrid, lora)})
     first, last = rows[0], rows[-1]

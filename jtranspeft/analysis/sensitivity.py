@@ -18,12 +18,12 @@ import dataclasses
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from jtranspeft.models.base import Base
 from jtranspeft.models.spec import MODULE_BLOCK
 from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.transpeft import TransPeftConfig
+from jtranspeft.utils.progress import progress_bar
 
 
 @jax.jit
@@ -55,7 +55,7 @@ def ffn_sensitivity(base: Base, scorer, lora: Lora | None = None, mask_p: float 
     """Baseline, per-layer FFN-drop and FFN-masking scores (see the module docstring)."""
     baseline = scorer(base, lora)
     layers = []
-    for layer in tqdm(range(base.spec.num_layers), desc="drop FFN", unit="layer", disable=not progress):
+    for layer in progress_bar(range(base.spec.num_layers), desc="drop FFN", unit="layer", enabled=progress):
         dropped = scorer(*drop_ffn_layer(base, lora, layer))
         layers.append({"layer": layer, "loss": dropped["loss"], "accuracy": dropped["accuracy"],
                        "delta_loss": dropped["loss"] - baseline["loss"]})

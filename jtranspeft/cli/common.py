@@ -27,13 +27,25 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirector
                     ConnectionError, json.JSONDecodeError)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at the time of each message."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     """Log ``jtranspeft`` messages to stderr: INFO by default, WARNING with ``quiet`` (which also hides
     progress bars, `jtranspeft.utils.progress`), DEBUG with ``verbose``."""
     logger = logging.getLogger("jtranspeft")
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
