@@ -1,4 +1,7 @@
-"""``python -m jtranspeft.analyze``: runs `jtranspeft.cli.analyze`; imported, calls like the library function `jtranspeft.analyze`."""
+"""``python -m jtranspeft.analyze``: runs `jtranspeft.cli.analyze`.
+
+Imported, this module calls like the library function `jtranspeft.analyze` (see `jtranspeft.cli.common.shim`).
+"""
 
 from jtranspeft.cli.common import shim
 

@@ -1,4 +1,7 @@
-"""``python -m jtranspeft.experiment``: runs `jtranspeft.cli.experiment`; imported, calls like `jtranspeft.run_experiment`."""
+"""``python -m jtranspeft.experiment``: runs `jtranspeft.cli.experiment`.
+
+Imported, this module calls like the library function `jtranspeft.run_experiment` (see `jtranspeft.cli.common.shim`).
+"""
 
 from jtranspeft.cli.common import shim
 

@@ -1,4 +1,7 @@
-"""``python -m jtranspeft.transfer``: runs `jtranspeft.cli.transfer`; imported, calls like the library function `jtranspeft.transfer`."""
+"""``python -m jtranspeft.transfer``: runs `jtranspeft.cli.transfer`.
+
+Imported, this module calls like the library function `jtranspeft.transfer` (see `jtranspeft.cli.common.shim`).
+"""
 
 from jtranspeft.cli.common import shim
 
