@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,8 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
+from jtranspeft.checkpoints.safetensors_io import FLOAT_DTYPES, LazyArray, SafetensorsFile, write_safetensors
 from jtranspeft.models.spec import PROJECTIONS, ModelSpec, hf_module_name
+from jtranspeft.utils.errors import FileFormatError, InputError
+from jtranspeft.utils.validate import Fields, read_json_object
+
+# Set to 1 to load a model whose parameters exceed the memory `check_memory` finds available.
+IGNORE_MEMORY_CHECK = "JTRANSPEFT_IGNORE_MEMORY_CHECK"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,26 +115,36 @@ def params_from_tensors(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray
                         source: str) -> dict:
     """Build our params tree from (HF name, torch-layout array) pairs arriving one at a time.
 
-    Every expected tensor must arrive exactly once with the expected shape; an unknown tensor, a wrong
-    shape or a missing tensor is a ValueError naming it and ``source``.
+    Every expected tensor must arrive exactly once, with the expected shape, a floating dtype and finite
+    values; an unknown, repeated, misshapen, non-float, non-finite or missing tensor is a `FileFormatError`
+    naming it and ``source``. Before any buffer is allocated, the parameter bytes are checked against the
+    memory available (`check_memory`).
     """
     names = _hf_names(spec)
     shapes = expected_shapes(spec)
     np_dtype = np.dtype(jnp.dtype(dtype))
+    check_memory(sum(math.prod(shape) for shape in shapes.values()) * np_dtype.itemsize, source)
     buffers = {e.path: np.empty(shapes[e.path], np_dtype) for e in key_table(spec)}
     seen: set[str] = set()
     for name, array in tensors:
+        if name in seen:
+            raise FileFormatError(source, "appears twice (two shards hold it?)", f"tensor {name!r}")
+        if np.dtype(array.dtype) not in FLOAT_DTYPES:
+            raise FileFormatError(source, f"has dtype {array.dtype}; weights must be floating point",
+                                  f"tensor {name!r}")
+        if not np.all(np.isfinite(array)):
+            raise FileFormatError(source, "holds NaN or infinite values", f"tensor {name!r}")
         if name not in names:
             if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and spec.tie_word_embeddings):
                 continue
-            raise ValueError(f"{source}: unexpected tensor {name!r} for a {spec.family} model "
-                             f"with {spec.num_layers} layers")
+            raise FileFormatError(source, f"unexpected for a {spec.family} model with {spec.num_layers} layers",
+                                  f"tensor {name!r}")
         entry, layer = names[name]
         want = shapes[entry.path][1:] if entry.per_layer else shapes[entry.path]
         value = array.T if entry.transpose else array
         if value.shape != want:
             hf_want = want[::-1] if entry.transpose else want
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {hf_want}")
+            raise FileFormatError(source, f"has shape {tuple(array.shape)}, expected {hf_want}", f"tensor {name!r}")
         target = buffers[entry.path]
         if entry.per_layer:
             target[layer] = value
@@ -136,22 +153,49 @@ def params_from_tensors(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray
         seen.add(name)
     missing = sorted(set(names) - seen)
     if missing:
-        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise FileFormatError(source, f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     params: dict = {}
     for path in list(buffers):
         _set_path(params, path, jnp.asarray(buffers.pop(path)))
     return params
 
 
+def available_memory_bytes() -> int | None:
+    """Memory a new allocation can use on this host (``MemAvailable`` of /proc/meminfo); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(nbytes: int, source: str) -> None:
+    """Refuse, with the numbers, to allocate ``nbytes`` of parameters that the host cannot hold (overridable
+    with the environment variable ``JTRANSPEFT_IGNORE_MEMORY_CHECK=1``)."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available and os.environ.get(IGNORE_MEMORY_CHECK) != "1":
+        raise InputError(f"{source}: the parameters need {nbytes / 2**30:.2f} GiB, this host has "
+                         f"{available / 2**30:.2f} GiB available; check vocab_size, hidden_size and num_hidden_layers "
+                         f"in its config, or set {IGNORE_MEMORY_CHECK}=1 to try anyway")
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     """The weight files of an HF directory: the sharded index's files, or ``model.safetensors``."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index}: not a valid safetensors index ({err})") from None
-        return [directory / f for f in dict.fromkeys(weight_map.values())]
+        fields = Fields(read_json_object(index), index)
+        weight_map = fields.get("weight_map", dict)
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or "/" in file or "\\" in file or file.startswith("."):
+                raise fields.error("weight_map", f"maps tensor {name!r} to {file!r}, not a file of this directory")
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (named by {index})")
+        return files
     single = directory / "model.safetensors"
     if single.is_file():
         return [single]

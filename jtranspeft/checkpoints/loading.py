@@ -14,6 +14,8 @@ from pathlib import Path
 from jtranspeft.checkpoints import hf
 from jtranspeft.models.base import Base
 from jtranspeft.models.spec import read_hf_config, spec_from_hf_config
+from jtranspeft.utils.errors import FileFormatError
+from jtranspeft.utils.validate import read_json_object
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 SMOLLM2 = "smollm2"  # the name of the bundled model wherever a model path is asked for
@@ -26,6 +28,17 @@ def resolve_model_path(path: str | Path) -> Path:
 
         return smollm2_gguf_path()
     return Path(path)
+
+
+def refuse_custom_code(directory: Path) -> None:
+    """Refuse a model directory whose config or tokenizer config names custom code (``auto_map``): jtranspeft
+    never runs code from a model, tokenizer or adapter directory."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file() and "auto_map" in read_json_object(path):
+            raise FileFormatError(path, "names custom code; jtranspeft never runs code from a model directory "
+                                        "(use a checkpoint of a supported architecture without auto_map)",
+                                  "field 'auto_map'")
 
 
 def _load_tokenizer(directory: Path):
@@ -57,7 +70,8 @@ def load_base(path: str | Path, dtype: str = "float32", compute_dtype: str | Non
               tokenizer: bool = True) -> Base:
     """Load a base model from an HF directory, a ``.gguf`` file, a hub id or ``"smollm2"`` (the bundled GGUF).
 
-    Weights come only from safetensors or GGUF, never pickle; no code from the directory ever runs.
+    Weights come only from safetensors or GGUF, never pickle; no code from the directory ever runs (a
+    directory naming custom code is refused, `refuse_custom_code`).
 
     ``dtype`` is the storage dtype of the params, ``compute_dtype`` the dtype of the forward pass
     (default: the storage dtype). The tokenizer comes from the directory (None if it has no tokenizer
@@ -69,11 +83,12 @@ def load_base(path: str | Path, dtype: str = "float32", compute_dtype: str | Non
 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        spec = spec_from_hf_config(gguf.read_gguf_config(path))
+        spec = spec_from_hf_config(gguf.read_gguf_config(path), path)
         params = hf.params_from_tensors(spec, gguf.iter_gguf_tensors(path), dtype, str(path))
         tok = gguf.load_gguf_tokenizer(path) if tokenizer else None
     elif path.is_dir():
-        spec = spec_from_hf_config(read_hf_config(path))
+        refuse_custom_code(path)
+        spec = spec_from_hf_config(read_hf_config(path), path / "config.json")
         files = hf.safetensors_files(path)
         params = hf.params_from_tensors(spec, hf.iter_safetensors(files), dtype, str(path))
         tok = _load_tokenizer(path) if tokenizer else None

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.fingerprint import base_fingerprint
-from jtranspeft.checkpoints.safetensors_io import LazyArray, SafetensorsFile, write_safetensors
+from jtranspeft.checkpoints.safetensors_io import FLOAT_DTYPES, LazyArray, SafetensorsFile, write_safetensors
 from jtranspeft.models.params import base_kernel
 from jtranspeft.models.spec import TARGET_MODULES, hf_module_name
 from jtranspeft.peft.lora import Lora, LoraConfig, layer_ranks, lora_from_factors
+from jtranspeft.utils.errors import FileFormatError
+from jtranspeft.utils.validate import Fields, read_json_object
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -92,8 +94,16 @@ def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | Non
 
 def read_metadata(directory: str | Path) -> dict:
     """jtranspeft's metadata stored with an adapter (empty for adapters made elsewhere)."""
-    with SafetensorsFile(Path(directory) / WEIGHTS_FILE) as f:
-        return json.loads(f.metadata.get("jtranspeft", "{}"))
+    path = Path(directory) / WEIGHTS_FILE
+    with SafetensorsFile(path) as f:
+        text = f.metadata.get("jtranspeft", "{}")
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FileFormatError(path, f"is not JSON ({err.msg} at character {err.pos})", "metadata 'jtranspeft'") from None
+    if not isinstance(metadata, dict):
+        raise FileFormatError(path, f"must be a JSON object, got {type(metadata).__name__}", "metadata 'jtranspeft'")
+    return metadata
 
 
 def _refuse_unsupported(cfg: dict, path: Path) -> None:
@@ -107,10 +117,10 @@ def _refuse_unsupported(cfg: dict, path: Path) -> None:
     ]
     for failed, field, why in checks:
         if failed:
-            raise ValueError(f"{path}: field {field}={cfg.get(field)!r}: {why}")
+            raise FileFormatError(path, f"= {cfg.get(field)!r}: {why}", f"field {field!r}")
     for field in ("r", "lora_alpha", "target_modules"):
         if cfg.get(field) is None:
-            raise ValueError(f"{path}: field {field!r} is missing")
+            raise FileFormatError(path, "is missing", f"field {field!r}")
 
 
 def modules_named(name: str) -> list[str]:
@@ -123,13 +133,19 @@ def _targets(target_modules: str | list[str], num_layers: int, path: Path) -> tu
     if target_modules == "all-linear":
         return TARGET_MODULES
     if isinstance(target_modules, str):  # peft: a regex full-matched against module names
-        hits = {(m, i) for m in TARGET_MODULES for i in range(num_layers)
-                if re.fullmatch(target_modules, hf_module_name(m, i))}
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise FileFormatError(path, f"is not a valid regex ({err})", "field 'target_modules'") from None
+        hits = {(m, i) for m in TARGET_MODULES for i in range(num_layers) if pattern.fullmatch(hf_module_name(m, i))}
         targets = tuple(m for m in TARGET_MODULES if any(h[0] == m for h in hits))
         if hits != {(m, i) for m in targets for i in range(num_layers)}:
             raise ValueError(f"{path}: target_modules regex {target_modules!r} selects some layers only; "
                              "use layers_to_transform instead")
     else:
+        if not all(isinstance(t, str) for t in target_modules):
+            raise FileFormatError(path, f"must be a list of module names, got {target_modules!r:.80}",
+                                  "field 'target_modules'")
         unsupported = [t for t in target_modules if not modules_named(t)]
         if unsupported:
             raise ValueError(f"{path}: target_modules {unsupported} are not supported "
@@ -140,8 +156,36 @@ def _targets(target_modules: str | list[str], num_layers: int, path: Path) -> tu
     return targets
 
 
+def read_adapter_config(directory: str | Path, num_layers: int) -> LoraConfig:
+    """The `LoraConfig` of an HF PEFT adapter directory for a base of ``num_layers``, every field checked."""
+    path = Path(directory) / CONFIG_FILE
+    cfg = read_json_object(path)
+    _refuse_unsupported(cfg, path)
+    f = Fields(cfg, path)
+    layers = f.get("layers_to_transform", (int, list), None, nullable=True)
+    layers = [layers] if isinstance(layers, int) else layers
+    if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise f.error("layers_to_transform", f"must be layer indices (integers >= 0), got {layers!r:.80}")
+    patterns = {name: f.get(name, dict, {}) for name in ("rank_pattern", "alpha_pattern")}
+    for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        entries = Fields(patterns[name], path, f"{name}.")
+        for key in patterns[name]:
+            entries.get(key, kind, minimum=1 if kind is int else 0.0)
+    settings = dict(r=f.get("r", int, minimum=1), alpha=f.get("lora_alpha", float, minimum=0.0),
+                    dropout=f.get("lora_dropout", float, 0.0, minimum=0.0, below=1.0),
+                    targets=_targets(f.get("target_modules", (str, list)), num_layers, path),
+                    use_rslora=f.get("use_rslora", bool, False), rank_pattern=dict(patterns["rank_pattern"]),
+                    alpha_pattern=dict(patterns["alpha_pattern"]), layers=None if layers is None else tuple(layers))
+    try:
+        return LoraConfig(**settings)
+    except ValueError as err:
+        raise FileFormatError(path, str(err)) from None
+
+
 def load_peft(directory: str | Path, base) -> Lora:
-    """Read an HF PEFT LoRA adapter for ``base`` (a `jtranspeft.Base`), checking every key and shape."""
+    """Read an HF PEFT LoRA adapter for ``base`` (a `jtranspeft.Base`), checking every field, key, shape, dtype
+    and value: a missing or unsupported field, a foreign key, a misshapen, non-float or non-finite tensor is a
+    `FileFormatError` naming it."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
@@ -149,16 +193,8 @@ def load_peft(directory: str | Path, base) -> Lora:
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: adapter_model.safetensors is missing "
                                 "(adapter_model.bin is pickle, which jtranspeft never loads)")
-    cfg = json.loads(config_path.read_text())
-    _refuse_unsupported(cfg, config_path)
     num_layers = base.spec.num_layers
-    layers = cfg.get("layers_to_transform")
-    config = LoraConfig(
-        r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-        targets=_targets(cfg["target_modules"], num_layers, config_path),
-        use_rslora=bool(cfg.get("use_rslora")), rank_pattern=dict(cfg.get("rank_pattern") or {}),
-        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-        layers=None if layers is None else tuple([layers] if isinstance(layers, int) else layers))
+    config = read_adapter_config(directory, num_layers)
     expected = {peft_key(m, i, f): (m, i, f) for m in config.targets
                 for i, rank in enumerate(layer_ranks(config, m, num_layers)) if rank for f in "AB"}
     factors: dict[str, list[np.ndarray]] = {}
@@ -170,7 +206,7 @@ def load_peft(directory: str | Path, base) -> Lora:
                        if split is None or not re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+", split[0])
                        else "for a layer or module "
                        f"the config does not adapt on this base ({num_layers} layers, targets {list(config.targets)})")
-                raise ValueError(f"{weights_path}: tensor {key!r} is {why}")
+                raise FileFormatError(weights_path, f"is {why}", f"tensor {key!r}")
         for module in config.targets:
             ranks = layer_ranks(config, module, num_layers)
             _, d_in, d_out = base_kernel(base.params, module).shape
@@ -183,11 +219,17 @@ def load_peft(directory: str | Path, base) -> Lora:
                 for factor, want, stack in (("A", (rank, d_in), a_stack), ("B", (d_out, rank), b_stack)):
                     key = peft_key(module, layer, factor)
                     if key not in f.header:
-                        raise ValueError(f"{weights_path}: tensor {key!r} is missing")
+                        raise FileFormatError(weights_path, "is missing", f"tensor {key!r}")
                     if f.shape(key) != want:
-                        raise ValueError(f"{weights_path}: tensor {key!r} has shape {list(f.shape(key))}, "
-                                         f"expected {list(want)} for this base")
-                    value = f.get(key).astype(np.float32).T
+                        raise FileFormatError(weights_path, f"has shape {list(f.shape(key))}, expected {list(want)} "
+                                                            "for this base", f"tensor {key!r}")
+                    value = f.get(key)
+                    if np.dtype(value.dtype) not in FLOAT_DTYPES:
+                        raise FileFormatError(weights_path, f"has dtype {value.dtype}; adapter factors must be "
+                                                            "floating point", f"tensor {key!r}")
+                    if not np.all(np.isfinite(value)):
+                        raise FileFormatError(weights_path, "holds NaN or infinite values", f"tensor {key!r}")
+                    value = value.astype(np.float32).T
                     if factor == "A":
                         stack[layer, :, :rank] = value
                     else:

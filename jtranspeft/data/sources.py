@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from jtranspeft.data.config import RG_DEFAULT_EVAL_SIZE, RG_DEFAULT_TRAIN_SIZE, RG_PREFIX, DataConfig
+from jtranspeft.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +135,18 @@ def _reasoning_gym_records(cfg: DataConfig, split: str) -> list[dict]:
 
 
 def _generate(task: str, size: int, seed: int, cfg: DataConfig) -> list[dict]:
+    return list(reasoning_gym_dataset(task, size, seed, cfg.rg_kwargs, f"data.source {cfg.source!r} / data.rg_kwargs"))
+
+
+def reasoning_gym_dataset(task: str, size: int, seed: int, kwargs: dict, where: str):
+    """reasoning-gym's generated dataset ``task``; an unknown task or generator argument, or one its config
+    refuses, is an `InputError` naming ``where`` (the setting that gave it) and the arguments."""
     import reasoning_gym
 
     try:
-        return list(reasoning_gym.create_dataset(task, size=size, seed=seed, **cfg.rg_kwargs))
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"data.source {cfg.source!r} / data.rg_kwargs {cfg.rg_kwargs}: {err}") from err
+        return reasoning_gym.create_dataset(task, size=size, seed=seed, **kwargs)
+    except (ValueError, TypeError, AssertionError) as err:
+        raise InputError(f"{where} {kwargs}: reasoning-gym task {task!r} refused them: {err}") from None
 
 
 def _rg_record(item: dict) -> dict:

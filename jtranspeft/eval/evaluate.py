@@ -14,8 +14,9 @@ scored. Two kinds of scoring:
 
 `evaluate_perplexity` reports exp(mean NLL) of a UTF-8 text file. With ``out``, both write ``results.json``
 (accuracy with a 95% Wilson interval, counts, settings, wall time, generated tokens/s) and, for tasks,
-``predictions.jsonl`` (one row per item: prompt, output, extracted answer, gold, verdict); the directory is
-created before any scoring, so a path that cannot be written fails at once. Heavy imports (JAX, the model
+``predictions.jsonl`` (one row per item: prompt, output, extracted answer, gold, verdict), appended as items
+are scored, so a killed evaluation continues where it stopped; the directory is created before any scoring,
+so a path that cannot be written fails at once. Heavy imports (JAX, the model
 code) happen inside the functions, so the CLI (`jtranspeft.cli.evaluate`) answers ``--help`` at once.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ COMMONSENSE_ANSWER = "the correct answer is {label}"
 MAX_NEW_TOKENS = {"gsm8k": 1024, "math": 2048}  # docs/method.md §5; commonsense 32, reasoning-gym 512
 CHOICE = "choice"
 TEMPLATES = ("alpaca", "commonsense", "chat", "plain")
+CHUNK_BATCHES = 4  # batches scored between two appends to predictions.jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,44 +161,39 @@ def extract_answer(task: str, text: str) -> str | None:
     return scorers.extract_reasoning_gym_answer(text)
 
 
-def _score_by_generation(cfg: EvalConfig, base, lora, items, prompts) -> tuple[list[dict], dict]:
+def _score_by_generation(cfg: EvalConfig, base, lora, items, prompts, bar) -> tuple[list[dict], dict]:
     from jtranspeft.eval import tasks
     from jtranspeft.inference.generate import generate
 
     task = tasks.get_task(cfg.task)
-    with progress_bar(total=len(items), desc=cfg.task, unit="item") as bar:
-        start = time.perf_counter()
-        texts, ids = generate(base, prompts, lora, max_new_tokens=cfg.max_new_tokens, stop=STOP_STRINGS,
-                              batch_size=cfg.batch_size, on_batch_done=bar.update, return_ids=True,
-                              add_special_tokens=cfg.template != "chat")
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    texts, ids = generate(base, prompts, lora, max_new_tokens=cfg.max_new_tokens, stop=STOP_STRINGS,
+                          batch_size=cfg.batch_size, on_batch_done=bar.update, return_ids=True,
+                          add_special_tokens=cfg.template != "chat")
     rows = [{"index": item["index"], "prompt": prompt, "output": text, "extracted": extract_answer(cfg.task, text),
              "gold": item["gold"], "correct": bool(task.score(text, item)), "new_tokens": len(new)}
             for item, prompt, text, new in zip(items, prompts, texts, ids)]
-    new_tokens = sum(len(new) for new in ids)
-    return rows, {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds,
-                  "note": "wall time of all batches, compilation included"}
+    return rows, {"seconds": time.perf_counter() - start, "new_tokens": sum(len(new) for new in ids)}
 
 
-def _score_by_loglik(cfg: EvalConfig, base, lora, items, prompts) -> tuple[list[dict], dict]:
+def _score_by_loglik(cfg: EvalConfig, base, lora, items, prompts, bar) -> tuple[list[dict], dict]:
     from jtranspeft.eval.loglik import continuation_logprobs
 
     tok = base.tokenizer
     rows, start = [], time.perf_counter()
-    with progress_bar(total=len(items), desc=cfg.task, unit="item") as bar:
-        for first in range(0, len(items), cfg.batch_size):
-            chunk = list(zip(items[first:first + cfg.batch_size], prompts[first:first + cfg.batch_size]))
-            pairs = [(tok(prompt, add_special_tokens=cfg.template != "chat")["input_ids"],
-                      tok(option, add_special_tokens=False)["input_ids"])
-                     for item, prompt in chunk for option in item["options"]]
-            scores = iter(continuation_logprobs(base, pairs, lora, cfg.batch_size))
-            for item, prompt in chunk:
-                item_scores = [next(scores) for _ in item["options"]]
-                best = max(range(len(item_scores)), key=item_scores.__getitem__)
-                rows.append({"index": item["index"], "prompt": prompt, "output": item["options"][best],
-                             "extracted": item["options"][best], "gold": item["options"][item["gold_index"]],
-                             "correct": best == item["gold_index"], "option_logprobs": item_scores})
-            bar.update(len(chunk))
+    for first in range(0, len(items), cfg.batch_size):
+        chunk = list(zip(items[first:first + cfg.batch_size], prompts[first:first + cfg.batch_size]))
+        pairs = [(tok(prompt, add_special_tokens=cfg.template != "chat")["input_ids"],
+                  tok(option, add_special_tokens=False)["input_ids"])
+                 for item, prompt in chunk for option in item["options"]]
+        scores = iter(continuation_logprobs(base, pairs, lora, cfg.batch_size))
+        for item, prompt in chunk:
+            item_scores = [next(scores) for _ in item["options"]]
+            best = max(range(len(item_scores)), key=item_scores.__getitem__)
+            rows.append({"index": item["index"], "prompt": prompt, "output": item["options"][best],
+                         "extracted": item["options"][best], "gold": item["options"][item["gold_index"]],
+                         "correct": best == item["gold_index"], "option_logprobs": item_scores})
+        bar.update(len(chunk))
     return rows, {"seconds": time.perf_counter() - start}
 
 
@@ -230,13 +228,60 @@ def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dic
     return base, lora, settings, out
 
 
+class _Predictions:
+    """``predictions.jsonl`` of an evaluation directory, appended chunk by chunk so a killed evaluation resumes.
+
+    ``eval_settings.json`` records what the rows were produced with; a directory holding rows of other
+    settings is refused rather than mixed. A line cut short by a kill is dropped.
+    """
+
+    def __init__(self, out: Path | None, settings: dict):
+        self.out, self.rows = out, {}
+        if out is None:
+            return
+        recorded = out / "eval_settings.json"
+        if recorded.is_file():
+            before = json.loads(recorded.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            if changed:
+                raise InputError(f"{out}: holds predictions made with other settings ({', '.join(changed)} differ); "
+                                 "use a new output directory")
+        else:
+            _write_json(recorded, settings)
+        path = out / "predictions.jsonl"
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the tail of a killed write; its items are scored again
+                self.rows[row["index"]] = row
+            self._rewrite()  # drop a cut line before appending
+
+    def add(self, rows: list[dict]) -> None:
+        """Record finished rows (durable before the next chunk starts)."""
+        self.rows.update((row["index"], row) for row in rows)
+        if self.out is not None:
+            with open(self.out / "predictions.jsonl", "a", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def _rewrite(self) -> None:
+        with open(self.out / "predictions.jsonl", "w", encoding="utf-8") as handle:
+            for row in self.rows.values():
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def evaluate(base, config: EvalConfig, *, adapter=None, merge: bool = False, out: str | Path | None = None,
              dtype: str = "float32") -> dict:
     """Score ``base`` (a `Base`, or a path / hub id / "smollm2" loaded in ``dtype``) on ``config``'s task.
 
     ``adapter``: a `Lora` or an HF PEFT directory, applied unmerged unless ``merge``. Returns the results
     dict (also ``out/results.json`` plus ``out/predictions.jsonl`` when ``out`` is given). The items are
-    loaded before the model, so bad data fails fast.
+    loaded before the model, so bad data fails fast. With ``out``, predictions are written every
+    `CHUNK_BATCHES` batches and a rerun on the same directory scores only the items not yet there.
     """
     from jtranspeft.eval import scorers
 
@@ -245,24 +290,36 @@ def evaluate(base, config: EvalConfig, *, adapter=None, merge: bool = False, out
     items = load_items(cfg)
     base, lora, settings, out = _prepare(base, adapter, merge, dtype, out)
     suffix = THINK_SUFFIX if cfg.task in ("gsm8k", "math") else ""
-    prompts = [build_prompt(item, cfg.template, base.tokenizer, suffix) for item in items]
     settings.update(batch_size=cfg.batch_size, task=cfg.task, data=cfg.data, limit=cfg.limit, seed=cfg.seed,
                     rg_kwargs=cfg.rg_kwargs, template=cfg.template, prompt_suffix=suffix, scoring=cfg.scoring)
-    if cfg.scoring == "loglik":
-        rows, timing = _score_by_loglik(cfg, base, lora, items, prompts)
-    else:
+    if cfg.scoring == "generate":
         settings.update(decoding="greedy", max_new_tokens=cfg.max_new_tokens, stop=list(STOP_STRINGS))
-        rows, timing = _score_by_generation(cfg, base, lora, items, prompts)
+    predictions = _Predictions(out, {k: v for k, v in settings.items() if k not in ("device", "batch_size")})
+    todo = [item for item in items if item["index"] not in predictions.rows]
+    score = _score_by_loglik if cfg.scoring == "loglik" else _score_by_generation
+    timing = {"seconds": 0.0, "new_tokens": 0}
+    chunk = cfg.batch_size * CHUNK_BATCHES
+    with progress_bar(total=len(items), initial=len(items) - len(todo), desc=cfg.task, unit="item") as bar:
+        for first in range(0, len(todo), chunk):
+            part = todo[first:first + chunk]
+            prompts = [build_prompt(item, cfg.template, base.tokenizer, suffix) for item in part]
+            rows, spent = score(cfg, base, lora, part, prompts, bar)
+            predictions.add(rows)
+            timing = {k: timing[k] + spent.get(k, 0) for k in timing}
+    if cfg.scoring == "generate":
+        timing.update(tokens_per_s=timing["new_tokens"] / timing["seconds"] if timing["seconds"] else None,
+                      note="wall time of the batches of this call, compilation included")
+    else:
+        del timing["new_tokens"]
+    rows = [predictions.rows[item["index"]] for item in items]
     correct = [row["correct"] for row in rows]
     no_answer = sum(1 for row in rows if row["extracted"] is None)
     results = {"task": cfg.task, **scorers.accuracy_with_ci(correct),
                "counts": {"total": len(rows), "correct": sum(correct), "wrong": len(rows) - sum(correct),
                           "no_answer": no_answer},
-               "settings": settings, "timing": timing, "wall_time_s": time.perf_counter() - started}
+               "settings": settings, "timing": timing, "resumed_items": len(items) - len(todo),
+               "wall_time_s": time.perf_counter() - started}
     if out is not None:
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         _write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
     return results
 

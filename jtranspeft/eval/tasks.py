@@ -133,11 +133,11 @@ def load_reasoning_gym(dataset_name: str, size: int, seed: int = 42, **generator
     does for training.
 
     prompt_instruction = entry["question"], gold = str(entry["answer"]) ("" when the dataset has no
-    single answer). Unknown dataset names raise reasoning-gym's own ValueError.
+    single answer). An unknown dataset name or generator argument is an `InputError` naming it.
     """
-    import reasoning_gym
+    from jtranspeft.data.sources import reasoning_gym_dataset
 
-    dataset = reasoning_gym.create_dataset(dataset_name, size=size, seed=seed, **generator_kwargs)
+    dataset = reasoning_gym_dataset(dataset_name, size, seed, generator_kwargs, "rg_kwargs (--rg-kwargs)")
     items = []
     for index in range(size):
         entry = dataset[index]

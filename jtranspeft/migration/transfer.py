@@ -50,6 +50,7 @@ from jtranspeft.peft.lora import Lora, layer_ranks, merge_lora
 from jtranspeft.peft.moves import project_lora, remap_layers, rescale_lora
 from jtranspeft.migration import METHODS
 from jtranspeft.utils.files import atomic_directory
+from jtranspeft.utils.validate import read_json_object
 
 # Spec fields that change what an adapter's tensors mean; others (rope, vocab, eps, tying) are only noted.
 _ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
@@ -105,7 +106,7 @@ def _layout_from_dir(directory: Path) -> _AdapterLayout:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; --adapter must be an HF PEFT adapter directory")
-    cfg = json.loads(config_path.read_text())
+    cfg = read_json_object(config_path)
     shapes, foreign = {}, []
     with SafetensorsFile(weights_path) as f:
         for key in f.keys():
@@ -120,7 +121,7 @@ def _layout_from_dir(directory: Path) -> _AdapterLayout:
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         for name in targets:
-            if not modules_named(name):
+            if not isinstance(name, str) or not modules_named(name):
                 foreign.append(f"missing target module: target_modules lists {name!r}, which the new base does "
                                f"not have (it has {', '.join(TARGET_MODULES)})")
     return _AdapterLayout(shapes, foreign, read_metadata(directory))
@@ -265,17 +266,15 @@ def transfer(adapter: str | Path | Lora, new_base: Base, old_base: Base | None =
     verdict, identity_notes = _identity(recorded, old_fp, new_fp, ref_what)
     notes = identity_notes + notes
 
-    # Map the adapter (through load_peft's key tables), move its layers, apply the variant.
-    try:
-        if isinstance(adapter, Lora):
-            source = adapter
-        elif layer_map is None:
-            source = load_peft(adapter, new_base)
-        else:
-            depth = src_layers or 1 + max([*layer_map, *(layer for (_, layer, _) in layout.shapes)])
-            source = load_peft(adapter, _shape_stand_in(new_base.spec, new_base.params, depth))
-    except ValueError as err:
-        return TransferResult("incompatible", (str(err),), **described)
+    # Map the adapter (through load_peft's key tables and checks), move its layers, apply the variant. The
+    # layout checks above caught every incompatibility; what load_peft refuses now is a bad file (exit 2).
+    if isinstance(adapter, Lora):
+        source = adapter
+    elif layer_map is None:
+        source = load_peft(adapter, new_base)
+    else:
+        depth = src_layers or 1 + max([*layer_map, *(layer for (_, layer, _) in layout.shapes)])
+        source = load_peft(adapter, _shape_stand_in(new_base.spec, new_base.params, depth))
     moved = source if layer_map is None else remap_layers(source, layer_map, new_base.spec.num_layers)
     if method == "project":
         moved = project_lora(moved, new_base.params, project_k)

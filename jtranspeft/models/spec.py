@@ -18,12 +18,12 @@ from here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from jtranspeft.utils.errors import InputError
+from jtranspeft.utils.validate import Fields, read_json_object
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "llama3")
@@ -199,81 +199,99 @@ class ModelSpec:
         return cfg
 
 
-def _rope_from_config(cfg: dict[str, Any]) -> RopeSpec:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
+def _rope_params(f: "Fields", name: str) -> dict[str, Any] | None:
+    """One rope dict (``rope_parameters`` or the older ``rope_scaling``) with ``type`` read as ``rope_type``."""
+    params = f.get(name, dict, None, nullable=True)
+    if not params:
+        return None
+    params = dict(params)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    return params
+
+
+def _rope_from_config(f: "Fields") -> RopeSpec:
+    new, old = _rope_params(f, "rope_parameters"), _rope_params(f, "rope_scaling")
+    if new is not None and old is not None:
+        differ = {k for k in set(new) & set(old) if new[k] != old[k]}
+        if differ or new.get("rope_type", "default") != old.get("rope_type", "default"):
+            raise f.error("rope_scaling", f"{old} disagrees with rope_parameters {new}; transformers would apply "
+                                          "one of them, keep only one")
+    params = new or old or {}
+    theta = params.get("rope_theta", f.get("rope_theta", float, 10000.0))
+    rope_type = params.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise SpecError(f"rope type {rope_type!r} (field rope_parameters.rope_type / rope_scaling.type) "
                         f"is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise f.error("rope_theta", f"must be a positive number, got {theta!r}")
     if rope_type == "default":
         return RopeSpec(theta=float(theta))
-    try:
-        return RopeSpec(theta=float(theta), rope_type=rope_type, factor=float(params["factor"]),
-                        low_freq_factor=float(params["low_freq_factor"]),
-                        high_freq_factor=float(params["high_freq_factor"]),
-                        original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    except KeyError as err:
-        raise SpecError(f"llama3 rope scaling needs field {err.args[0]!r}") from None
+    rope = Fields(params, f.path, "rope_parameters.")
+    return RopeSpec(theta=float(theta), rope_type=rope_type, factor=rope.get("factor", float, minimum=1.0),
+                    low_freq_factor=rope.get("low_freq_factor", float, minimum=0.0),
+                    high_freq_factor=rope.get("high_freq_factor", float, minimum=0.0),
+                    original_max_position_embeddings=rope.get("original_max_position_embeddings", int, minimum=1))
 
 
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise SpecError(f"config field {key!r} is missing")
-    return cfg[key]
+def spec_from_hf_config(cfg: dict[str, Any], path: str | Path = "config.json") -> ModelSpec:
+    """Build a `ModelSpec` from a transformers ``config.json`` dict read from ``path`` (named in errors).
 
-
-def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
-    """Build a `ModelSpec` from a transformers ``config.json`` dict; unsupported values raise `SpecError`."""
-    family = cfg.get("model_type")
+    Every field is type- and range-checked; a value we cannot honour exactly (another activation, MLP bias,
+    partial rotary embeddings, an unsupported or contradictory rope) raises `SpecError`.
+    """
+    f = Fields(cfg, path)
+    family = f.get("model_type", str, None, nullable=True)
     if family not in FAMILIES:
-        raise SpecError(f"model_type {family!r} (architectures {cfg.get('architectures')}) is not supported; "
-                        f"supported: {', '.join(FAMILIES)}")
-    act = cfg.get("hidden_act", "silu")
+        raise SpecError(f"{path}: model_type {family!r} (architectures {cfg.get('architectures')}) is not "
+                        f"supported; supported: {', '.join(FAMILIES)}")
+    act = f.get("hidden_act", str, "silu")
     if act != "silu":
-        raise SpecError(f"hidden_act {act!r} is not supported (only 'silu')")
-    if cfg.get("mlp_bias"):
-        raise SpecError("mlp_bias=true is not supported")
-    if cfg.get("pretraining_tp", 1) not in (1, None):
-        raise SpecError("pretraining_tp != 1 is not supported")
-    num_heads = int(_require(cfg, "num_attention_heads"))
-    hidden = int(_require(cfg, "hidden_size"))
-    head_dim = cfg.get("head_dim") or hidden // num_heads
-    window = cfg.get("sliding_window")
+        raise SpecError(f"{path}: hidden_act {act!r} is not supported (only 'silu')")
+    if f.get("mlp_bias", bool, False):
+        raise SpecError(f"{path}: mlp_bias=true is not supported")
+    if f.get("pretraining_tp", int, 1) != 1:
+        raise SpecError(f"{path}: pretraining_tp != 1 is not supported")
+    if f.get("partial_rotary_factor", float, 1.0) != 1.0:
+        raise SpecError(f"{path}: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported "
+                        "(rotary embeddings on part of each head would be computed wrongly)")
+    num_heads = f.get("num_attention_heads", int, minimum=1)
+    hidden = f.get("hidden_size", int, minimum=1)
+    head_dim = f.get("head_dim", int, None, minimum=1) or hidden // num_heads
+    window = f.get("sliding_window", int, None, minimum=1)
     if family in ("qwen2", "qwen3") and not (
-        cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ())
+        f.get("use_sliding_window", bool, False) or "sliding_attention" in (f.get("layer_types", list, None) or ())
     ):
         window = None
-    attention_bias = family in ("llama", "qwen3") and bool(cfg.get("attention_bias", False))
+    attention_bias = family in ("llama", "qwen3") and f.get("attention_bias", bool, False)
+    eos = f.get("eos_token_id", (int, list), None)
+    if isinstance(eos, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise f.error("eos_token_id", f"must be an integer or a list of integers, got {eos!r}")
     return ModelSpec(
         family=family,
-        vocab_size=int(_require(cfg, "vocab_size")),
+        vocab_size=f.get("vocab_size", int, minimum=1),
         hidden_size=hidden,
-        intermediate_size=int(_require(cfg, "intermediate_size")),
-        num_layers=int(_require(cfg, "num_hidden_layers")),
+        intermediate_size=f.get("intermediate_size", int, minimum=1),
+        num_layers=f.get("num_hidden_layers", int, minimum=1),
         num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope=_rope_from_config(cfg),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_kv_heads=f.get("num_key_value_heads", int, num_heads, minimum=1),
+        head_dim=head_dim,
+        rms_norm_eps=f.get("rms_norm_eps", float, 1e-6, minimum=0.0),
+        rope=_rope_from_config(f),
+        tie_word_embeddings=f.get("tie_word_embeddings", bool, False),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias,
         qk_norm=family == "qwen3",
-        sliding_window=int(window) if window else None,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=tuple(cfg["eos_token_id"]) if isinstance(cfg.get("eos_token_id"), list)
-        else cfg.get("eos_token_id"),
+        sliding_window=window,
+        max_position_embeddings=f.get("max_position_embeddings", int, 4096, minimum=1),
+        bos_token_id=f.get("bos_token_id", int, None),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
     )
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
-    """Read ``config.json`` from an HF checkpoint directory, with errors naming the file."""
+    """Read ``config.json`` from an HF checkpoint directory (a JSON object; errors name the file and line)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config.json is missing; an HF checkpoint directory needs one")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{path}: not valid JSON ({err})") from None
+    return read_json_object(path)

@@ -27,6 +27,7 @@ import numpy as np
 from jtranspeft.models.base import Base
 from jtranspeft.models.params import base_kernel
 from jtranspeft.models.spec import MODULE_BLOCK, TARGET_MODULES, hf_module_name
+from jtranspeft.utils.validate import check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class LoraConfig:
                              f"{', '.join(TARGET_MODULES)}; unknown: {unknown}")
         if self.r <= 0:
             raise ValueError(f"lora.r must be positive, got {self.r}")
+        check_range("lora.alpha", self.alpha, above=0)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 

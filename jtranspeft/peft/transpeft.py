@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.models.perturb import FfnPerturbation
+from jtranspeft.utils.validate import check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,8 @@ class TransPeftConfig(FfnPerturbation):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "exclude_layers", tuple(self.exclude_layers))
+        for layer in self.exclude_layers:
+            check_range("transpeft.exclude_layers[]", layer, minimum=0)
         if self.warmup_steps < 0:
             raise ValueError(f"transpeft.warmup_steps must be >= 0, got {self.warmup_steps}")
 

@@ -16,6 +16,7 @@ from jtranspeft.models.spec import GROUPS
 from jtranspeft.peft.lora import LoraConfig
 from jtranspeft.peft.transpeft import TransPeftConfig
 from jtranspeft.training.sharding import MeshConfig
+from jtranspeft.utils.validate import check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,18 @@ class TrainConfig:
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of "
                              f"grad_accum={self.grad_accum}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.peak_flops is not None and self.peak_flops <= 0:
-            raise ValueError(f"peak_flops must be positive (FLOP/s per device) or null, got {self.peak_flops}")
+        check_range("max_steps", self.max_steps, minimum=1, optional=True)
+        check_range("epochs", self.epochs, above=0)
+        check_range("lr", self.lr, above=0)
+        check_range("warmup_ratio", self.warmup_ratio, minimum=0, below=1)
+        check_range("warmup_steps", self.warmup_steps, minimum=0, optional=True)
+        check_range("b1", self.b1, minimum=0, below=1)
+        check_range("b2", self.b2, minimum=0, below=1)
+        check_range("eps", self.eps, above=0)
+        check_range("weight_decay", self.weight_decay, minimum=0)
+        check_range("grad_clip", self.grad_clip, above=0, optional=True)
+        check_range("log_every", self.log_every, minimum=1)
+        check_range("peak_flops", self.peak_flops, above=0, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,10 @@ class CheckpointConfig:
 
     every: int = 100
     keep: int = 3
+
+    def __post_init__(self):
+        check_range("every", self.every, minimum=1)
+        check_range("keep", self.keep, minimum=1)  # 0 would delete every checkpoint, the last one too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +92,10 @@ class DistributedConfig:
     num_processes: int | None = None
     process_id: int | None = None
     local_device_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        check_range("num_processes", self.num_processes, minimum=1, optional=True)
+        check_range("process_id", self.process_id, minimum=0, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,12 @@ def evolve(cfg: EvolveConfig) -> dict:
     Every process of a multi-host run calls this; process 0 writes the run directory's files.
     """
     loop.init_distributed(cfg.distributed)
+    with loop.RunLock(cfg) as out:  # the run directory is checked and claimed before anything is loaded
+        return loop.run(_job(cfg), out)
+
+
+def _job(cfg: EvolveConfig) -> loop.Job:
+    """The continued pre-training job of ``cfg`` for the shared loop."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
     corpus, corpus_stats = pack_corpus(cfg.corpus.sources, base.tokenizer, cfg.corpus.seq_len,
@@ -94,7 +100,7 @@ def evolve(cfg: EvolveConfig) -> dict:
                 "frozen_params": sum(x.size for x in jax.tree_util.tree_leaves(frozen.params)),
                 "base": str(out / "base")}
 
-    return loop.run(loop.Job(
+    return loop.Job(
         name="evolve", cfg=cfg, state=state, frozen=frozen, step_fn=step_fn, shardings=shardings, steps=steps,
         batch_at=corpus.batch_at, export=export, row_extras=lambda step, batch, metrics: {"mix": corpus.mix_at(step)},
-        summary_extras={"groups": cfg.groups.multipliers(), "corpus": corpus_stats}))
+        summary_extras={"groups": cfg.groups.multipliers(), "corpus": corpus_stats})

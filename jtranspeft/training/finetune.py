@@ -62,6 +62,12 @@ def train(cfg: RunConfig) -> dict:
     `jtranspeft.utils.errors.RunStopped` (with the CLI's exit status) when the run stops early.
     """
     loop.init_distributed(cfg.distributed)
+    with loop.RunLock(cfg) as out:  # the run directory is checked and claimed before anything is loaded
+        return loop.run(_job(cfg), out)
+
+
+def _job(cfg: RunConfig) -> loop.Job:
+    """The LoRA training job of ``cfg`` for the shared loop (model, data, state, step, export)."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
     batcher, data_stats = prepare_batches(cfg, base.tokenizer)
@@ -90,7 +96,7 @@ def train(cfg: RunConfig) -> dict:
             write_directory(out / "adapter", lambda path: save_peft(adapter, path, base=base, metadata=metadata))
         return {"adapter": str(out / "adapter")}
 
-    return loop.run(loop.Job(
+    return loop.Job(
         name="train", cfg=cfg, state=state, frozen=base, step_fn=step_fn, shardings=shardings, steps=steps,
         batch_at=batcher.batch_at, export=export, row_extras=row_extras, flops_per_token=flops_per_token,
-        summary_extras={"data": data_stats}))
+        summary_extras={"data": data_stats})

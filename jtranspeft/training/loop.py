@@ -24,7 +24,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import signal
+import socket
 import time
 from typing import Any, Callable
 
@@ -86,13 +88,70 @@ def config_digest(cfg) -> str:
 
 
 def output_dir(cfg) -> epath.Path:
-    """The run directory of a root config, created on process 0 (local or remote)."""
+    """The run directory of a root config, created (and proven writable) on process 0; local or remote."""
     out = epath.Path(cfg.output_dir)
     if jax.process_index() == 0:
         if out.exists() and not out.is_dir():
             raise RunStopped(f"output_dir={out} exists and is not a directory", EXIT_BAD_INPUT)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise RunStopped(f"output_dir={out} cannot be written: {err.strerror or err}", EXIT_BAD_INPUT) from None
     return out
+
+
+class RunLock:
+    """An exclusive lock on a local run directory (``<output_dir>/.lock``), held while the run lives; a
+    context manager. Jobs take it first (`jtranspeft.training.finetune.train`), before loading anything.
+
+    A second run on the same directory stops at once (exit status 2) with a message naming the holder (host,
+    process id, start time) instead of interleaving checkpoints and metrics. The operating system releases
+    the lock when the holder dies, however it dies, so a killed run never leaves a stale lock. Remote
+    directories (``gs://``) have no such lock: give each run its own directory there.
+    """
+
+    def __init__(self, cfg):
+        self.out, self.file = output_dir(cfg), None
+        out = self.out
+        if "://" in str(out) or jax.process_index() != 0:
+            return
+        import fcntl
+
+        self.file = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunStopped(f"output_dir={out} is in use by another run ({holder}); wait for it to end or use "
+                             "another output_dir", EXIT_BAD_INPUT) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> epath.Path:
+        return self.out
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _write_fault(what: str, step: int, err: OSError) -> RunStopped:
+    """A write that failed mid-run (a full disk, a vanished directory): stop, keeping the last checkpoint."""
+    return RunStopped(f"step {step}: writing {what} failed ({err.strerror or err}); the last complete checkpoint "
+                      "is kept: fix the cause (free disk space) and run the same command to resume", EXIT_FAILURE)
 
 
 class SigtermFlag:
@@ -117,17 +176,21 @@ def _resume(job: Job, checkpoints: Checkpoints, digest: str) -> TrainState:
     if record["config_digest"] != digest:
         raise RunStopped(f"{job.cfg.output_dir}: holds checkpoints of a run with a different config "
                          "(use a new output_dir)", EXIT_BAD_INPUT)
+    if int(state.step) > job.steps:
+        raise RunStopped(f"{job.cfg.output_dir}: its newest checkpoint is at step {int(state.step)}, past the "
+                         f"{job.steps} steps this config trains (a lower train.max_steps?); use a new output_dir "
+                         "or at least that many steps", EXIT_BAD_INPUT)
     return state
 
 
-def run(job: Job) -> dict:
-    """Run (or resume) a job to its last step; returns the summary also written to ``summary.json``."""
+def run(job: Job, out: epath.Path) -> dict:
+    """Run (or resume) a job to its last step in ``out`` (locked by `RunLock`); returns the summary also
+    written to ``summary.json``."""
     cfg, started, is_main = job.cfg, time.perf_counter(), jax.process_index() == 0
-    out = output_dir(cfg)
-    checkpoints = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
-    digest = config_digest(cfg)
-    log, sigterm, bar = None, None, None
+    checkpoints, log, sigterm, bar = None, None, None, None
     try:
+        checkpoints = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
+        digest = config_digest(cfg)
         state = _resume(job, checkpoints, digest)
         if is_main:  # after the resume check, so a refused resume leaves the run's config as it was
             (out / "config.yaml").write_text(to_yaml(cfg))
@@ -163,30 +226,41 @@ def run(job: Job) -> dict:
                    "step_s": round(seconds, 6), "tokens_per_s": round(tokens / seconds, 1)}
             if flops is not None:
                 row.update(throughput_metrics(flops, tokens / seconds, n_devices, peak))
-            if log is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == job.steps):
-                log.write(row)
+            try:
+                if log is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == job.steps):
+                    log.write(row)
+                if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == job.steps or sigterm.received:
+                    checkpoints.save(step + 1, state, {"step": step + 1, "seed": cfg.train.seed,
+                                                       "config_digest": digest})
+                    if log is not None:
+                        log.flush()
+            except OSError as err:
+                raise _write_fault("the checkpoint or metrics", step + 1, err) from None
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == job.steps or sigterm.received:
-                checkpoints.save(step + 1, state, {"step": step + 1, "seed": cfg.train.seed, "config_digest": digest})
-                if log is not None:
-                    log.flush()
             if sigterm.received:
                 raise RunStopped(f"SIGTERM: checkpoint at step {step + 1} written to {checkpoints.directory}; "
                                  "run the same command to resume", EXIT_SIGTERM)
     finally:
         for resource in (bar, log, checkpoints):
             if resource is not None:
-                resource.close()
+                try:
+                    resource.close()
+                except OSError as err:  # a full disk can fail the last flush too; the error above says why
+                    logger.warning("closing %s: %s", type(resource).__name__, err)
         if sigterm is not None:
             sigterm.restore()
     summary = {"steps": job.steps, "resumed_from": start, "wall_s": round(time.perf_counter() - started, 1),
                **_throughput(timed, n_devices, peak, job.flops_per_token is not None),
                "device_kind": jax.devices()[0].device_kind,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               **job.summary_extras, **job.export(state, out, is_main)}
-    if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               **job.summary_extras}
+    try:  # the export and summary.json come last: their presence marks a finished run
+        summary.update(job.export(state, out, is_main))
+        if is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as err:
+        raise _write_fault("the final export", job.steps, err) from None
     logger.info("%s: %d steps done in %.1f s, last loss %s", job.name, job.steps, summary["wall_s"],
                 summary["last_loss"])
     return summary

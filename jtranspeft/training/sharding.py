@@ -27,6 +27,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jtranspeft.models.spec import PROJECTIONS, WIDTHS
+from jtranspeft.utils.validate import check_range
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES: dict[str, Any] = {
@@ -54,6 +55,9 @@ class MeshConfig:
             for axis in [axes] if isinstance(axes, str) or axes is None else axes:
                 if axis is not None and axis not in MESH_AXES:
                     raise ValueError(f"mesh.rules.{name}: {axis!r} is not a mesh axis ({', '.join(MESH_AXES)})")
+        for name in ("data", "fsdp", "tensor"):
+            if getattr(self, name) != -1:
+                check_range(name, getattr(self, name), minimum=1)  # or -1: all remaining devices
         if sum(size == -1 for size in (self.data, self.fsdp, self.tensor)) > 1:
             raise ValueError("mesh: at most one of data, fsdp, tensor may be -1")
 

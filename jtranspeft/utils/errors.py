@@ -21,6 +21,18 @@ class InputError(ValueError):
     """Bad input (a file, field, value or argument); the message names the culprit. CLIs exit with 2."""
 
 
+class FileFormatError(InputError):
+    """A file that cannot be used as it is: names the file, the field or tensor, and what was expected.
+
+    The message reads "<file>: <field> <problem>", e.g. "config.json: field 'vocab_size' must be an integer
+    >= 1, got str 'many'" or "model.safetensors: tensor 'lm_head.weight' holds NaN or infinite values".
+    """
+
+    def __init__(self, path, problem: str, field: str | None = None):
+        self.path, self.field, self.problem = str(path), field, problem
+        super().__init__(f"{path}: " + (f"{field} " if field else "") + problem)
+
+
 class RunStopped(RuntimeError):
     """A run that ended early on purpose; ``exit_code`` is what the CLI returns (1, 2 or 143)."""
 
