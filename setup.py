@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboardX>=2.6"],
-        "test": ["pytest", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6"],
+        "test": ["pytest", "hypothesis", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6"],
     },
     entry_points={
         "console_scripts": [f"jtranspeft-{tool}=jtranspeft.cli.{tool}:main"

@@ -30,6 +30,13 @@ def test_logits_match_transformers_on_padded_batch(saved):
     assert max_diff_on_tokens(logits, hf_logits(model, ids, mask), mask) <= 1e-4, variant
 
 
+def test_num_params_equals_the_loaded_and_the_transformers_parameter_count(saved):
+    variant, model, directory = saved
+    base = jt.load_base(directory)
+    assert base.spec.num_params == sum(x.size for x in jax.tree_util.tree_leaves(base.params))
+    assert base.spec.num_params == sum(p.numel() for p in model.parameters())
+
+
 def test_left_padding_gives_the_unpadded_result(saved):
     _, _, directory = saved
     base = jt.load_base(directory)

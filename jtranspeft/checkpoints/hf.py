@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -120,10 +119,10 @@ def params_from_tensors(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray
     naming it and ``source``. Before any buffer is allocated, the parameter bytes are checked against the
     memory available (`check_memory`).
     """
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    check_memory(spec.num_params * np_dtype.itemsize, source)
     names = _hf_names(spec)
     shapes = expected_shapes(spec)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    check_memory(sum(math.prod(shape) for shape in shapes.values()) * np_dtype.itemsize, source)
     buffers = {e.path: np.empty(shapes[e.path], np_dtype) for e in key_table(spec)}
     seen: set[str] = set()
     for name, array in tensors:

@@ -73,7 +73,8 @@ def load_base(path: str | Path, dtype: str = "float32", compute_dtype: str | Non
     Weights come only from safetensors or GGUF, never pickle; no code from the directory ever runs (a
     directory naming custom code is refused, `refuse_custom_code`).
 
-    ``dtype`` is the storage dtype of the params, ``compute_dtype`` the dtype of the forward pass
+    ``dtype`` is the storage dtype of the params ("auto": the checkpoint's own, from config.json's
+    ``dtype`` / ``torch_dtype``; float32 for GGUF), ``compute_dtype`` the dtype of the forward pass
     (default: the storage dtype). The tokenizer comes from the directory (None if it has no tokenizer
     files) or from the GGUF metadata.
     """
@@ -84,11 +85,16 @@ def load_base(path: str | Path, dtype: str = "float32", compute_dtype: str | Non
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
         spec = spec_from_hf_config(gguf.read_gguf_config(path), path)
+        dtype = "float32" if dtype == "auto" else dtype
         params = hf.params_from_tensors(spec, gguf.iter_gguf_tensors(path), dtype, str(path))
         tok = gguf.load_gguf_tokenizer(path) if tokenizer else None
     elif path.is_dir():
         refuse_custom_code(path)
-        spec = spec_from_hf_config(read_hf_config(path), path / "config.json")
+        config = read_hf_config(path)
+        spec = spec_from_hf_config(config, path / "config.json")
+        if dtype == "auto":
+            stored = config.get("dtype") or config.get("torch_dtype")
+            dtype = stored if stored in ("float32", "bfloat16", "float16") else "float32"
         files = hf.safetensors_files(path)
         params = hf.params_from_tensors(spec, hf.iter_safetensors(files), dtype, str(path))
         tok = _load_tokenizer(path) if tokenizer else None

@@ -8,7 +8,6 @@ docs/transfer.md.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import textwrap
@@ -86,18 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_dtype(path: str, dtype: str) -> str:
-    if dtype != "auto":
-        return dtype
-    config = Path(path) / "config.json"
-    if config.is_file():
-        stored = json.loads(config.read_text())
-        stored = stored.get("dtype") or stored.get("torch_dtype")
-        if stored in ("float32", "bfloat16", "float16"):
-            return stored
-    return "float32"
-
-
 def _print_result(result, stream) -> None:
     print(f"verdict: {result.label}", file=stream)
     print(f"  adapter's base: {result.old_description}", file=stream)
@@ -123,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     from jtranspeft.checkpoints.loading import load_base
     from jtranspeft.migration.transfer import transfer, write_transfer
 
-    new_base = load_base(args.new_base, dtype=_load_dtype(args.new_base, args.dtype))
-    old_base = load_base(args.old_base, dtype=_load_dtype(args.old_base, args.dtype)) if args.old_base else None
+    new_base = load_base(args.new_base, dtype=args.dtype)
+    old_base = load_base(args.old_base, dtype=args.dtype) if args.old_base else None
     result = transfer(args.adapter, new_base, old_base, layer_map=args.layer_map, method=args.method,
                       project_k=args.project_k)
     if not result.compatible:

@@ -162,6 +162,15 @@ class ModelSpec:
         """(in, out) features of each of the seven projections of one decoder layer."""
         return {m: self.projection_shape(m) for m in TARGET_MODULES}
 
+    @property
+    def num_params(self) -> int:
+        """Parameter count of the base: embeddings (and an untied head), every layer's projections, biases and
+        norms, and the final norm (the tensors of `jtranspeft.checkpoints.hf.KEY_TABLE`)."""
+        d = self.hidden_size
+        per_layer = sum(i * o for i, o in self.projection_shapes().values()) + 2 * d
+        per_layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias + 2 * self.head_dim * self.qk_norm
+        return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
+
     def check_seq_len(self, seq_len: int) -> None:
         """Refuse a sequence the sliding-window attention of this model would treat differently."""
         if self.sliding_window is not None and seq_len > self.sliding_window:

@@ -114,6 +114,7 @@ class RunLock:
     """
 
     def __init__(self, cfg):
+        self.created = not epath.Path(cfg.output_dir).exists()
         self.out, self.file = output_dir(cfg), None
         out = self.out
         if "://" in str(out) or jax.process_index() != 0:
@@ -144,8 +145,12 @@ class RunLock:
     def __enter__(self) -> epath.Path:
         return self.out
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.close()
+        if exc_type is not None and self.created and "://" not in str(self.out) and jax.process_index() == 0:
+            (self.out / ".lock").unlink(missing_ok=True)  # a run that failed before writing anything
+            if not any(self.out.iterdir()):  # leaves no trace
+                self.out.rmdir()
 
 
 def _write_fault(what: str, step: int, err: OSError) -> RunStopped:
