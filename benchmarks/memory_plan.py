@@ -43,10 +43,10 @@ def plan(layout: str, compile_step: bool) -> dict:
     mesh_cfg = MeshConfig(*mesh_shape)
     mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
     spec = spec_from_hf_config(QWEN2_7B)
-    from jtranspeft.checkpoints.hf import expected_shapes
+    from jtranspeft.models.params import param_shapes
 
     params = {}
-    for path, shape in expected_shapes(spec).items():
+    for path, shape in param_shapes(spec).items():
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})

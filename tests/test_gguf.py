@@ -174,3 +174,72 @@ def test_rope_scaling_is_rejected(tmp_path):
     path = write_gguf(tmp_path / "scaled.gguf", tensors, extra={"llama.rope.scaling.type": "linear"})
     with pytest.raises(ValueError, match=r"llama\.rope\.scaling\.type"):
         read_gguf_config(path)
+
+
+# --- our reader against the gguf package's --------------------------------------------------------
+
+def test_gguf_file_reads_what_the_gguf_package_reads(smollm2_path):
+    from jtranspeft.checkpoints.gguf import GgufFile
+
+    reference = gguf.GGUFReader(smollm2_path)
+    with GgufFile(smollm2_path) as ours:
+        assert list(ours.metadata) == [k for k in reference.fields if not k.startswith("GGUF.")]
+        for key, field in reference.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            want, got = field.contents(), ours.metadata[key]
+            if isinstance(got, np.ndarray):
+                np.testing.assert_array_equal(got, np.asarray(want), err_msg=key)
+            else:
+                assert got == want, key
+        assert [(t.name, t.tensor_type, t.dims, t.offset) for t in ours.tensors] == [
+            (t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset)) for t in reference.tensors]
+        for ours_tensor, ref_tensor in zip(ours.tensors, reference.tensors):
+            np.testing.assert_array_equal(ours.raw(ours_tensor), ref_tensor.data, err_msg=ours_tensor.name)
+
+
+def test_fast_dequantization_is_bit_identical_to_the_gguf_package(smollm2_path):
+    from jtranspeft.checkpoints.gguf import _FAST_DEQUANTIZE, GgufFile, dequantize
+
+    seen = set()
+    with GgufFile(smollm2_path) as file:
+        for tensor in file.tensors:
+            if tensor.tensor_type in _FAST_DEQUANTIZE:
+                seen.add(tensor.tensor_type)
+                want = gguf.quants.dequantize(file.raw(tensor), tensor.tensor_type)
+                np.testing.assert_array_equal(dequantize(file.raw(tensor), tensor.tensor_type), want, err_msg=tensor.name)
+    assert seen == set(_FAST_DEQUANTIZE)  # the file exercises both fast paths
+
+
+def test_cached_tokenizer_behaves_as_the_freshly_built_one(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("JTRANSPEFT_CACHE", str(tmp_path))
+    built = load_gguf_tokenizer(smollm2_path)  # builds and caches
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+    cached = load_gguf_tokenizer(smollm2_path)  # reads the cache
+    texts = ["The capital of France is", "  leading spaces\tand tabs\n", "émigré 東京 🙂", "<|im_start|>user\nhi",
+             "1234567 + 89 = ?"]
+    for text in texts:
+        for special in (True, False):
+            assert cached.encode(text, add_special_tokens=special) == built.encode(text, add_special_tokens=special)
+        assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
+    assert cached.all_special_tokens == built.all_special_tokens
+    assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (
+        built.bos_token_id, built.eos_token_id, built.pad_token_id)
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("cut", [3, 10, 30, 200, -5])
+def test_a_truncated_gguf_file_is_a_clear_error(tmp_path, cut):
+    from jtranspeft.checkpoints.gguf import GgufFile
+    from jtranspeft.utils.errors import FileFormatError
+
+    hf = hf_tiny_llama(np.random.default_rng(0))
+    path = write_gguf(tmp_path / "tiny.gguf", to_gguf_names(hf))
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut > 0 else data[:len(data) + cut])
+    with pytest.raises(FileFormatError, match="tiny.gguf") as err:
+        with GgufFile(path):
+            pass
+    assert "GGUF" in str(err.value) or "truncated" in str(err.value)

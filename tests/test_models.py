@@ -37,6 +37,17 @@ def test_num_params_equals_the_loaded_and_the_transformers_parameter_count(saved
     assert base.spec.num_params == sum(p.numel() for p in model.parameters())
 
 
+def test_param_shapes_equal_the_decoders_own_abstract_init(saved):
+    from jtranspeft.models.base import decoder_module
+    from jtranspeft.models.params import param_shapes
+
+    base = jt.load_base(saved[2])
+    module = decoder_module(base.spec, jax.numpy.float32, jax.numpy.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))["params"]
+    traced = {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    assert param_shapes(base.spec) == traced
+
+
 def test_left_padding_gives_the_unpadded_result(saved):
     _, _, directory = saved
     base = jt.load_base(directory)

@@ -7,7 +7,13 @@ a GGUF file (llama.cpp's format) into exactly those two things, so one loading p
 - `read_gguf_config(path)`: the `llama.*` metadata as an HF `LlamaConfig` dict.
 - `iter_gguf_tensors(path)`: (HF name, float32 array in torch layout), one tensor at a time,
   dequantised with `gguf.quants.dequantize`. Names go through the one table `GGUF_TO_HF_NAMES`.
-- `load_gguf_tokenizer(path)`: the transformers tokenizer built from the `tokenizer.ggml.*` keys.
+- `load_gguf_tokenizer(path)`: the transformers tokenizer built from the `tokenizer.ggml.*` keys, cached
+  on disk keyed by a hash of the file's metadata (building it takes seconds; reading the cache does not).
+
+The file itself is read by `GgufFile`: our own parser of the GGUF v2/v3 layout (header, metadata, tensor
+table), every read bounds-checked, so a truncated or corrupt file is a `FileFormatError` naming the file
+and the offset; tensor bytes stay memory-mapped until dequantised. (The gguf package's reader builds a numpy
+view per metadata item, which for a 49k-token vocabulary takes seconds per open.)
 
 Two conventions to know. GGUF lists a tensor's dims fastest-varying first (`ReaderTensor.shape` is
 [in, out]); the numpy view `ReaderTensor.data` and the dequantised array are [out, in], as in torch.
@@ -20,13 +26,24 @@ the file and the offending key or tensor: we never guess.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+import mmap
+import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+
+from jtranspeft.utils.errors import FileFormatError
+from jtranspeft.utils.files import atomic_directory
+
+logger = logging.getLogger(__name__)
 
 # GGUF architectures read with the llama layout. llama.cpp writes Mistral-7B-style models as
 # "llama" too; its "mistral3"/"mistral4" are different architectures and are rejected.
@@ -64,63 +81,197 @@ def _compile_pattern(gguf_pattern: str) -> re.Pattern[str]:
 _NAME_RULES = [(_compile_pattern(g), g, h) for g, h in GGUF_TO_HF_NAMES]
 
 
-def _open(path: str | Path) -> gguf.GGUFReader:
-    """Memory-maps the file; tensors stay on disk until touched."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}  # GGUF metadata value type -> struct format
+_NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+                7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    """A scalar or string metadata value, or `default` when the key is absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    if field.types == [gguf.GGUFValueType.FLOAT32]:
-        # Take the shortest decimal that round-trips through float32 (9.99999974e-06 -> 1e-05).
-        return float(str(np.float32(value)))
-    return value
+@dataclasses.dataclass(frozen=True)
+class GgufTensor:
+    """One entry of a GGUF tensor table: ``dims`` fastest-varying first, ``offset`` absolute in the file."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    dims: tuple[int, ...]
+    offset: int
+    nbytes: int
 
 
-def _config_from_reader(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
-    arch = _field(reader, "general.architecture")
+class GgufFile:
+    """A GGUF file: ``metadata`` {key: value} (arrays of numbers as numpy arrays, of strings as lists),
+    ``value_types`` {key: GGUF type}, ``tensors`` (the table) and memory-mapped tensor bytes; a context
+    manager. Every read is bounds-checked; problems are `FileFormatError`s naming the file and offset."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._pos = 0
+        try:
+            self._parse(size)
+        except FileFormatError:
+            self.close()
+            raise
+
+    def _error(self, problem: str) -> FileFormatError:
+        return FileFormatError(self.path, f"{problem} (at byte {self._pos})")
+
+    def _take(self, fmt: str):
+        try:
+            (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        except struct.error:
+            raise self._error("truncated GGUF file") from None
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._take("<Q")
+        if self._pos + n > len(self._buf):
+            raise self._error(f"truncated GGUF file (a string of {n} bytes)")
+        raw = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._error("a metadata string is not UTF-8") from None
+
+    def _value(self, kind: int):
+        if kind in _SCALAR_FORMATS:
+            return self._take(_SCALAR_FORMATS[kind])
+        if kind == _STRING:
+            return self._string()
+        if kind != _ARRAY:
+            raise self._error(f"unknown metadata value type {kind}")
+        item, count = self._take("<I"), self._take("<Q")
+        if item in _NUMPY_TYPES:
+            width = np.dtype(_NUMPY_TYPES[item]).itemsize
+            if self._pos + count * width > len(self._buf):
+                raise self._error(f"truncated GGUF file (an array of {count} items)")
+            array = np.frombuffer(self._buf, _NUMPY_TYPES[item], count, self._pos).copy()
+            self._pos += count * width
+            return array
+        if count > len(self._buf) - self._pos:  # every item takes at least one byte
+            raise self._error(f"an array claims {count} items, more than the file holds")
+        return [self._value(item) for _ in range(count)]
+
+    def _parse(self, size: int) -> None:
+        if size < 24 or self._buf[:4] != b"GGUF":
+            raise FileFormatError(self.path, "not a GGUF file (no GGUF magic)")
+        self._pos = 4
+        version = self._take("<I")
+        if version not in (2, 3):
+            raise self._error(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = self._take("<Q"), self._take("<Q")
+        if n_tensors > size or n_kv > size:
+            raise self._error(f"header claims {n_tensors} tensors and {n_kv} metadata keys")
+        self.metadata, self.value_types = {}, {}
+        start = self._pos
+        for _ in range(n_kv):
+            key, kind = self._string(), self._take("<I")
+            if key in self.metadata:
+                raise self._error(f"metadata key {key!r} appears twice")
+            self.metadata[key], self.value_types[key] = self._value(kind), kind
+        self.metadata_bytes = self._buf[start:self._pos]
+        table = []
+        for _ in range(n_tensors):
+            name, n_dims = self._string(), self._take("<I")
+            if not 1 <= n_dims <= 4:
+                raise self._error(f"tensor {name!r} has {n_dims} dimensions")
+            dims = tuple(self._take("<Q") for _ in range(n_dims))
+            raw_type, offset = self._take("<I"), self._take("<Q")
+            try:
+                tensor_type = gguf.GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise self._error(f"tensor {name!r} has unknown type {raw_type}") from None
+            table.append((name, tensor_type, dims, offset))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors, names = [], set()
+        for name, tensor_type, dims, offset in table:
+            block, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+            if name in names or dims[0] % block:
+                raise FileFormatError(self.path, "appears twice" if name in names else
+                                      f"has rows of {dims[0]}, not a multiple of the {tensor_type.name} block "
+                                      f"({block})", f"tensor {name!r}")
+            nbytes = int(np.prod(dims, dtype=object)) // block * type_size
+            if data_start + offset + nbytes > size:
+                raise FileFormatError(self.path, f"truncated GGUF file: needs bytes up to {data_start + offset + nbytes}"
+                                                 f", the file has {size}", f"tensor {name!r}")
+            names.add(name)
+            self.tensors.append(GgufTensor(name, tensor_type, dims, data_start + offset, nbytes))
+
+    def field(self, key: str, default: Any = None) -> Any:
+        """A metadata value (float32 values as their shortest round-tripping decimal), or ``default``."""
+        if key not in self.metadata:
+            return default
+        value = self.metadata[key]
+        if self.value_types[key] == _FLOAT32:  # 9.99999974e-06 -> 1e-05
+            return float(str(np.float32(value)))
+        return value
+
+    def raw(self, tensor: GgufTensor) -> np.ndarray:
+        """A tensor's stored data as `gguf.quants.dequantize` takes it: typed for float types, else the
+        [..., bytes per row] uint8 blocks (a view of the memory map)."""
+        shape = tuple(reversed(tensor.dims))
+        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if tensor.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
+            return np.frombuffer(self._buf, dtype, int(np.prod(shape)), tensor.offset).reshape(shape)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, tensor.tensor_type)
+        return np.frombuffer(self._buf, np.uint8, tensor.nbytes, tensor.offset).reshape(byte_shape)
+
+    def close(self) -> None:
+        """Release the memory map (once the last array viewing it is gone, if one still is)."""
+        if isinstance(self._buf, mmap.mmap):
+            try:
+                self._buf.close()
+            except BufferError:  # a raw() view lives on (e.g. in a traceback); it keeps the map alive
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def gguf_config(file: GgufFile) -> dict[str, Any]:
+    """The `config.json`-style dict of an open GGUF file (see `read_gguf_config`)."""
+    path, field = file.path, file.field
+    arch = field("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{path}: general.architecture is {arch!r}; only {SUPPORTED_ARCHITECTURES} GGUF files are supported"
-        )
+        raise FileFormatError(path, f"is {arch!r}; only {SUPPORTED_ARCHITECTURES} GGUF files are supported",
+                              "general.architecture")
 
     def required(key: str) -> Any:
-        value = _field(reader, f"{arch}.{key}")
+        value = field(f"{arch}.{key}")
         if value is None:
-            raise ValueError(f"{path}: required metadata key {arch}.{key} is missing")
+            raise FileFormatError(path, "is missing (required)", f"metadata key {arch}.{key}")
         return value
 
     scaling_key = f"{arch}.rope.scaling.type"
-    scaling = _field(reader, scaling_key)
+    scaling = field(scaling_key)
     if scaling is not None and scaling != "none":
-        raise ValueError(f"{path}: {scaling_key} = {scaling!r}; rope scaling from GGUF is not supported")
-    tensor_names = {t.name for t in reader.tensors}
+        raise FileFormatError(path, f"= {scaling!r}; rope scaling from GGUF is not supported", scaling_key)
+    tensor_names = {t.name for t in file.tensors}
     if "rope_freqs.weight" in tensor_names:
-        raise ValueError(f"{path}: tensor rope_freqs.weight (llama3-style rope scaling) is not supported")
+        raise FileFormatError(path, "(llama3-style rope scaling) is not supported", "tensor 'rope_freqs.weight'")
 
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embed = next((t for t in file.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
-        raise ValueError(f"{path}: tensor token_embd.weight is missing")
-    hidden, vocab = (int(d) for d in embed.shape)  # GGUF dims are [in, out] = [hidden, vocab]
+        raise FileFormatError(path, "is missing", "tensor 'token_embd.weight'")
+    hidden, vocab = embed.dims[0], embed.dims[-1]  # GGUF dims are [in, out] = [hidden, vocab]
 
     heads = required("attention.head_count")
-    head_dim = _field(reader, f"{arch}.attention.key_length", hidden // heads)
-    rope_dims = _field(reader, f"{arch}.rope.dimension_count", head_dim)
+    head_dim = field(f"{arch}.attention.key_length", hidden // heads if heads else 0)
+    rope_dims = field(f"{arch}.rope.dimension_count", head_dim)
     if rope_dims != head_dim:
-        raise ValueError(
-            f"{path}: {arch}.rope.dimension_count = {rope_dims} differs from head_dim {head_dim}; "
-            "partial rotary embeddings are not supported"
-        )
+        raise FileFormatError(path, f"= {rope_dims} differs from head_dim {head_dim}; partial rotary embeddings "
+                                    "are not supported", f"{arch}.rope.dimension_count")
 
     def has_bias(*parts: str) -> bool:
         return any(n.endswith(".bias") and any(f".{p}." in n for p in parts) for n in tensor_names)
@@ -128,23 +279,23 @@ def _config_from_reader(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": vocab,
+        "vocab_size": int(vocab),
         "hidden_size": required("embedding_length"),
         "intermediate_size": required("feed_forward_length"),
         "num_hidden_layers": required("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", heads),
+        "num_key_value_heads": field(f"{arch}.attention.head_count_kv", heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": required("attention.layer_norm_rms_epsilon"),
-        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "rope_theta": field(f"{arch}.rope.freq_base", 10000.0),
         "rope_scaling": None,
         "max_position_embeddings": required("context_length"),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": has_bias("attn_q", "attn_k", "attn_v", "attn_output"),
         "mlp_bias": has_bias("ffn_gate", "ffn_up", "ffn_down"),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
 
 
@@ -156,8 +307,8 @@ def read_gguf_config(path: str | Path) -> dict[str, Any]:
     float32 rounded to their shortest decimal (eps 1e-05, not 9.99999974e-06). Raises ValueError
     for a non-llama architecture, a missing required key, or any rope scaling.
     """
-    path = Path(path)
-    return _config_from_reader(_open(path), path)
+    with GgufFile(path) as file:
+        return gguf_config(file)
 
 
 def _hf_name(gguf_name: str, path: Path) -> tuple[str, str]:
@@ -167,7 +318,8 @@ def _hf_name(gguf_name: str, path: Path) -> tuple[str, str]:
         if match:
             hf = hf_pattern.format(i=match.group("i")) if "{i}" in hf_pattern else hf_pattern
             return f"{hf}.{match.group('suffix')}", gguf_pattern
-    raise ValueError(f"{path}: unknown tensor {gguf_name!r}; known patterns: {[g for g, _ in GGUF_TO_HF_NAMES]}")
+    raise FileFormatError(path, f"is unknown; known patterns: {[g for g, _ in GGUF_TO_HF_NAMES]}",
+                          f"tensor {gguf_name!r}")
 
 
 def _undo_rope_permutation(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -186,39 +338,90 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 
     Tensors are dequantised one at a time (the file is memory-mapped), so peak memory is one
     tensor. q_proj/k_proj rows are restored to HF order. `lm_head.weight` is yielded only when the
-    file has an `output.weight` (otherwise the embeddings are tied). Raises ValueError naming the
+    file has an `output.weight` (otherwise the embeddings are tied). Raises `FileFormatError` naming the
     file and the tensor for an unknown tensor name or a quantisation type gguf cannot dequantise.
     """
-    path = Path(path)
-    reader = _open(path)
-    config = _config_from_reader(reader, path)
-    for tensor in reader.tensors:
-        hf_name, gguf_pattern = _hf_name(tensor.name, path)
+    with GgufFile(path) as file:
+        yield from gguf_tensors(file, gguf_config(file))
+
+
+def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks of 32 weights (float16 scale d, float16 min m, 16 bytes of 4-bit q): w = q * d + m."""
+    rows = blocks.reshape(-1, 20)
+    d = rows[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = rows[:, 2:4].copy().view(np.float16).astype(np.float32)
+    q = np.concatenate([rows[:, 4:] & 0x0F, rows[:, 4:] >> 4], axis=1).astype(np.float32)
+    return (q * d + m).reshape(*blocks.shape[:-1], -1)
+
+
+def _dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks of 32 weights (float16 scale d, 32 int8 q): w = q * d."""
+    rows = blocks.reshape(-1, 34)
+    d = rows[:, 0:2].copy().view(np.float16).astype(np.float32)
+    return (rows[:, 2:].copy().view(np.int8).astype(np.float32) * d).reshape(*blocks.shape[:-1], -1)
+
+
+# Whole-tensor numpy versions of the two types llama.cpp's small models ship in (the gguf package's generic
+# path works row group by row group and takes twice as long); tests/test_gguf.py checks them bit for bit.
+_FAST_DEQUANTIZE = {gguf.GGMLQuantizationType.Q4_1: _dequantize_q4_1,
+                    gguf.GGMLQuantizationType.Q8_0: _dequantize_q8_0}
+
+
+def dequantize(raw: np.ndarray, tensor_type: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 values of a tensor's stored data (`GgufFile.raw`): ours for Q4_1 / Q8_0, else `gguf.quants`."""
+    fast = _FAST_DEQUANTIZE.get(tensor_type)
+    return fast(raw) if fast is not None else gguf.quants.dequantize(raw, tensor_type)
+
+
+def gguf_tensors(file: GgufFile, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """`iter_gguf_tensors` over an open file whose config dict is known."""
+    for tensor in file.tensors:
+        hf_name, gguf_pattern = _hf_name(tensor.name, file.path)
         try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            array = dequantize(file.raw(tensor), tensor.tensor_type)
         except NotImplementedError as err:
-            raise ValueError(
-                f"{path}: tensor {tensor.name!r} has unsupported type {tensor.tensor_type.name} ({err})"
-            ) from err
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are fastest-first
+            raise FileFormatError(file.path, f"has unsupported type {tensor.tensor_type.name} ({err})",
+                                  f"tensor {tensor.name!r}") from None
         # np.array copies: the memory map stays read-only and the result owns its data.
-        array = np.array(array, dtype=np.float32).reshape(shape)
+        array = np.array(array, dtype=np.float32).reshape(tuple(reversed(tensor.dims)))
         if gguf_pattern in _ROPE_PERMUTED_HEADS:
             array = _undo_rope_permutation(array, config[_ROPE_PERMUTED_HEADS[gguf_pattern]])
         yield hf_name, array
 
 
-def load_gguf_tokenizer(path: str | Path):
+def load_gguf_tokenizer(path: str | Path, file: GgufFile | None = None):
     """Returns the transformers tokenizer that transformers builds from the GGUF's `tokenizer.ggml.*` keys.
 
-    Never runs remote code. Any failure is re-raised as a ValueError naming the file.
+    The built tokenizer is cached in ``$JTRANSPEFT_CACHE/tokenizers/<key>`` (default ``~/.cache/jtranspeft``),
+    the key a hash of the file's metadata and the transformers version, so later loads read it back in a
+    fraction of a second. Never runs remote code. A failure to build is a `FileFormatError` naming the file.
     """
-    from transformers import AutoTokenizer
+    import transformers
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if file is None:
+        with GgufFile(path) as opened:
+            return load_gguf_tokenizer(path, opened)
+    digest = hashlib.blake2b(bytes(file.metadata_bytes), digest_size=16)
+    digest.update(transformers.__version__.encode())
+    cached = _cache_dir() / "tokenizers" / digest.hexdigest()
+    if (cached / "tokenizer.json").is_file():  # what AutoTokenizer built, read back without its class look-up
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(cached), trust_remote_code=False)
+    from transformers import AutoTokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as err:
-        raise ValueError(f"{path}: could not build a tokenizer from the GGUF metadata ({err})") from err
+        raise FileFormatError(path, f"could not build a tokenizer from the GGUF metadata ({err})") from err
+    try:
+        with atomic_directory(cached) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    except OSError as err:  # an unwritable cache costs time on the next load, nothing else
+        logger.warning("could not cache the tokenizer of %s in %s: %s", path, cached, err)
+    return tokenizer
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("JTRANSPEFT_CACHE") or Path.home() / ".cache" / "jtranspeft")

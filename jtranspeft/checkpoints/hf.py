@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.safetensors_io import FLOAT_DTYPES, LazyArray, SafetensorsFile, write_safetensors
+from jtranspeft.models.params import param_shapes
 from jtranspeft.models.spec import PROJECTIONS, ModelSpec, hf_module_name
 from jtranspeft.utils.errors import FileFormatError, InputError
 from jtranspeft.utils.validate import Fields, read_json_object
@@ -79,16 +81,6 @@ def key_table(spec: ModelSpec) -> list[KeyEntry]:
     return [e for e in KEY_TABLE if e.applies(spec)]
 
 
-def expected_shapes(spec: ModelSpec) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Our param path -> stacked shape, from the decoder's own abstract init (nothing allocated)."""
-    from jtranspeft.models.decoder import Decoder
-
-    module = Decoder(spec=spec, dtype=jnp.float32, param_dtype=jnp.float32)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
-
-
 def _hf_names(spec: ModelSpec) -> dict[str, tuple[KeyEntry, int | None]]:
     names = {}
     for entry in key_table(spec):
@@ -122,8 +114,8 @@ def params_from_tensors(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray
     np_dtype = np.dtype(jnp.dtype(dtype))
     check_memory(spec.num_params * np_dtype.itemsize, source)
     names = _hf_names(spec)
-    shapes = expected_shapes(spec)
-    buffers = {e.path: np.empty(shapes[e.path], np_dtype) for e in key_table(spec)}
+    shapes = param_shapes(spec)
+    buffers = {e.path: _page_aligned_empty(shapes[e.path], np_dtype) for e in key_table(spec)}
     seen: set[str] = set()
     for name, array in tensors:
         if name in seen:
@@ -155,8 +147,26 @@ def params_from_tensors(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray
         raise FileFormatError(source, f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     params: dict = {}
     for path in list(buffers):
-        _set_path(params, path, jnp.asarray(buffers.pop(path)))
+        _set_path(params, path, _to_jax(buffers.pop(path)))
     return params
+
+
+def _page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array in its own page-aligned anonymous mapping (huge pages where the kernel allows):
+    fewer page faults while it is filled, and on CPU JAX can adopt it without a copy (`_to_jax`)."""
+    nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    memory = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+
+def _to_jax(array: np.ndarray) -> jax.Array:
+    """A filled buffer as a JAX array: adopted in place on the CPU backend (DLPack; the page-aligned buffer
+    needs no copy), copied to the device elsewhere or for dtypes DLPack does not carry (bfloat16)."""
+    if jax.default_backend() == "cpu" and array.dtype in (np.float32, np.float16):
+        return jax.dlpack.from_dlpack(array)  # the caller drops ``array``: the JAX array owns the memory
+    return jnp.asarray(array)
 
 
 def available_memory_bytes() -> int | None:
@@ -204,11 +214,12 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) from each file in turn, one tensor in memory at a time."""
+    """Yield (name, array) from each file in turn: read-only views of the memory-mapped file (which stays
+    mapped while a view lives); `params_from_tensors` copies each into its buffer, the one copy of a weight."""
     for path in files:
         with SafetensorsFile(path) as f:
             for name in f.keys():
-                yield name, f.get(name)
+                yield name, f.get(name, copy=False)
 
 
 def hf_tensors(params: dict, spec: ModelSpec, dtype=None) -> list[tuple[str, LazyArray]]:

@@ -84,10 +84,12 @@ def load_base(path: str | Path, dtype: str = "float32", compute_dtype: str | Non
 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        spec = spec_from_hf_config(gguf.read_gguf_config(path), path)
-        dtype = "float32" if dtype == "auto" else dtype
-        params = hf.params_from_tensors(spec, gguf.iter_gguf_tensors(path), dtype, str(path))
-        tok = gguf.load_gguf_tokenizer(path) if tokenizer else None
+        with gguf.GgufFile(path) as file:  # parsed once for the config, the tensors and the tokenizer
+            config = gguf.gguf_config(file)
+            spec = spec_from_hf_config(config, path)
+            dtype = "float32" if dtype == "auto" else dtype
+            params = hf.params_from_tensors(spec, gguf.gguf_tensors(file, config), dtype, str(path))
+            tok = gguf.load_gguf_tokenizer(path, file) if tokenizer else None
     elif path.is_dir():
         refuse_custom_code(path)
         config = read_hf_config(path)

@@ -140,19 +140,20 @@ def _targets(target_modules: str | list[str], num_layers: int, path: Path) -> tu
         hits = {(m, i) for m in TARGET_MODULES for i in range(num_layers) if pattern.fullmatch(hf_module_name(m, i))}
         targets = tuple(m for m in TARGET_MODULES if any(h[0] == m for h in hits))
         if hits != {(m, i) for m in targets for i in range(num_layers)}:
-            raise ValueError(f"{path}: target_modules regex {target_modules!r} selects some layers only; "
-                             "use layers_to_transform instead")
+            raise FileFormatError(path, f"regex {target_modules!r} selects some layers only; use "
+                                        "layers_to_transform instead", "field 'target_modules'")
     else:
         if not all(isinstance(t, str) for t in target_modules):
             raise FileFormatError(path, f"must be a list of module names, got {target_modules!r:.80}",
                                   "field 'target_modules'")
         unsupported = [t for t in target_modules if not modules_named(t)]
         if unsupported:
-            raise ValueError(f"{path}: target_modules {unsupported} are not supported "
-                             f"(supported: {', '.join(TARGET_MODULES)})")
+            raise FileFormatError(path, f"lists {unsupported}, which are not supported (supported: "
+                                        f"{', '.join(TARGET_MODULES)})", "field 'target_modules'")
         targets = tuple(m for m in TARGET_MODULES if any(m in modules_named(t) for t in target_modules))
     if not targets:
-        raise ValueError(f"{path}: target_modules {target_modules!r} matches none of {', '.join(TARGET_MODULES)}")
+        raise FileFormatError(path, f"{target_modules!r} matches none of {', '.join(TARGET_MODULES)}",
+                              "field 'target_modules'")
     return targets
 
 

@@ -117,8 +117,9 @@ class SafetensorsFile:
         """Shape of one tensor, without reading it."""
         return tuple(self.header[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
-        """A copy of one tensor as a numpy array."""
+    def get(self, name: str, copy: bool = True) -> np.ndarray:
+        """One tensor as a numpy array: a copy, or with ``copy=False`` a read-only view of the memory map
+        (valid while the file is open; loading copies it once, into its final buffer)."""
         if name not in self.header:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         info = self.header[name]
@@ -126,13 +127,16 @@ class SafetensorsFile:
         if begin == end:
             return np.zeros(info["shape"], DTYPES[info["dtype"]])
         array = np.frombuffer(self._mmap, dtype=DTYPES[info["dtype"]], count=(end - begin) //
-                              np.dtype(DTYPES[info["dtype"]]).itemsize, offset=begin)
-        return array.reshape(info["shape"]).copy()
+                              np.dtype(DTYPES[info["dtype"]]).itemsize, offset=begin).reshape(info["shape"])
+        return array.copy() if copy else array
 
     def close(self):
         """Release the memory map."""
         if self._mmap is not None:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:  # an array viewing the map lives on (e.g. in a traceback); it keeps the map alive
+                pass
         self._file.close()
 
     def __enter__(self):

@@ -21,10 +21,32 @@ from collections.abc import Iterable
 
 import jax
 
-from jtranspeft.models.spec import GROUPS, MODULE_BLOCK, PROJECTIONS
+from jtranspeft.models.spec import GROUPS, MODULE_BLOCK, PROJECTIONS, ModelSpec
 
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 _BLOCK_GROUP = {p.block: p.group for p in PROJECTIONS}
+
+
+def param_shapes(spec: ModelSpec) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Path -> shape of every base parameter of ``spec`` (per-layer tensors stacked on a leading [L] axis).
+
+    Written out from the spec so that loading needs no model tracing; `tests/test_models.py` checks it equals
+    the decoder's own abstract initialisation for every family.
+    """
+    d, n = spec.hidden_size, spec.num_layers
+    shapes = {("embed_tokens", "embedding"): (spec.vocab_size, d), ("norm", "scale"): (d,),
+              ("layers", "input_layernorm", "scale"): (n, d), ("layers", "post_attention_layernorm", "scale"): (n, d)}
+    if not spec.tie_word_embeddings:
+        shapes[("lm_head",)] = (d, spec.vocab_size)
+    for p in PROJECTIONS:
+        d_in, d_out = spec.projection_shape(p.name)
+        shapes[("layers", p.block, p.name, "kernel")] = (n, d_in, d_out)
+        if (spec.qkv_bias and p.name in ("q_proj", "k_proj", "v_proj")) or (spec.o_bias and p.name == "o_proj"):
+            shapes[("layers", p.block, p.name, "bias")] = (n, d_out)
+    if spec.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            shapes[("layers", "self_attn", name, "scale")] = (n, spec.head_dim)
+    return shapes
 
 
 def base_kernel(params: dict, module: str):

@@ -1,0 +1,102 @@
+"""How long loading the bundled SmolLM2-135M-Instruct GGUF takes, and its peak memory, against two anchors.
+
+Each measurement runs in a fresh process (imports are timed apart from the load) and reports wall seconds
+and the process's peak RSS:
+
+- ``jtranspeft``: `jt.load_base(path)` (weights dequantised to float32 + tokenizer), with a warm tokenizer
+  cache (the usual case) and, once, with a cold one (the first load of a file on a machine);
+- ``gguf package``: `gguf.GGUFReader` plus `gguf.quants.dequantize` of every tensor to float32 (no
+  tokenizer, no transposes): the floor a Python reader of this file sits on;
+- ``transformers``: `AutoModelForCausalLM.from_pretrained(gguf_file=...)` + `AutoTokenizer` (float32).
+
+Peak RSS is also given above that of a process that imported the same libraries and loaded nothing, as a
+multiple of the float32 weights (513 MiB).
+
+    python benchmarks/load_time.py --rounds 3          # writes benchmarks/results/load_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_PRELUDE = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+{imports}
+t1 = time.perf_counter()
+{load}
+t2 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+CASES = {
+    "jtranspeft imports only": ("import jax, jtranspeft as jt; jt.load_base; import transformers",
+                                "jax.numpy.zeros(1).block_until_ready()"),
+    "jtranspeft": ("import jax, jtranspeft as jt; jt.load_base",
+                   "base = jt.load_base(sys.argv[1]); jax.block_until_ready(base.params); assert base.tokenizer"),
+    "gguf package": ("import gguf, numpy as np",
+                     "r = gguf.GGUFReader(sys.argv[1])\n"
+                     "arrays = [np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32) for t in r.tensors]"),
+    "transformers": ("import torch, transformers",
+                     "from pathlib import Path; p = Path(sys.argv[1])\n"
+                     "m = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, "
+                     "dtype=torch.float32)\n"
+                     "tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)"),
+}
+
+
+def measure(case: str, path: Path, env: dict) -> dict:
+    """One fresh-process measurement of ``case``."""
+    imports, load = CASES[case]
+    code = _PRELUDE.format(imports=imports, load=load)
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    if done.returncode:
+        raise RuntimeError(f"{case} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Run every case ``--rounds`` times (median reported) and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "load_time.json"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from jtranspeft.checkpoints.assets import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    results = {}
+    with tempfile.TemporaryDirectory() as cold_cache:
+        results["jtranspeft (cold tokenizer cache)"] = [measure("jtranspeft", path, {**env, "JTRANSPEFT_CACHE": cold_cache})]
+        for case in CASES:
+            results[case] = [measure(case, path, {**env, "JTRANSPEFT_CACHE": cold_cache}) for _ in range(args.rounds)]
+    summary = {name: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
+               for name, runs in results.items()}
+    weights_mb = 134_515_008 * 4 / 2**20  # SmolLM2-135M parameters in float32
+    runtime_mb = summary["jtranspeft imports only"]["peak_rss_mb"]  # Python + JAX + transformers, nothing loaded
+    for name, row in summary.items():
+        row["rss_over_runtime_x_weights"] = round((row["peak_rss_mb"] - runtime_mb) / weights_mb, 2)
+        print(f"{name:36s} load {row['load_s']:6.2f} s   imports {row['import_s']:5.2f} s   peak RSS "
+              f"{row['peak_rss_mb']:6.0f} MB, {row['rss_over_runtime_x_weights']:.2f}x the float32 weights above "
+              f"the {runtime_mb:.0f} MB runtime")
+    out = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}, "file": str(path),
+           "float32_weights_mb": round(weights_mb), "median_of_rounds": args.rounds, "summary": summary,
+           "runs": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
