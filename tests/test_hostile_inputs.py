@@ -372,7 +372,8 @@ _entry = st.fixed_dictionaries({
 _headers = st.one_of(_json, st.dictionaries(st.text(min_size=1, max_size=6), st.one_of(_entry, _json), max_size=4))
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=_headers, data=st.binary(max_size=96), raw=st.one_of(st.none(), st.binary(max_size=40)))
 def test_fuzz_safetensors_headers_raise_only_input_errors(tmp_path, header, data, raw):
     blob = raw if raw is not None else json.dumps(header).encode()
@@ -386,7 +387,8 @@ def test_fuzz_safetensors_headers_raise_only_input_errors(tmp_path, header, data
         assert str(path) in str(err)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fields=st.dictionaries(st.sampled_from(["r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora",
                                                "rank_pattern", "alpha_pattern", "layers_to_transform", "use_dora",
                                                "bias", "peft_type", "task_type", "modules_to_save"]),
