@@ -45,7 +45,8 @@ CASES = {
                    "base = jt.load_base(sys.argv[1]); jax.block_until_ready(base.params); assert base.tokenizer"),
     "gguf package": ("import gguf, numpy as np",
                      "r = gguf.GGUFReader(sys.argv[1])\n"
-                     "arrays = [np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32) for t in r.tensors]"),
+                     "arrays = [np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)\n"
+                     "          for t in r.tensors]"),
     "transformers": ("import torch, transformers",
                      "from pathlib import Path; p = Path(sys.argv[1])\n"
                      "m = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, "
@@ -78,9 +79,10 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = {}
     with tempfile.TemporaryDirectory() as cold_cache:
-        results["jtranspeft (cold tokenizer cache)"] = [measure("jtranspeft", path, {**env, "JTRANSPEFT_CACHE": cold_cache})]
+        cold = {**env, "JTRANSPEFT_CACHE": cold_cache}
+        results["jtranspeft (cold tokenizer cache)"] = [measure("jtranspeft", path, cold)]
         for case in CASES:
-            results[case] = [measure(case, path, {**env, "JTRANSPEFT_CACHE": cold_cache}) for _ in range(args.rounds)]
+            results[case] = [measure(case, path, cold) for _ in range(args.rounds)]
     summary = {name: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
                for name, runs in results.items()}
     weights_mb = 134_515_008 * 4 / 2**20  # SmolLM2-135M parameters in float32

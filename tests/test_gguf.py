@@ -207,7 +207,8 @@ def test_fast_dequantization_is_bit_identical_to_the_gguf_package(smollm2_path):
             if tensor.tensor_type in _FAST_DEQUANTIZE:
                 seen.add(tensor.tensor_type)
                 want = gguf.quants.dequantize(file.raw(tensor), tensor.tensor_type)
-                np.testing.assert_array_equal(dequantize(file.raw(tensor), tensor.tensor_type), want, err_msg=tensor.name)
+                got = dequantize(file.raw(tensor), tensor.tensor_type)
+                np.testing.assert_array_equal(got, want, err_msg=tensor.name)
     assert seen == set(_FAST_DEQUANTIZE)  # the file exercises both fast paths
 
 

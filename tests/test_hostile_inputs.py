@@ -134,8 +134,9 @@ def _duplicate_shard_entries(d: Path):
 
 def _index_naming_a_missing_shard(d: Path):
     (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    weight_map = {"model.norm.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 def _two_shards_holding_one_tensor(d: Path):

@@ -44,7 +44,8 @@ def test_param_shapes_equal_the_decoders_own_abstract_init(saved):
     base = jt.load_base(saved[2])
     module = decoder_module(base.spec, jax.numpy.float32, jax.numpy.float32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))["params"]
-    traced = {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    traced = {tuple(k.key for k in path): leaf.shape for path, leaf in leaves}
     assert param_shapes(base.spec) == traced
 
 

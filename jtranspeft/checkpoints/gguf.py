@@ -200,8 +200,9 @@ class GgufFile:
                                       f"({block})", f"tensor {name!r}")
             nbytes = int(np.prod(dims, dtype=object)) // block * type_size
             if data_start + offset + nbytes > size:
-                raise FileFormatError(self.path, f"truncated GGUF file: needs bytes up to {data_start + offset + nbytes}"
-                                                 f", the file has {size}", f"tensor {name!r}")
+                end = data_start + offset + nbytes
+                raise FileFormatError(self.path, f"truncated GGUF file: needs bytes up to {end}, the file has {size}",
+                                      f"tensor {name!r}")
             names.add(name)
             self.tensors.append(GgufTensor(name, tensor_type, dims, data_start + offset, nbytes))
 

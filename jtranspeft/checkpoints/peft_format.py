@@ -100,7 +100,8 @@ def read_metadata(directory: str | Path) -> dict:
     try:
         metadata = json.loads(text)
     except json.JSONDecodeError as err:
-        raise FileFormatError(path, f"is not JSON ({err.msg} at character {err.pos})", "metadata 'jtranspeft'") from None
+        raise FileFormatError(path, f"is not JSON ({err.msg} at character {err.pos})",
+                              "metadata 'jtranspeft'") from None
     if not isinstance(metadata, dict):
         raise FileFormatError(path, f"must be a JSON object, got {type(metadata).__name__}", "metadata 'jtranspeft'")
     return metadata

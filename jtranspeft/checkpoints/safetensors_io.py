@@ -67,8 +67,8 @@ def _header_of(path: Path, size: int) -> tuple[dict, dict, int]:
                                   where)
         nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise FileFormatError(path, f"has shape {shape} of {dtype}, which needs {nbytes} bytes, but its data_offsets "
-                                        f"{offsets} hold {offsets[1] - offsets[0]}", where)
+            raise FileFormatError(path, f"has shape {shape} of {dtype}, which needs {nbytes} bytes, but its "
+                                        f"data_offsets {offsets} hold {offsets[1] - offsets[0]}", where)
         if offsets[1] > data_size:
             raise FileFormatError(path, f"truncated safetensors file: {where} needs bytes up to {8 + n + offsets[1]}, "
                                         f"the file has {size}")

@@ -168,7 +168,8 @@ class ModelSpec:
         norms, and the final norm (the tensors of `jtranspeft.checkpoints.hf.KEY_TABLE`)."""
         d = self.hidden_size
         per_layer = sum(i * o for i, o in self.projection_shapes().values()) + 2 * d
-        per_layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias + 2 * self.head_dim * self.qk_norm
+        per_layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias
+        per_layer += 2 * self.head_dim * self.qk_norm
         return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
     def check_seq_len(self, seq_len: int) -> None:
