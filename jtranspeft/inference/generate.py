@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtranspeft.models.base import Base, apply_cached
+from jtranspeft.models.base import Base, bind_for_decoding, forward_cached
 from jtranspeft.models.decoder import KVCache, init_cache
 from jtranspeft.peft.bank import AdapterBank
 from jtranspeft.peft.lora import Lora
@@ -80,21 +80,20 @@ def _record(state: _DecodeState, logits_bv, eos_e, temperature, top_p, sampling:
                                step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("new_len", "sampling"))
-def _prefill(base: Base, lora, ids_bt, mask_bt, adapter_ids_b, done_b, key, eos_e, temperature, top_p, *,
+@functools.partial(jax.jit, static_argnames=("module", "new_len", "sampling"))
+def _prefill(module, variables, ids_bt, mask_bt, adapter_ids_b, done_b, key, eos_e, temperature, top_p, *,
              new_len: int, sampling: bool) -> _DecodeState:
     """Run the prompts through the decoder into a fresh cache and choose the first new token."""
     b, t = ids_bt.shape
-    dtype = jnp.dtype(base.compute_dtype) if base.compute_dtype else base.param_dtype
-    cache = init_cache(base.spec, b, t + new_len, dtype)
-    logits_b1v, cache = apply_cached(base, ids_bt, cache, lora, mask_bt, adapter_ids=adapter_ids_b, last_only=True)
+    cache = init_cache(module.spec, b, t + new_len, module.dtype, stacked=module.stacked)
+    logits_b1v, cache = forward_cached(module, variables, ids_bt, cache, mask_bt, adapter_ids_b, last_only=True)
     state = _DecodeState(tokens_bn=jnp.full((b, new_len), _NO_TOKEN, jnp.int32), last_b=jnp.zeros(b, jnp.int32),
                          done_b=done_b, step=jnp.zeros((), jnp.int32), cache=cache, key=key)
     return _record(state, logits_b1v[:, 0], eos_e, temperature, top_p, sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def _decode(base: Base, lora, state: _DecodeState, adapter_ids_b, limit, eos_e, temperature, top_p, *,
+@functools.partial(jax.jit, static_argnames=("module", "sampling"))
+def _decode(module, variables, state: _DecodeState, adapter_ids_b, limit, eos_e, temperature, top_p, *,
             sampling: bool) -> _DecodeState:
     """Decode one token per step until ``state.step == limit`` or every row is done."""
 
@@ -103,8 +102,7 @@ def _decode(base: Base, lora, state: _DecodeState, adapter_ids_b, limit, eos_e, 
 
     def step(s: _DecodeState) -> _DecodeState:
         feed_b1 = s.last_b[:, None]
-        logits_b1v, cache = apply_cached(base, feed_b1, s.cache, lora, jnp.ones_like(feed_b1),
-                                         adapter_ids=adapter_ids_b)
+        logits_b1v, cache = forward_cached(module, variables, feed_b1, s.cache, jnp.ones_like(feed_b1), adapter_ids_b)
         return _record(dataclasses.replace(s, cache=cache), logits_b1v[:, 0], eos_e, temperature, top_p, sampling)
 
     return jax.lax.while_loop(not_finished, step, state)
@@ -142,19 +140,20 @@ def _left_padded(prompts: Sequence[Sequence[int]], rows: int, width: int) -> tup
     return ids_bt, mask_bt
 
 
-def _decode_batch(base: Base, lora, prompts: Sequence[Sequence[int]], adapter_ids, key, *, rows: int,
+def _decode_batch(bound, prompts: Sequence[Sequence[int]], adapter_ids, key, *, rows: int,
                   max_new_tokens: int, eos_e, temperature, top_p, sampling: bool,
                   should_stop: Callable[[list[int]], bool] | None) -> list[list[int]]:
     """Prefill and decode one batch (padded to ``rows`` rows); new ids per prompt."""
     ids_bt, mask_bt = _left_padded(prompts, rows, _bucket(max(map(len, prompts)), 16))
     adapter_b = None if adapter_ids is None else np.pad(np.asarray(adapter_ids, np.int32), (0, rows - len(prompts)))
     padding_row_b = np.arange(rows) >= len(prompts)  # done from the start
-    state = _prefill(base, lora, ids_bt, mask_bt, adapter_b, padding_row_b, key, eos_e, temperature, top_p,
+    module, variables = bound
+    state = _prefill(module, variables, ids_bt, mask_bt, adapter_b, padding_row_b, key, eos_e, temperature, top_p,
                      new_len=_bucket(max_new_tokens, 16), sampling=sampling)
     chunk = STOP_CHECK_EVERY if should_stop else max_new_tokens
     while True:
         limit = min(int(state.step) + chunk, max_new_tokens)
-        state = _decode(base, lora, state, adapter_b, limit, eos_e, temperature, top_p, sampling=sampling)
+        state = _decode(module, variables, state, adapter_b, limit, eos_e, temperature, top_p, sampling=sampling)
         done_b, step = np.array(state.done_b), int(state.step)
         if should_stop is not None:
             tokens_bn = np.asarray(state.tokens_bn)
@@ -191,11 +190,12 @@ def generate_ids(base: Base, prompt_ids: Sequence[Sequence[int]], lora: Lora | A
                     eos_e=jnp.asarray(eos_ids or (_NO_TOKEN - 1,), jnp.int32),  # an id no token has: EOS off
                     temperature=jnp.float32(temperature if sampling else 1.0), top_p=jnp.float32(top_p))
     key = jax.random.key(seed)
+    module, variables, _ = bind_for_decoding(base, lora, None if bank_ids is None else bank_ids[:1])
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar lengths together
     results: list[list[int]] = [[] for _ in prompt_ids]
     for batch_no, start in enumerate(range(0, len(order), batch_size)):
         rows = order[start:start + batch_size]
-        outputs = _decode_batch(base, lora, [prompt_ids[i] for i in rows],
+        outputs = _decode_batch((module, variables), [prompt_ids[i] for i in rows],
                                 None if bank_ids is None else bank_ids[rows], jax.random.fold_in(key, batch_no),
                                 rows=min(_bucket(len(rows)), batch_size), **settings)
         for i, output in zip(rows, outputs):

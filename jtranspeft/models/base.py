@@ -64,17 +64,33 @@ class Base:
 
 @functools.lru_cache(maxsize=64)
 def decoder_module(spec: ModelSpec, dtype, param_dtype, lora_scales=(), lora_dropout: float = 0.0,
-                   transpeft: FfnPerturbation = FfnPerturbation(), remat: bool = False) -> Decoder:
+                   transpeft: FfnPerturbation = FfnPerturbation(), remat: bool = False, stacked: bool = True) -> Decoder:
     """The (cached, stateless) Flax module for one static configuration."""
     return Decoder(spec=spec, dtype=dtype, param_dtype=param_dtype, lora_scales=lora_scales,
-                   lora_dropout=lora_dropout, transpeft=transpeft, remat=remat)
+                   lora_dropout=lora_dropout, transpeft=transpeft, remat=remat, stacked=stacked)
 
 
-def _bind(base: Base, lora: Adapter | None, adapter_ids, transpeft: FfnPerturbation, remat: bool):
+def unstack_layers(tree: dict) -> dict:
+    """A params or LoRA tree with its stacked ``layers`` [L, ...] split into ``layer_0`` ... ``layer_{L-1}``
+    (one compiled program for all the slices)."""
+    out = {key: value for key, value in tree.items() if key != "layers"}
+    for i, layer in enumerate(_split_layers(tree["layers"])):
+        out[f"layer_{i}"] = layer
+    return out
+
+
+@jax.jit
+def _split_layers(stacked: dict) -> list[dict]:
+    num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
+
+
+def _bind(base: Base, lora: Adapter | None, adapter_ids, transpeft: FfnPerturbation, remat: bool,
+          stacked: bool = True):
     """The decoder module, its variables and the per-row adapter ids for a base and optional adapter(s)."""
     dtype = jnp.dtype(base.compute_dtype) if base.compute_dtype else base.param_dtype
     module = decoder_module(base.spec, dtype, base.param_dtype, lora.scales() if lora else (),
-                            lora.dropout if lora else 0.0, transpeft.resolve(base.spec.num_layers), remat)
+                            lora.dropout if lora else 0.0, transpeft.resolve(base.spec.num_layers), remat, stacked)
     variables = {"params": base.params}
     if lora is not None:
         if lora.num_layers != base.spec.num_layers:
@@ -82,7 +98,27 @@ def _bind(base: Base, lora: Adapter | None, adapter_ids, transpeft: FfnPerturbat
         variables["lora"] = lora.params
     if (lora is not None and lora.per_row) != (adapter_ids is not None):
         raise ValueError("adapter_ids (one adapter index per row) go with an AdapterBank, and only with one")
+    if not stacked:
+        variables = {name: unstack_layers(tree) for name, tree in variables.items()}
     return module, variables, None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+
+
+def bind_for_decoding(base: Base, lora: Adapter | None = None, adapter_ids=None):
+    """(module, variables, adapter ids) for `forward_cached`, with every layer's weights as separate arrays.
+
+    The split copies the weights once, here (call it outside jit, once per generation); each decode step then
+    reads the arrays in place instead of slicing every layer out of the stacks. Same numbers as `apply_cached`.
+    """
+    return _bind(base, lora, adapter_ids, FfnPerturbation(), False, stacked=False)
+
+
+def forward_cached(module: Decoder, variables: dict, input_ids, cache: KVCache, attention_mask=None,
+                   adapter_ids=None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """The pass of `apply_cached` on an already bound module and variables (`bind_for_decoding`)."""
+    input_ids = jnp.asarray(input_ids)
+    last_bk = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1) if last_only else None
+    return module.apply(variables, input_ids, attention_mask, None, None, cache=cache,
+                        adapter_ids_b=adapter_ids, logits_at_bk=last_bk)
 
 
 def apply(base: Base, input_ids, lora: Adapter | None = None, attention_mask=None, *, positions=None,
@@ -113,7 +149,4 @@ def apply_cached(base: Base, input_ids, cache: KVCache, lora: Adapter | None = N
     of the last position only ([B, 1, vocab]). Deterministic (no training randomness).
     """
     module, variables, adapter_ids = _bind(base, lora, adapter_ids, FfnPerturbation(), False)
-    input_ids = jnp.asarray(input_ids)
-    last_bk = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1) if last_only else None
-    return module.apply(variables, input_ids, attention_mask, None, None, cache=cache,
-                        adapter_ids_b=adapter_ids, logits_at_bk=last_bk)
+    return forward_cached(module, variables, input_ids, cache, attention_mask, adapter_ids, last_only)

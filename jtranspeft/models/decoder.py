@@ -3,7 +3,9 @@
 Applied functionally: ``Decoder(...).apply({"params": base, "lora": lora}, input_ids_bt, mask_bt, rng=key)``.
 The decoder layers are one module scanned over a leading layer axis (params and LoRA stacked as [L, ...]),
 so compile time does not grow with depth; ``remat`` recomputes each layer's activations in the backward
-pass. Parameter names are Hugging Face's (embed_tokens, layers.self_attn.q_proj, mlp.down_proj, norm,
+pass. For decoding, ``stacked=False`` runs one module per layer over per-layer params (``layer_0``, ...): a
+scan would slice (copy) every layer's weights out of the stacks at every step, which for one token costs
+more than the matrix products. Parameter names are Hugging Face's (embed_tokens, layers.self_attn.q_proj, mlp.down_proj, norm,
 lm_head), which keeps the key tables of `jtranspeft.checkpoints` short.
 
 ``rng`` switches on training-time randomness (LoRA dropout and Trans-PEFT's FFN perturbations,
@@ -11,7 +13,8 @@ lm_head), which keeps the key tables of `jtranspeft.checkpoints` short.
 its own stream. Without it the forward pass is deterministic, as at evaluation.
 
 Generation uses the same modules with a `KVCache` passed in and returned: keys and values of every layer
-([L, b, s_max, k, e], scanned over L like the params, so each layer reads and writes its own slice), a
+([L, b, s_max, k, e], scanned over L like the params, so each layer reads and writes its own slice; one
+array per layer on the per-layer path), a
 slot mask [b, s_max] (1 = the slot holds a real token) and the write index. A call with t tokens writes
 slots [index, index + t) with `jax.lax.dynamic_update_slice` and attends causally over all valid slots;
 a prefill is a call on the (left-padded) prompt, a decode step a call on one token. Positions count real
@@ -38,24 +41,35 @@ Dtype = Any
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer for up to ``max_len`` slots per row; a pytree, jit-friendly."""
+    """Keys and values of every layer for up to ``max_len`` slots per row; a pytree, jit-friendly.
 
-    k_lbske: jax.Array
-    v_lbske: jax.Array
+    ``keys`` / ``values``: one stacked array [L, b, s, k, e] for the scanned decoder, or a tuple of L arrays
+    [b, s, k, e] for the per-layer one (``stacked=False``), so that a decode step updates each layer's
+    slot in place instead of rewriting a stack.
+    """
+
+    keys: jax.Array | tuple[jax.Array, ...]
+    values: jax.Array | tuple[jax.Array, ...]
     mask_bs: jax.Array  # int32, 1 where the slot holds a real (non-padding) token
     index: jax.Array  # int32 scalar: slots [0, index) have been written
 
     @property
     def max_len(self) -> int:
         """Number of slots per row."""
-        return self.k_lbske.shape[2]
+        return self.keys[0].shape[1]
 
 
-def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
-    shape = (spec.num_layers, batch, max_len, spec.num_kv_heads, spec.head_dim)
-    return KVCache(k_lbske=jnp.zeros(shape, dtype), v_lbske=jnp.zeros(shape, dtype),
-                   mask_bs=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32, stacked: bool = True) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated); ``stacked=False``
+    for the per-layer decoder."""
+    shape = (batch, max_len, spec.num_kv_heads, spec.head_dim)
+    if stacked:
+        keys, values = jnp.zeros((spec.num_layers, *shape), dtype), jnp.zeros((spec.num_layers, *shape), dtype)
+    else:
+        keys = tuple(jnp.zeros(shape, dtype) for _ in range(spec.num_layers))
+        values = tuple(jnp.zeros(shape, dtype) for _ in range(spec.num_layers))
+    return KVCache(keys=keys, values=values, mask_bs=jnp.zeros((batch, max_len), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
 
 
 class _Extras(NamedTuple):
@@ -164,6 +178,7 @@ class Decoder(_LayerSettings):
 
     transpeft: FfnPerturbation = FfnPerturbation()
     remat: bool = False
+    stacked: bool = True  # False: per-layer params "layer_0" ... (`jtranspeft.models.base.bind_for_decoding`)
 
     @nn.compact
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
@@ -190,7 +205,8 @@ class Decoder(_LayerSettings):
             positions_bt = seen_b1 + jnp.maximum(jnp.cumsum(valid_bt, axis=1) - 1, 0)
         key_slot_s = jnp.arange(key_valid_bs.shape[1])
         causal_ts = key_slot_s[None, :] <= query_slot_t[:, None]
-        mask_bts = causal_ts[None] & key_valid_bs[:, None, :]
+        own_ts = key_slot_s[None, :] == query_slot_t[:, None]  # a padding row sees itself: never all masked
+        mask_bts = (causal_ts[None] & key_valid_bs[:, None, :]) | own_ts[None]
         cos_bte, sin_bte = rope_tables(positions_bt, rope_inv_freq(spec.rope, spec.head_dim))
 
         embed = nn.Embed(spec.vocab_size, spec.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -198,27 +214,38 @@ class Decoder(_LayerSettings):
         x_btd = embed(input_ids_bt)
 
         training = rng is not None
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
-        layers = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 5 + (0, 0), length=spec.num_layers)(
-            spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
-            lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training, name="layers")
+        settings = dict(spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
+                        lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training)
         rng = rng if training else jax.random.key(0)
         extras = _Extras(adapter_ids_b, None if cache is None else cache.index, p_scale)
-        kv_cache = None if cache is None else (cache.k_lbske, cache.v_lbske)
-        x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
-                                 kv_cache)
+        kv_cache = None if cache is None else (cache.keys, cache.values)
+        if self.stacked:
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+            layers = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast,) * 5 + (0, 0), length=spec.num_layers)(**settings, name="layers")
+            x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
+                                     kv_cache)
+        else:  # one module per layer over separate weight and cache arrays: nothing is sliced or restacked
+            keys, values = (list(kv_cache[0]), list(kv_cache[1])) if kv_cache is not None else (None, None)
+            for i in range(spec.num_layers):
+                layer_kv = None if kv_cache is None else (keys[i], values[i])
+                x_btd, layer_kv = DecoderLayer(**settings, name=f"layer_{i}")(
+                    x_btd, cos_bte, sin_bte, mask_bts, rng, extras, i, layer_kv)
+                if kv_cache is not None:
+                    keys[i], values[i] = layer_kv
+            kv_cache = None if kv_cache is None else (tuple(keys), tuple(values))
         if logits_at_bk is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_at_bk[:, :, None], axis=1)
         x_btd = self.norm("norm")(x_btd)
-        if spec.tie_word_embeddings:
-            head_dv = embed.embedding.T
+        if spec.tie_word_embeddings:  # contract with the [V, D] embedding as stored: no transposed copy
+            logits_btv = jnp.einsum("btd,vd->btv", x_btd, embed.embedding.astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
         else:
             head_dv = self.param("lm_head", nn.initializers.normal(0.02), (spec.hidden_size, spec.vocab_size),
                                  self.param_dtype)
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
         if cache is None:
             return logits_btv
-        return logits_btv, KVCache(k_lbske=kv_cache[0], v_lbske=kv_cache[1],
+        return logits_btv, KVCache(keys=kv_cache[0], values=kv_cache[1],
                                    mask_bs=key_valid_bs.astype(jnp.int32), index=cache.index + t)

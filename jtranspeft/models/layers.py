@@ -15,6 +15,7 @@ softmax are computed in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -148,9 +149,33 @@ class Projection(nn.Module):
         return (y + delta.astype(y.dtype)).astype(y.dtype)
 
 
+ATTENTION_ENV = "JTRANSPEFT_ATTENTION"  # einsum | xla | cudnn | auto (default)
+
+
+def attention_implementation() -> str:
+    """Which attention runs: ``$JTRANSPEFT_ATTENTION`` if set, else "einsum" on CPU and
+    `jax.nn.dot_product_attention`'s own choice ("auto": cuDNN flash attention on GPUs that support the
+    shapes, XLA elsewhere) on accelerators. Read at trace time."""
+    choice = os.environ.get(ATTENTION_ENV, "auto")
+    if choice not in ("einsum", "xla", "cudnn", "auto"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: choose einsum, xla, cudnn or auto")
+    if choice == "auto" and jax.default_backend() == "cpu":
+        return "einsum"
+    return choice
+
+
 def attention(q_bthe, k_bske, v_bske, mask_bts):
-    """Grouped-query attention: h query heads share k kv heads; softmax in float32."""
+    """Grouped-query attention: h query heads share k kv heads; softmax in float32; [b, t, h * e].
+
+    The caller's mask lets every query see at least its own slot, so no row is fully masked and no
+    implementation can produce NaN for padding rows (a NaN there would leak through zero attention weights).
+    """
     b, t, h, e = q_bthe.shape
+    implementation = attention_implementation()
+    if implementation != "einsum":
+        out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_bts[:, None],
+                                                implementation=None if implementation == "auto" else implementation)
+        return out_bthe.reshape(b, t, h * e)
     k = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, k, h // k, e)
     scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske,
