@@ -93,24 +93,13 @@ def _tamper_tensor(path: Path, name_part: str, value):
 
 # ------------------------------------------------------------------------------- broken bases (transfer)
 
-def _base_case(break_it):
-    """A case that breaks a copy of the base and runs `transfer` onto it with --out and --merge."""
-    def run(tmp, model_dir, adapter_dir):
-        broken = _copy(model_dir, tmp / "base")
-        break_it(broken)
-        return transfer_cli.main, ["--adapter", str(adapter_dir), "--new-base", str(broken), "--out",
-                                   str(tmp / "out"), "--merge", str(tmp / "merged")]
-    return run
-
-
-def _adapter_case(break_it):
-    """A case that breaks a copy of the adapter and transfers it onto the intact base."""
-    def run(tmp, model_dir, adapter_dir):
-        broken = _copy(adapter_dir, tmp / "adapter")
-        break_it(broken)
-        return transfer_cli.main, ["--adapter", str(broken), "--new-base", str(model_dir), "--out",
-                                   str(tmp / "out"), "--merge", str(tmp / "merged")]
-    return run
+def _transfer_with_broken(which: str, break_it, tmp, model_dir, adapter_dir):
+    """Break a copy of the base or of the adapter (``which``) and transfer onto the base with --out and --merge."""
+    inputs = {"base": model_dir, "adapter": adapter_dir}
+    inputs[which] = _copy(inputs[which], tmp / which)
+    break_it(inputs[which])
+    return transfer_cli.main, ["--adapter", str(inputs["adapter"]), "--new-base", str(inputs["base"]), "--out",
+                               str(tmp / "out"), "--merge", str(tmp / "merged")]
 
 
 def _plant_code(directory: Path, config_name: str):
@@ -218,14 +207,16 @@ ADAPTER_CASES = {
 @pytest.mark.parametrize("case", sorted(BASE_CASES))
 def test_broken_base(case, tmp_path, model_dir, adapter_dir, capsys):
     break_it, *culprits = BASE_CASES[case]
-    _expect_clear_error(capsys, tmp_path, _base_case(break_it)(tmp_path, model_dir, adapter_dir), 2, culprits)
+    _expect_clear_error(capsys, tmp_path, _transfer_with_broken("base", break_it, tmp_path, model_dir, adapter_dir), 2,
+                        culprits)
     assert not (tmp_path / "base" / "code_ran.txt").exists()  # no code from the directory ever ran
 
 
 @pytest.mark.parametrize("case", sorted(ADAPTER_CASES))
 def test_broken_adapter(case, tmp_path, model_dir, adapter_dir, capsys):
     break_it, *culprits = ADAPTER_CASES[case]
-    _expect_clear_error(capsys, tmp_path, _adapter_case(break_it)(tmp_path, model_dir, adapter_dir), 2, culprits)
+    _expect_clear_error(capsys, tmp_path, _transfer_with_broken("adapter", break_it, tmp_path, model_dir,
+                                                                adapter_dir), 2, culprits)
 
 
 def _expect_clear_error(capsys, tmp_path, tool_argv, code, culprits, written=("out", "merged", "run", "eval")):

@@ -71,9 +71,7 @@ def evolve(cfg: EvolveConfig) -> dict:
 
     Every process of a multi-host run calls this; process 0 writes the run directory's files.
     """
-    loop.init_distributed(cfg.distributed)
-    with loop.RunLock(cfg) as out:  # the run directory is checked and claimed before anything is loaded
-        return loop.run(_job(cfg), out)
+    return loop.launch(cfg, _job)
 
 
 def _job(cfg: EvolveConfig) -> loop.Job:

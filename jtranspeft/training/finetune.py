@@ -61,9 +61,7 @@ def train(cfg: RunConfig) -> dict:
     Every process of a multi-host run calls this; process 0 writes the run directory's files. Raises
     `jtranspeft.utils.errors.RunStopped` (with the CLI's exit status) when the run stops early.
     """
-    loop.init_distributed(cfg.distributed)
-    with loop.RunLock(cfg) as out:  # the run directory is checked and claimed before anything is loaded
-        return loop.run(_job(cfg), out)
+    return loop.launch(cfg, _job)
 
 
 def _job(cfg: RunConfig) -> loop.Job:

@@ -188,6 +188,14 @@ def _resume(job: Job, checkpoints: Checkpoints, digest: str) -> TrainState:
     return state
 
 
+def launch(cfg, make_job: Callable[[Any], Job]) -> dict:
+    """What a job's entry point does: join the multi-host runtime, claim the run directory (`RunLock`, before
+    anything is loaded), build the job with ``make_job(cfg)`` and `run` it; returns the summary."""
+    init_distributed(cfg.distributed)
+    with RunLock(cfg) as out:
+        return run(make_job(cfg), out)
+
+
 def run(job: Job, out: epath.Path) -> dict:
     """Run (or resume) a job to its last step in ``out`` (locked by `RunLock`); returns the summary also
     written to ``summary.json``."""
