@@ -50,7 +50,9 @@ def main() -> None:
     base = jt.load_base(_hf_model_dir(args.shape, args.cache / args.shape))
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
     optimizer = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 100)
-    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    # committed to the device like the step's outputs, or the second step compiles again (jtranspeft.training.loop
+    # places its state with explicit shardings, so training runs never pay that)
+    state = jax.device_put(TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32)), jax.devices()[0])
     ids = _batch(base.spec.vocab_size, args.batch, args.seq)
     loss_mask = _loss_mask(args.batch, args.seq, args.targets)
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}

@@ -14,6 +14,14 @@ framework's alone), the frameworks alternate round by round, and each process re
         benchmarks/results/train_throughput_response.json
 
 Results are printed as a table and written to benchmarks/results/train_throughput.json.
+
+What makes the PyTorch baseline move (measured here, SmolLM2 shape 8 x 128, median step): other load on the
+2 cores (earlier 18-25 s figures were taken while a second job ran), the attention implementation (sdpa
+5.6 s, eager 6.9 s), threads (1 thread 9.0 s vs 2 threads 5.6 s), and glibc handing large blocks back to
+the OS after every step, to be page-faulted in again on the next (5.6 s -> 4.9 s, with a narrower spread,
+once blocks up to 32 MiB come from the heap and freed memory is kept). So every worker here runs with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` (both frameworks alike), PyTorch with
+sdpa attention and 2 threads, and each run records the 1-minute load average it started under.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ SHAPES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_CASES = [("tiny", 8, 128), ("smollm2", 8, 128), ("smollm2", 4, 256)]
+# glibc malloc: keep blocks up to 32 MiB on the heap and keep freed memory (see the module docstring)
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
 def _hf_model_dir(shape: str, directory: Path) -> Path:
@@ -80,7 +90,9 @@ def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> 
     base = jt.load_base(model_dir)
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
     optimizer = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 100)
-    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    # committed to the device like the step's outputs, or the second step compiles again (jtranspeft.training.loop
+    # places its state with explicit shardings, so training runs never pay that)
+    state = jax.device_put(TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32)), jax.devices()[0])
     ids = _batch(base.spec.vocab_size, batch, seq)
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": _loss_mask(batch, seq, targets)}
     step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0,
@@ -100,7 +112,7 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,7 +128,8 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - tick)
-    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss), "threads": torch.get_num_threads()}
+    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss), "threads": torch.get_num_threads(),
+            "attention": model.config._attn_implementation}
 
 
 def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path, targets: int) -> None:
@@ -125,6 +138,7 @@ def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: 
     result = (run_jax if framework == "jax" else run_torch)(model_dir, batch, seq, steps, targets)
     median = statistics.median(result["step_times_s"])
     result.update(framework=framework, shape=shape, batch=batch, seq=seq, targets=targets, median_step_s=median,
+                  load_average_1min=os.getloadavg()[0],
                   tokens_per_s=batch * seq / median,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result))
@@ -147,10 +161,11 @@ def main() -> None:
     if args.worker:
         framework, shape, batch, seq = args.worker
         worker(framework, shape, int(batch), int(seq), args.steps, args.cache, args.targets)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # the result is printed; skip interpreter teardown (XLA's threads sometimes abort in it)
     cases = [(args.shape, args.batch, args.seq)] if args.shape else DEFAULT_CASES
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]), **ALLOCATOR)
     runs = []
     for shape, batch, seq in cases:
         for round_ in range(args.rounds):
@@ -179,7 +194,8 @@ def main() -> None:
               f"{row['ratio']:6.2f} {row['jax']['peak_rss_mb']:8.0f}M {row['torch']['peak_rss_mb']:9.0f}M "
               f"{row['jax']['first_step_s']:12.1f}s {row['torch']['first_step_s']:9.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "allocator_env": ALLOCATOR}
     args.out.write_text(json.dumps({"machine": machine, "summary": summary, "runs": runs}, indent=2) + "\n")
     print(f"written {args.out}")
 
