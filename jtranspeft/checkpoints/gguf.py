@@ -189,7 +189,9 @@ class GgufFile:
             except ValueError:
                 raise self._error(f"tensor {name!r} has unknown type {raw_type}") from None
             table.append((name, tensor_type, dims, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise FileFormatError(self.path, f"must be a positive integer, got {alignment!r}", "general.alignment")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors, names = [], set()
         for name, tensor_type, dims, offset in table:

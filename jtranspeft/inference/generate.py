@@ -190,7 +190,7 @@ def generate_ids(base: Base, prompt_ids: Sequence[Sequence[int]], lora: Lora | A
                     eos_e=jnp.asarray(eos_ids or (_NO_TOKEN - 1,), jnp.int32),  # an id no token has: EOS off
                     temperature=jnp.float32(temperature if sampling else 1.0), top_p=jnp.float32(top_p))
     key = jax.random.key(seed)
-    module, variables, _ = bind_for_decoding(base, lora, None if bank_ids is None else bank_ids[:1])
+    module, variables = bind_for_decoding(base, lora)  # bank ids were checked by _check_adapters
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar lengths together
     results: list[list[int]] = [[] for _ in prompt_ids]
     for batch_no, start in enumerate(range(0, len(order), batch_size)):

@@ -85,9 +85,15 @@ def _split_layers(stacked: dict) -> list[dict]:
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
 
 
-def _bind(base: Base, lora: Adapter | None, adapter_ids, transpeft: FfnPerturbation, remat: bool,
-          stacked: bool = True):
-    """The decoder module, its variables and the per-row adapter ids for a base and optional adapter(s)."""
+def _row_ids(lora: Adapter | None, adapter_ids):
+    """``adapter_ids`` as int32, checked to come with an `AdapterBank` and only with one."""
+    if (lora is not None and lora.per_row) != (adapter_ids is not None):
+        raise ValueError("adapter_ids (one adapter index per row) go with an AdapterBank, and only with one")
+    return None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+
+
+def _bind(base: Base, lora: Adapter | None, transpeft: FfnPerturbation, remat: bool, stacked: bool = True):
+    """The decoder module and its variables for a base and optional adapter(s)."""
     dtype = jnp.dtype(base.compute_dtype) if base.compute_dtype else base.param_dtype
     module = decoder_module(base.spec, dtype, base.param_dtype, lora.scales() if lora else (),
                             lora.dropout if lora else 0.0, transpeft.resolve(base.spec.num_layers), remat, stacked)
@@ -96,20 +102,18 @@ def _bind(base: Base, lora: Adapter | None, adapter_ids, transpeft: FfnPerturbat
         if lora.num_layers != base.spec.num_layers:
             raise ValueError(f"adapter has {lora.num_layers} layers, the base has {base.spec.num_layers}")
         variables["lora"] = lora.params
-    if (lora is not None and lora.per_row) != (adapter_ids is not None):
-        raise ValueError("adapter_ids (one adapter index per row) go with an AdapterBank, and only with one")
     if not stacked:
         variables = {name: unstack_layers(tree) for name, tree in variables.items()}
-    return module, variables, None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+    return module, variables
 
 
-def bind_for_decoding(base: Base, lora: Adapter | None = None, adapter_ids=None):
-    """(module, variables, adapter ids) for `forward_cached`, with every layer's weights as separate arrays.
+def bind_for_decoding(base: Base, lora: Adapter | None = None):
+    """(module, variables) for `forward_cached`, with every layer's weights as separate arrays.
 
     The split copies the weights once, here (call it outside jit, once per generation); each decode step then
     reads the arrays in place instead of slicing every layer out of the stacks. Same numbers as `apply_cached`.
     """
-    return _bind(base, lora, adapter_ids, FfnPerturbation(), False, stacked=False)
+    return _bind(base, lora, FfnPerturbation(), False, stacked=False)
 
 
 def forward_cached(module: Decoder, variables: dict, input_ids, cache: KVCache, attention_mask=None,
@@ -135,9 +139,9 @@ def apply(base: Base, input_ids, lora: Adapter | None = None, attention_mask=Non
     target tokens skips the LM head elsewhere); ``transpeft_scale`` multiplies every Trans-PEFT
     probability (`jtranspeft.peft.transpeft.warmup_scale`).
     """
-    module, variables, adapter_ids = _bind(base, lora, adapter_ids, transpeft, remat)
+    module, variables = _bind(base, lora, transpeft, remat)
     return module.apply(variables, jnp.asarray(input_ids), attention_mask, positions, rng,
-                        adapter_ids_b=adapter_ids, logits_at_bk=logits_at, p_scale=transpeft_scale)
+                        adapter_ids_b=_row_ids(lora, adapter_ids), logits_at_bk=logits_at, p_scale=transpeft_scale)
 
 
 def apply_cached(base: Base, input_ids, cache: KVCache, lora: Adapter | None = None,
@@ -148,5 +152,5 @@ def apply_cached(base: Base, input_ids, cache: KVCache, lora: Adapter | None = N
     before them; positions continue each row's count of real tokens. ``last_only`` returns the logits
     of the last position only ([B, 1, vocab]). Deterministic (no training randomness).
     """
-    module, variables, adapter_ids = _bind(base, lora, adapter_ids, FfnPerturbation(), False)
-    return forward_cached(module, variables, input_ids, cache, attention_mask, adapter_ids, last_only)
+    module, variables = _bind(base, lora, FfnPerturbation(), False)
+    return forward_cached(module, variables, input_ids, cache, attention_mask, _row_ids(lora, adapter_ids), last_only)

@@ -50,14 +50,19 @@ class atomic_directory:
 def write_directory(target, write: Callable[[Path], Any]) -> None:
     """``write(path)`` for the directory ``target`` (a local path or an etils.epath remote path), atomically.
 
-    A local ``target`` left by an interrupted earlier attempt of the same run is replaced.
+    A local ``target`` that already exists (a resumed run exporting again) is replaced only once the new
+    one is complete, so a failed write leaves the old one in place.
     """
     if "://" not in str(target):
         target = Path(target)
-        if target.is_dir():
-            shutil.rmtree(target)
-        with atomic_directory(target) as tmp:
+        new = target.parent / f".{target.name}.new-{secrets.token_hex(4)}"
+        with atomic_directory(new) as tmp:
             write(tmp)
+        old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "out"
