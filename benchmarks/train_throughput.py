@@ -12,6 +12,12 @@ framework's alone), the frameworks alternate round by round, and each process re
     python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --rounds 2 --steps 5
     python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --targets 8 --out \
         benchmarks/results/train_throughput_response.json
+    python benchmarks/train_throughput.py --full --shape smollm2 --batch 4 --seq 128 --rounds 2 --steps 3 --out \
+        benchmarks/results/train_throughput_full.json
+
+``--full`` times continued pre-training instead: no LoRA, AdamW over EVERY parameter (float32), loss on
+every token; jtranspeft runs `jtranspeft.training.step.make_full_step` (the step of ``python -m
+jtranspeft.evolve``), PyTorch the same model with all parameters trainable.
 
 Results are printed as a table and written to benchmarks/results/train_throughput.json.
 
@@ -77,26 +83,36 @@ def _loss_mask(batch: int, seq: int, targets: int):
     return mask
 
 
-def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> dict:
-    """Time jtranspeft's jitted LoRA train step."""
+def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int, full: bool = False) -> dict:
+    """Time jtranspeft's jitted LoRA train step (``full``: the continued pre-training step)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import jtranspeft as jt
     from jtranspeft.training.config import TrainConfig
-    from jtranspeft.training.step import TrainState, make_optimizer, make_step, max_targets_of
+    from jtranspeft.models.params import split_by_group
+    from jtranspeft.models.spec import GROUPS
+    from jtranspeft.training.step import TrainState, make_full_step, make_optimizer, make_step, max_targets_of
 
     base = jt.load_base(model_dir)
-    lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
     optimizer = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 100)
+    if full:
+        trained, frozen = split_by_group(base.params, GROUPS)
+        base = base.replace(params=frozen)
+    else:
+        trained = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
     # committed to the device like the step's outputs, or the second step compiles again (jtranspeft.training.loop
     # places its state with explicit shardings, so training runs never pay that)
-    state = jax.device_put(TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32)), jax.devices()[0])
+    state = jax.device_put(TrainState(trained, optimizer.init(trained), jnp.asarray(0, jnp.int32)), jax.devices()[0])
+    del trained
     ids = _batch(base.spec.vocab_size, batch, seq)
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": _loss_mask(batch, seq, targets)}
-    step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0,
-                     max_targets=max_targets_of([{"loss_mask": data["loss_mask"][0]}]) if targets else None)
+    if full:
+        step = make_full_step(optimizer, grad_accum=1)
+    else:
+        step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0,
+                         max_targets=max_targets_of([{"loss_mask": data["loss_mask"][0]}]) if targets else None)
     times = []
     for _ in range(steps + 1):
         tick = time.perf_counter()
@@ -106,14 +122,16 @@ def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> 
     return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(metrics["loss"])}
 
 
-def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -> dict:
-    """Time the same step in PyTorch transformers + peft with torch.optim.AdamW."""
+def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int, full: bool = False) -> dict:
+    """Time the same step in PyTorch transformers + peft with torch.optim.AdamW (``full``: every parameter
+    trained, no peft)."""
     import peft
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    if not full:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -132,12 +150,14 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int) -
             "attention": model.config._attn_implementation}
 
 
-def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path, targets: int) -> None:
+def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path, targets: int,
+           full: bool) -> None:
     """One measurement in this process; prints a JSON line."""
     model_dir = _hf_model_dir(shape, cache / shape)
-    result = (run_jax if framework == "jax" else run_torch)(model_dir, batch, seq, steps, targets)
+    result = (run_jax if framework == "jax" else run_torch)(model_dir, batch, seq, steps, targets, full)
     median = statistics.median(result["step_times_s"])
-    result.update(framework=framework, shape=shape, batch=batch, seq=seq, targets=targets, median_step_s=median,
+    result.update(framework=framework, shape=shape, batch=batch, seq=seq, targets=targets, full=full,
+                  median_step_s=median,
                   load_average_1min=os.getloadavg()[0],
                   tokens_per_s=batch * seq / median,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -154,13 +174,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process after the first")
     parser.add_argument("--targets", type=int, default=0,
                         help="loss on the last N tokens of each row only (response-only SFT); 0 = every token")
+    parser.add_argument("--full", action="store_true",
+                        help="continued pre-training: AdamW over every parameter, no LoRA (see above)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         framework, shape, batch, seq = args.worker
-        worker(framework, shape, int(batch), int(seq), args.steps, args.cache, args.targets)
+        worker(framework, shape, int(batch), int(seq), args.steps, args.cache, args.targets, args.full)
         sys.stdout.flush()
         os._exit(0)  # the result is printed; skip interpreter teardown (XLA's threads sometimes abort in it)
     cases = [(args.shape, args.batch, args.seq)] if args.shape else DEFAULT_CASES
@@ -171,7 +193,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for framework in ("jax", "torch") if round_ % 2 == 0 else ("torch", "jax"):
                 cmd = [sys.executable, __file__, "--worker", framework, shape, str(batch), str(seq),
-                       "--steps", str(args.steps), "--cache", str(args.cache), "--targets", str(args.targets)]
+                       "--steps", str(args.steps), "--cache", str(args.cache), "--targets", str(args.targets),
+                       *(["--full"] if args.full else [])]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{framework} {shape} failed:\n{done.stderr[-3000:]}")
@@ -182,7 +205,8 @@ def main() -> None:
     print(f"{'case':<18} {'jax tok/s':>10} {'torch tok/s':>12} {'ratio':>6} {'jax RSS':>9} {'torch RSS':>10} "
           f"{'jax 1st step':>13} {'torch 1st':>10}")
     for shape, batch, seq in cases:
-        row = {"shape": shape, "batch": batch, "seq": seq, "targets": args.targets or seq}
+        row = {"shape": shape, "batch": batch, "seq": seq, "targets": args.targets or seq,
+               "mode": "full" if args.full else "lora"}
         for fw in ("jax", "torch"):
             mine = [r for r in runs if (r["framework"], r["shape"], r["batch"], r["seq"]) == (fw, shape, batch, seq)]
             row[fw] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),

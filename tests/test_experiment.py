@@ -60,18 +60,24 @@ def test_experiment_runs_every_setting_and_writes_table_json_png(tmp_path, bases
     out = tmp_path / "exp"
     results = json.loads((out / "results.json").read_text())
     settings = {(r["setting"], r["evaluated_on"]) for r in results["rows"]}
-    assert settings == {("Fine-tune_o", "old"), ("Direct Transfer", "ffn"), ("Fine-tune_n", "ffn"),
+    assert settings == {("No adapter", "old"), ("No adapter", "ffn"),
+                        ("Fine-tune_o", "old"), ("Direct Transfer", "ffn"), ("Fine-tune_n", "ffn"),
                         ("Projection (training-free)", "ffn"),
                         ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "ffn"),
                         ("Trans-PEFT [mask_warm]", "old"), ("Trans-PEFT [mask_warm]", "ffn")}
     for row in results["rows"]:
         # the re-tuned reference trains with fine_tune_n_seeds, a row with its own seeds entry
-        seeds = {"Fine-tune_n": [1], "Trans-PEFT [mask_warm]": [0]}.get(row["setting"], [0, 1])
+        seeds = {"Fine-tune_n": [1], "Trans-PEFT [mask_warm]": [0], "No adapter": [0]}.get(row["setting"], [0, 1])
         assert row["seeds"] == seeds and row["items"] == 4 * len(seeds)
         assert 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"]
     # each training piece used its own settings: the row's transpeft config, the seed, the base
     drop_cfg = yaml.safe_load((out / "adapters/qv/drop/seed1/config.yaml").read_text())
-    assert drop_cfg["transpeft"]["p_drop"] == 0.5 and drop_cfg["train"]["seed"] == 1
+    assert drop_cfg["transpeft"]["p_drop"] == 0.5 and drop_cfg["train"]["seed"] == drop_cfg["data"]["seed"] == 1
+    assert len({tuple(r["item_ids"]) for r in results["rows"]}) == 1  # every row scored on the same items
+    comparisons = {c["b"]: c for c in results["comparisons"]}
+    assert set(comparisons) == {"Trans-PEFT [drop]", "Trans-PEFT [mask_warm]"}
+    assert comparisons["Trans-PEFT [mask_warm]"]["seeds"] == [0] and comparisons["Trans-PEFT [drop]"]["seeds"] == [0, 1]
+    assert comparisons["Trans-PEFT [drop]"]["exact"]["n"] == 8
     warm_cfg = yaml.safe_load((out / "adapters/qv/mask_warm/seed0/config.yaml").read_text())
     assert warm_cfg["transpeft"]["warmup_steps"] == 2 and warm_cfg["transpeft"]["p_mask"] == 0.3
     assert not (out / "adapters/qv/mask_warm/seed1").exists()
@@ -117,3 +123,36 @@ def test_bad_experiment_configs_name_the_field(tmp_path, bases):
     done = subprocess.run([sys.executable, "-m", "jtranspeft.experiment", "--config", str(bad)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "p_dorp" in done.stderr
+
+
+def test_gates_run_before_any_trans_peft_row_and_stop_a_failing_update(tmp_path, bases):
+    """A damage threshold no tiny update can meet: both candidates fail (b), no row is trained, and the
+    report says which gate failed by how much; with the gates opened the smallest lambda is chosen."""
+    from jtranspeft.analysis.experiment import run_experiment
+
+    path = _experiment_file(tmp_path, *bases, new_bases={}, seeds=[0], fine_tune_n_seeds=None, projection=False,
+                            rows={"drop": {"transpeft.p_drop": 0.5}}, no_adapter=False,
+                            update={"new": str(bases[1]), "lambdas": [1.0, 0.5],
+                                    "thresholds": {"min_damage": 2.0}})
+    cfg = load_config(ExperimentConfig, [path])
+    results = run_experiment(cfg)
+    out = tmp_path / "exp"
+    gates = json.loads((out / "gates.json").read_text())
+    assert gates["chosen"] is None and set(gates["gates"]) == {"0.5", "1"}
+    assert "lambda 0.5: (a) capability kept: not measured" in gates["reason"]  # skipped once (b) failed
+    assert "(b) damage real: missed by 2.000" in gates["reason"]
+    assert not gates["gates"]["0.5"]["b"]["passed"] and gates["scores"]["0.5"]["ffn_share"] is None  # not measured
+    assert results["rows"] == [] and not (out / "adapters/qv/drop").exists()
+    assert "Gates of the update" in (out / "results.md").read_text()
+    assert (out / "bases/lambda_0.5/config.json").is_file()
+
+    opened = load_config(ExperimentConfig, [path], ["update.thresholds.min_damage=-1.0",
+                                                    "update.thresholds.min_ffn_share=-100.0",
+                                                    "update.thresholds.capability_slack=1.0",
+                                                    "update.thresholds.max_length_ratio=100.0"])
+    results = run_experiment(opened)
+    assert results["gates"]["chosen"] == 0.5
+    assert {(r["setting"], r["evaluated_on"]) for r in results["rows"]} == {
+        ("Fine-tune_o", "old"), ("Direct Transfer", "lambda_0.5"), ("Fine-tune_n", "lambda_0.5"),
+        ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "lambda_0.5")}
+    assert results["gates"]["scores"]["0.5"]["ffn_share"] is not None

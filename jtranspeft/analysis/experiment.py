@@ -7,7 +7,21 @@ evaluation task. For every LoRA variant and seed it trains, with the same data a
   only, dropping only, per-layer or calibrated probabilities; a ``seeds`` entry trains that row with fewer
   seeds) on the old base -> scored on each new base (and on old unless ``score_rows_on_old`` is false);
 - ``plain`` on each new base -> scored there (Fine-tune_n, the re-tuned upper bound);
-- optionally the training-free projection of the plain old adapter onto each new base (LoRA-X style).
+- optionally the training-free projection of the plain old adapter onto each new base (LoRA-X style);
+- each base with no adapter at all (``no_adapter``), the floor every adapter must beat.
+Seed s trains with ``train.seed = data.seed = s`` (``vary_data_seed``: the data order varies too), and every
+setting is scored on the SAME test items, so settings are compared item by item: ``comparisons`` holds, per
+new base, Direct Transfer against each Trans-PEFT row (paired over the seeds both have) as the difference
+with its paired-bootstrap 95% CI and McNemar's exact p-value (`jtranspeft.analysis.paired`), under exact
+match and under the format-blind first-number scorer. Every row also reports the mean generated tokens.
+
+With ``update.new`` set, the new base is not given but chosen: the old base and ``update.new`` are
+interpolated at each of ``update.lambdas`` (`jtranspeft.training.evolve.interpolate`), and before any
+Trans-PEFT adapter is trained each candidate, smallest lambda first, is checked against the gates of
+`jtranspeft.analysis.gates` (cheapest measurement first: Direct Transfer, then the FFN-swap attribution, then
+Fine-tune_n; a candidate failing one is not measured further). The first candidate that passes every gate
+becomes the new base (named ``lambda_<value>``); ``gates.md`` / ``gates.json`` hold every number, and when
+no candidate passes they say which gate failed by how much, and no Trans-PEFT row is trained.
 The plain settings of every seed run first, then the rows in the config's order (so the order is a
 priority). Before all of it, ``analyze`` can run the component-swap attribution / FFN sensitivity of
 `jtranspeft.analyze` with the first plain old adapter, so the table can be read against its causes. Every
@@ -33,11 +47,25 @@ from typing import Any
 import numpy as np
 
 from jtranspeft.analysis.analyze import AnalyzeConfig
+from jtranspeft.analysis.gates import GateThresholds, UpdateScores, choose_update, format_gates
 from jtranspeft.eval.evaluate import EvalConfig
 from jtranspeft.utils.config_io import load_config, to_yaml
 from jtranspeft.utils.errors import RunStopped
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """Choose the new base among interpolations of (old base, ``new``) by the gates (module docstring)."""
+
+    new: str | None = None  # an updated base; null = use new_bases as given
+    lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    thresholds: GateThresholds = dataclasses.field(default_factory=GateThresholds)
+
+    def __post_init__(self):
+        if self.new is not None and not self.lambdas:
+            raise ValueError("update.lambdas: give at least one lambda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +84,9 @@ class ExperimentConfig:
         default_factory=lambda: {"paper": {"transpeft.p_drop": 0.1, "transpeft.p_mask": 0.0}})
     projection: bool = False
     score_rows_on_old: bool = True
+    no_adapter: bool = True  # also score each base without an adapter
+    vary_data_seed: bool = True  # seed s also sets data.seed = s (the training items and their order)
+    update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     # how every adapter is scored (merged into the scored base first)
     eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(
         task="rg:chain_sum", limit=500, batch_size=32, max_new_tokens=16, template="alpaca"))
@@ -65,8 +96,10 @@ class ExperimentConfig:
         sections=("attribution", "sensitivity"), limit=64, sensitivity_limit=32))
 
     def __post_init__(self):
-        if not self.new_bases:
-            raise ValueError("new_bases: name at least one updated base (name: path)")
+        if not self.new_bases and self.update.new is None:
+            raise ValueError("new_bases: name at least one updated base (name: path), or set update.new")
+        if self.update.new is not None and self.new_bases:
+            raise ValueError("give either new_bases or update.new (whose gated choice is the new base), not both")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         if self.fine_tune_n_seeds is not None and not set(self.fine_tune_n_seeds) <= set(self.seeds):
@@ -90,6 +123,7 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, report_only: bool = False):
         self.cfg, self.out, self.report_only = cfg, Path(cfg.output_dir), report_only
+        self.new_bases = dict(cfg.new_bases)  # with update.new: the candidates, then the chosen one
         self.bases: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.timings_file = self.out / "timings.json"
@@ -102,7 +136,7 @@ class Experiment:
         from jtranspeft.checkpoints.loading import load_base, resolve_model_path, save_base
 
         if name != "old":
-            return self.cfg.new_bases[name]
+            return self.new_bases[name]
         path = resolve_model_path(self.cfg.old_base)
         if path.suffix != ".gguf":
             return str(path)
@@ -143,7 +177,8 @@ class Experiment:
 
         on = trained.removeprefix("plain_") if trained.startswith("plain_") else "old"
         row = {k: v for k, v in self.cfg.rows.get(trained, {}).items() if k != "seeds"}
-        overrides = {**self.cfg.train_overrides, **self.cfg.variants[variant], **row, "train.seed": seed}
+        seeds = {"train.seed": seed, **({"data.seed": seed} if self.cfg.vary_data_seed else {})}
+        overrides = {**self.cfg.train_overrides, **self.cfg.variants[variant], **row, **seeds}
         strings = [f"output_dir={self.adapter_dir(variant, trained, seed)}", f"model.path={self.base_path(on)}",
                    *_override_strings(overrides)]
         return load_config(RunConfig, [self.cfg.train_config], strings)
@@ -175,44 +210,113 @@ class Experiment:
                         lambda: save_peft(project_lora(lora, self.base(new).params), directory, self.base(new)))
         return directory
 
-    def evaluate(self, adapter: Path, on: str) -> dict | None:
-        """Score ``adapter`` merged into base ``on`` (cached in ``<run>/eval/<on>/results.json``); None when
-        only reporting and the score is not there yet."""
+    def evaluate(self, adapter: Path | None, on: str) -> dict | None:
+        """Score ``adapter`` (None: the bare base) merged into base ``on``, cached in
+        ``<piece>/eval/<on>/``; the results plus their ``predictions`` rows, or None when only reporting and
+        the score is not there yet."""
         from jtranspeft.eval.evaluate import evaluate
 
-        piece = adapter.parent if adapter.name == "adapter" else adapter  # a training run or a projection
+        if adapter is None:
+            piece = self.out / "no_adapter"
+        else:
+            piece = adapter.parent if adapter.name == "adapter" else adapter  # a training run or a projection
         out = piece / "eval" / on
         if self.report_only and not _done(out / "results.json"):
             return None
         if not _done(out / "results.json"):
             self._timed(f"evaluate {piece.relative_to(self.out)} on {on}",
-                        lambda: evaluate(self.base(on), self.cfg.eval, adapter=adapter, merge=True, out=out))
-        return json.loads((out / "results.json").read_text())
+                        lambda: evaluate(self.base(on), self.cfg.eval, adapter=adapter, merge=adapter is not None,
+                                         out=out))
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        return {**json.loads((out / "results.json").read_text()), "predictions": rows}
 
-    def analyze(self, variant: str, new: str) -> Path | None:
-        """`jtranspeft.analyze` of (old, ``new``) with the first plain old adapter, if sections are configured."""
+    def analyze(self, variant: str, new: str, sections: tuple[str, ...] | None = None) -> Path | None:
+        """`jtranspeft.analyze` of (old, ``new``) with the first plain old adapter, if sections are configured
+        (or the given ``sections``)."""
         settings = self.cfg.analyze
-        if not settings.sections or self.report_only:
+        sections = settings.sections if sections is None else sections
+        if not sections or self.report_only:
             return None
         out = self.out / "analysis" / variant / new
         if not _done(out / "analyze.json"):
             from jtranspeft.analysis.analyze import analyze
 
             adapter = self.train(variant, "plain", self.cfg.seeds[0])
-            sections = settings.sections
-            if new != next(iter(self.cfg.new_bases)):  # FFN sensitivity is measured on the old base: once
+            if new != next(iter(self.new_bases)):  # FFN sensitivity is measured on the old base: once
                 sections = tuple(s for s in sections if s != "sensitivity")
             config = dataclasses.replace(settings, sections=sections, task=self.cfg.eval.task)
             self._timed(f"analyze {variant} old -> {new}",
                         lambda: analyze(self.base("old"), self.base(new), config, adapter, out=out, progress=False))
         return out
 
+    # -- gates ---------------------------------------------------------------------------------------
+    def candidate_scores(self, variant: str, name: str, fine_tune_o: dict) -> UpdateScores:
+        """The gates' numbers for candidate base ``name``, measured cheapest first; a measurement is skipped
+        (None) once an earlier gate has failed."""
+        from jtranspeft.analysis.gates import check_gates
+
+        seed, limits = self.cfg.seeds[0], self.cfg.update.thresholds
+        direct = self.evaluate(self.train(variant, "plain", seed), name)
+        scores = UpdateScores(fine_tune_o=fine_tune_o["accuracy"], fine_tune_n=None, direct=direct["accuracy"],
+                              fine_tune_o_tokens=_mean(fine_tune_o, "new_tokens"),
+                              direct_tokens=_mean(direct, "new_tokens"),
+                              fine_tune_o_first=_mean(fine_tune_o, "first_number"),
+                              direct_first=_mean(direct, "first_number"))
+        gates = check_gates(scores, limits)
+        if not (gates["b"]["passed"] and gates["c"]["passed"]):
+            return scores
+        analysis = self.analyze(variant, name, ("attribution",))
+        scores = dataclasses.replace(scores, ffn_share=ffn_share(json.loads((analysis / "analyze.json").read_text())))
+        if not check_gates(scores, limits)["d"]["passed"]:
+            return scores
+        fine_tune_n = self.evaluate(self.train(variant, f"plain_{name}", seed), name)
+        return dataclasses.replace(scores, fine_tune_n=fine_tune_n["accuracy"])
+
+    def gate_update(self, variant: str) -> dict | None:
+        """Interpolate the update, gate the candidates smallest lambda first, write gates.md / gates.json and
+        make the chosen candidate the one new base; returns the choice (None when only reporting)."""
+        from jtranspeft.training.evolve import interpolate
+
+        update = self.cfg.update
+        if self.report_only:
+            path = self.out / "gates.json"
+            choice = json.loads(path.read_text()) if path.is_file() else None
+            if choice and choice["chosen"] is not None:
+                name = f"lambda_{choice['chosen']:g}"
+                self.new_bases = {name: str(self.out / "bases" / name)}
+            return choice
+        paths = self._timed("interpolate the update", lambda: interpolate(
+            self.base_path("old"), update.new, update.lambdas, self.out / "bases"))
+        candidates = {lam: f"lambda_{lam:g}" for lam in sorted(paths)}
+        self.new_bases = {name: paths[lam] for lam, name in candidates.items()}
+        fine_tune_o = self.evaluate(self.train(variant, "plain", self.cfg.seeds[0]), "old")
+        measured = {}
+        for lam, name in candidates.items():
+            measured[lam] = self.candidate_scores(variant, name, fine_tune_o)
+            choice = choose_update(measured, update.thresholds)
+            if choice["chosen"] is not None:
+                break
+        choice = json_safe_choice(choice, measured)
+        (self.out / "gates.json").write_text(json.dumps(choice, indent=1) + "\n")
+        (self.out / "gates.md").write_text("# Gates of the update\n\n" + format_gates(choice))
+        logger.info("gates: %s", choice["reason"])
+        self.new_bases = {} if choice["chosen"] is None else {
+            candidates[choice["chosen"]]: paths[choice["chosen"]]}
+        return choice
+
     # -- the whole experiment ------------------------------------------------------------------------
     def run(self) -> dict:
         """Run every missing piece (with ``report_only``: none), then write results.md / .json / .png."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "experiment.yaml").write_text(to_yaml(self.cfg))
-        news = list(self.cfg.new_bases)
+        gates = self.gate_update(next(iter(self.cfg.variants))) if self.cfg.update.new is not None else None
+        if gates is not None and gates["chosen"] is None:
+            results = summarize({}, self.cfg, self.timings, gates)
+            write_results(results, self.out)
+            return results
+        if gates is not None and not self.new_bases:  # --report before the gates ran: nothing to table
+            return summarize({}, self.cfg, self.timings, gates)
+        news = list(self.new_bases)
         for variant in self.cfg.variants:  # every piece's config is checked before any work starts
             for trained in ["plain", *self.cfg.rows, *(f"plain_{new}" for new in news)]:
                 self.run_config(variant, trained, self.cfg.seeds[0])
@@ -227,6 +331,9 @@ class Experiment:
             for new in news:
                 self.analyze(variant, new)
             for seed in self.cfg.seeds:  # the plain settings first, then each row in the config's order
+                if self.cfg.no_adapter and seed == self.cfg.seeds[0]:
+                    for on in ["old", *news]:
+                        record(variant, "No adapter", "-", on, seed, self.evaluate(None, on))
                 plain = self.train(variant, "plain", seed)
                 for on in ["old", *news]:
                     record(variant, "Fine-tune_o" if on == "old" else "Direct Transfer", "old", on, seed,
@@ -238,19 +345,64 @@ class Experiment:
                     if self.cfg.fine_tune_n_seeds is None or seed in self.cfg.fine_tune_n_seeds:
                         record(variant, "Fine-tune_n", new, new, seed,
                                self.evaluate(self.train(variant, f"plain_{new}", seed), new))
-            write_results(summarize(scores, self.cfg, self.timings), self.out)  # partial tables as pieces finish
+            write_results(summarize(scores, self.cfg, self.timings, gates), self.out)  # partial, as pieces finish
             for row in self.cfg.rows:
                 for seed in self.row_seeds(row):
                     adapter = self.train(variant, row, seed)
                     for on in (["old"] if self.cfg.score_rows_on_old else []) + news:
                         record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
-                write_results(summarize(scores, self.cfg, self.timings), self.out)
-        return summarize(scores, self.cfg, self.timings)
+                write_results(summarize(scores, self.cfg, self.timings, gates), self.out)
+        return summarize(scores, self.cfg, self.timings, gates)
 
 
-def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timings: dict) -> dict:
+def _mean(result: dict, field: str) -> float:
+    """Mean of a per-item field over an evaluation's predictions ("first_number": the first-number score)."""
+    from jtranspeft.eval.scorers import score_first_number
+
+    rows = result["predictions"]
+    if field == "first_number":
+        return float(np.mean([score_first_number(r["output"], str(r["gold"])) for r in rows]))
+    return float(np.mean([r.get(field, 0) for r in rows]))
+
+
+def ffn_share(analysis: dict) -> float | None:
+    """The FFN swap's share of the Direct Transfer drop in an analyze.json: accuracy share, or the loss share
+    when the accuracy does not move."""
+    row = next(r for r in analysis["attribution"]["rows"] if r["name"] == "new ffn")
+    share = row["gap_share"]
+    return share["accuracy"] if share["accuracy"] is not None else share["loss"]
+
+
+def json_safe_choice(choice: dict, measured: dict) -> dict:
+    """The gates' choice with string keys and the measured numbers beside each lambda."""
+    return {"chosen": choice["chosen"], "reason": choice["reason"],
+            "gates": {f"{lam:g}": gates for lam, gates in choice["gates"].items()},
+            "scores": {f"{lam:g}": dataclasses.asdict(scores) for lam, scores in measured.items()}}
+
+
+def _paired(a_by_seed: dict[int, dict], b_by_seed: dict[int, dict]) -> dict | None:
+    """Exact-match and first-number paired comparisons of b against a over the seeds both have."""
+    from jtranspeft.analysis.paired import align, compare
+    from jtranspeft.eval.scorers import score_first_number
+
+    seeds = sorted(set(a_by_seed) & set(b_by_seed))
+    if not seeds:
+        return None
+
+    def rows(by_seed):  # one row per (seed, item): pairs are formed within a seed
+        return [{"index": (s, r["index"]), "correct": r["correct"],
+                 "first": score_first_number(r["output"], str(r["gold"]))}
+                for s in seeds for r in by_seed[s]["predictions"]]
+
+    ra, rb = rows(a_by_seed), rows(b_by_seed)
+    return {"seeds": seeds, "exact": compare(*align(ra, rb)), "first_number": compare(*align(ra, rb, "first"))}
+
+
+def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timings: dict,
+              gates: dict | None = None) -> dict:
     """JSON-ready rows: per (variant, setting, trained on, evaluated on) the per-seed accuracies, their
-    mean and sample std, and a 95% Wilson interval over every scored item of every seed."""
+    mean and sample std, a 95% Wilson interval over every scored item of every seed, the first-number
+    accuracy and the mean generated tokens; plus the paired comparisons and the gates."""
     from jtranspeft.eval.scorers import accuracy_with_ci
 
     rows = []
@@ -262,8 +414,20 @@ def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timin
         rows.append({"variant": variant, "setting": setting, "trained_on": trained_on, "evaluated_on": on,
                      "seeds": sorted(by_seed), "accuracy_per_seed": accs, "mean": float(np.mean(accs)),
                      "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
-                     "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "items": ci["n"]})
-    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "rows": rows, "timings_s": timings}
+                     "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "items": ci["n"],
+                     "first_number": float(np.mean([_mean(by_seed[s], "first_number") for s in by_seed])),
+                     "mean_new_tokens": float(np.mean([_mean(by_seed[s], "new_tokens") for s in by_seed])),
+                     "item_ids": sorted({r["index"] for s in by_seed for r in by_seed[s]["predictions"]})})
+    comparisons = []
+    for (variant, setting, trained_on, on), by_seed in scores.items():
+        direct = scores.get((variant, "Direct Transfer", "old", on))
+        if setting.startswith("Trans-PEFT") and on != "old" and direct:
+            paired = _paired(direct, by_seed)
+            if paired:
+                comparisons.append({"variant": variant, "evaluated_on": on, "a": "Direct Transfer", "b": setting,
+                                    **paired})
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "rows": rows, "comparisons": comparisons,
+            "gates": gates, "timings_s": timings}
 
 
 def _table(rows: list[dict], variant: str, new: str) -> list[str]:
@@ -275,37 +439,61 @@ def _table(rows: list[dict], variant: str, new: str) -> list[str]:
         per_seed = ", ".join(pct(a) for a in row["accuracy_per_seed"])
         spread = "(1 seed)" if row["std"] is None else f"± {pct(row['std'])}"
         return (f"| {name} | {row['trained_on']} | {row['evaluated_on']} | {pct(row['mean'])} {spread} "
-                f"| [{pct(row['ci_low'])}, {pct(row['ci_high'])}] | {per_seed} |")
+                f"| [{pct(row['ci_low'])}, {pct(row['ci_high'])}] | {pct(row['first_number'])} "
+                f"| {row['mean_new_tokens']:.1f} | {per_seed} |")
 
     mine = [r for r in rows if r["variant"] == variant]
     pick = {(r["setting"], r["evaluated_on"]): r for r in mine}
     out = [f"### {variant}: old -> {new}", "",
-           "| setting | trained on | evaluated on | accuracy % (mean ± std) | 95% CI (pooled) | per seed |",
-           "|---|---|---|---|---|---|"]
-    order = [("Fine-tune_o", "old"), ("Direct Transfer", new)]
+           "| setting | trained on | evaluated on | accuracy % (mean ± std) | 95% CI (pooled) | first-number % "
+           "| new tokens | per seed |",
+           "|---|---|---|---|---|---|---|---|"]
+    order = [("No adapter", "old"), ("No adapter", new), ("Fine-tune_o", "old"), ("Direct Transfer", new)]
     order += [(r["setting"], new) for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == new]
     order += [("Projection (training-free)", new), ("Fine-tune_n", new)]
     order += [(r["setting"], "old") for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == "old"]
     for setting, on in dict.fromkeys(order):
         if (setting, on) in pick:
-            name = setting if setting in ("Fine-tune_o", "Fine-tune_n") else f"{setting}_(o->{on})" if on != "old" \
-                else f"{setting} on old"
+            name = setting if setting in ("Fine-tune_o", "Fine-tune_n") else f"{setting} on {on}" \
+                if setting == "No adapter" else f"{setting}_(o->{on})" if on != "old" else f"{setting} on old"
             out.append(line(name, pick[(setting, on)]))
     return out + [""]
 
 
+def _comparison_lines(results: dict) -> list[str]:
+    """Markdown table of the paired comparisons (Trans-PEFT row minus Direct Transfer, same items)."""
+    if not results.get("comparisons"):
+        return []
+    lines = ["### Paired comparisons: Trans-PEFT row minus Direct Transfer on the same items", "",
+             "| variant | on | row | seeds | scorer | difference (points) | paired 95% CI | p (McNemar exact) "
+             "| p (bootstrap) | only DT right | only row right |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in results["comparisons"]:
+        for scorer in ("exact", "first_number"):
+            x = c[scorer]
+            lines.append(f"| {c['variant']} | {c['evaluated_on']} | {c['b']} | {c['seeds']} | {scorer} "
+                         f"| {100 * x['difference']:+.1f} | [{100 * x['ci_low']:+.1f}, {100 * x['ci_high']:+.1f}] "
+                         f"| {x['p_mcnemar']:.3g} | {x['p_bootstrap']:.3g} | {x['a_only']} | {x['b_only']} |")
+    return lines + [""]
+
+
 def format_results(results: dict) -> str:
-    """The markdown report: one table per LoRA variant and new base."""
+    """The markdown report: the gates (if any), one table per LoRA variant and new base, the comparisons."""
     cfg = results["config"]
+    bases = ", ".join(f"`{k}` ({v})" for k, v in cfg["new_bases"].items()) \
+        or f"chosen by the gates among interpolations of old and `{cfg['update']['new']}`"
     lines = ["# Trans-PEFT experiment", "",
-             f"old base `{cfg['old_base']}`; new bases {', '.join(f'`{k}` ({v})' for k, v in cfg['new_bases'].items())}; "
+             f"old base `{cfg['old_base']}`; new bases {bases}; "
              f"task {cfg['eval']['task']} ({cfg['eval']['limit']} test items per seed, greedy); "
              f"seeds {list(cfg['seeds'])}; recipe {cfg['train_config']} with {cfg['train_overrides']}.",
              "Rows: " + "; ".join(f"{k} = {v}" for k, v in cfg["rows"].items()) + ".", ""]
+    gates = results.get("gates")
+    if gates:
+        lines += ["## Gates of the update", "", format_gates(gates)]
+    news = dict.fromkeys(r["evaluated_on"] for r in results["rows"] if r["evaluated_on"] != "old")
     for variant in cfg["variants"]:
-        for new in cfg["new_bases"]:
+        for new in news:
             lines += _table(results["rows"], variant, new)
-    return "\n".join(lines)
+    return "\n".join(lines + _comparison_lines(results))
 
 
 def plot_results(results: dict, path: Path) -> None:
@@ -316,7 +504,10 @@ def plot_results(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg = results["config"]
-    panels = [(v, n) for v in cfg["variants"] for n in cfg["new_bases"]]
+    news = dict.fromkeys(r["evaluated_on"] for r in results["rows"] if r["evaluated_on"] != "old")
+    panels = [(v, n) for v in cfg["variants"] for n in news]
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (variant, new) in zip(axes[0], panels):
         rows = [r for r in results["rows"] if r["variant"] == variant and r["evaluated_on"] in ("old", new)

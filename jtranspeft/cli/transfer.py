@@ -8,6 +8,7 @@ docs/transfer.md.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import textwrap
@@ -39,6 +40,9 @@ EPILOG = textwrap.dedent("""\
           --new-base models/Qwen2.5-7B --method project --project-k 64 --out moved/a --drift-report drift/
       # a deeper new base: adapter layer i -> new layer 2i
       python -m jtranspeft.transfer --adapter runs/a/adapter --new-base deeper/ --layer-map 0:0,1:2,2:4 --out moved/b
+      # label-free check: does new base + moved adapter still answer like old base + adapter?
+      python -m jtranspeft.transfer --adapter runs/a/adapter --old-base smollm2 --new-base runs/evolve/x/base \
+          --method rescale --fidelity probes.txt --out moved/c
     """)
 
 
@@ -56,6 +60,27 @@ def parse_layer_map(text: str) -> dict[int, int]:
     if not mapping:
         raise argparse.ArgumentTypeError("layer map is empty")
     return mapping
+
+
+def read_prompts(path: str) -> list[str]:
+    """Probe prompts from a .txt file (one per non-empty line) or a .jsonl file (a 'prompt' string per row)."""
+    from jtranspeft.utils.errors import InputError
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise InputError(f"{path}, row {number}: needs a 'prompt' string")
+            prompts.append(row["prompt"])
+        lines = prompts
+    if not lines:
+        raise InputError(f"{path}: no prompts")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project-k", type=int, help="subspace size for --method project (default: min(in, out) // 2)")
     p.add_argument("--drift-report", help="write drift.txt / drift.json / drift.png here (needs --old-base)")
     p.add_argument("--top-k", type=int, default=16, help="singular directions compared in the drift report")
+    p.add_argument("--fidelity", metavar="PROMPTS",
+                   help="label-free check of the moved adapter (needs --old-base): a .txt file (one prompt per "
+                        "line) or .jsonl (a 'prompt' field per row); prints KL and agreement with old base + adapter "
+                        "and writes fidelity.json into --out")
+    p.add_argument("--fidelity-tokens", type=int, default=32, help="greedy teacher tokens per probe prompt")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="storage dtype the bases are loaded (and merged) in; auto: the checkpoint's own dtype "
                         "(config.json), float32 for GGUF")
@@ -100,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, args.verbose)
     if args.drift_report and not args.old_base:
         raise ValueError("--drift-report needs --old-base (drift compares the two bases' weights)")
-    for name in ("project_k", "top_k"):
+    if args.fidelity and not args.old_base:
+        raise ValueError("--fidelity needs --old-base (the teacher is the old base with the adapter)")
+    prompts = read_prompts(args.fidelity) if args.fidelity else None
+    for name in ("project_k", "top_k", "fidelity_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for target in (args.out, args.merge, args.drift_report):
@@ -125,7 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_drift_table(report))
         write_drift_report(report, args.drift_report)
         print(f"wrote drift report: {args.drift_report}")
+    if prompts:
+        from jtranspeft.migration.fidelity import fidelity
+
+        scores = fidelity(old_base, result.source_lora, new_base, result.lora, prompts,
+                          max_new_tokens=args.fidelity_tokens)
+        print(f"fidelity on {scores['prompts']} prompts: KL {scores['kl']:.4f} nats/token, top-1 agreement "
+              f"{scores['top1']:.3f}, greedy exact {scores['exact']:.3f}, prefix {scores['prefix']:.3f}")
     write_transfer(result, new_base, out=args.out, merge=args.merge)
+    if prompts and args.out:
+        (Path(args.out) / "fidelity.json").write_text(json.dumps(scores, indent=1) + "\n")
     for what, target in (("adapter", args.out), ("merged checkpoint", args.merge)):
         if target:
             print(f"wrote {what}: {target}")

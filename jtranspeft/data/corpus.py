@@ -9,6 +9,10 @@ A `SourceConfig` names one source of plain text; `load_documents` turns it into 
   markers; one play is one document.
 - ``reasoning_gym:<task>``: ``size`` generated items (`jtranspeft.data.sources.load_records`, train split),
   each rendered with ``template`` (default ``plain``: question, newline, worked answer) as one document.
+- ``pydoc_topics``: the CPython documentation topics shipped with Python (``pydoc_data.topics``: the language
+  reference's sections on statements, operators, types ...), one topic per document;
+- ``stdlib_docstrings``: the docstrings of the modules, classes and functions of Python's standard library,
+  read from the source files with `ast` (nothing is imported), one module's docstrings per document;
 - a local ``.txt`` / ``.md`` file: the whole file is one document;
 - a local ``.json`` / ``.jsonl`` / ``.parquet`` file or a hub dataset id (online only; offline it is a clear
   error): one document per row, from the ``text_field`` column (the first ``size`` rows).
@@ -18,7 +22,9 @@ with EOS between them, and returns a `PackedCorpus`. Its `batch_at(step)` is a p
 so a resumed run sees exactly the batches it would have seen: with ``rng = default_rng([seed, step])``
 each row picks a source with probability weight / sum(weights), then a window of ``seq_len`` tokens at a
 uniformly random offset of that source's stream. Every token of a window is a target (loss on all
-tokens but the first, which has no context).
+tokens but the first, which has no context). A source with ``kl: true`` marks its rows as general text
+(``kl_rows`` = 1 in the batch): continued pre-training can keep the old model's predictions there
+(`jtranspeft.training.step.make_full_step`, ``corpus.kl_weight``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class SourceConfig:
     subset: str | None = None
     template: str = "plain"
     rg_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kl: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "rg_kwargs", dict(self.rg_kwargs or {}))
@@ -117,6 +124,12 @@ def load_documents(cfg: SourceConfig, seed: int) -> list[str]:
 
         data = DataConfig(source=source, train_size=cfg.size, rg_kwargs=cfg.rg_kwargs, seed=seed)
         docs = ["".join(render(record, cfg.template)) for record in load_records(data, "train")]
+    elif source == "pydoc_topics":
+        from pydoc_data.topics import topics
+
+        docs = [topics[name] for name in sorted(topics)]
+    elif source == "stdlib_docstrings":
+        docs = stdlib_docstrings()
     elif Path(source).suffix.lower() in TEXT_SUFFIXES:
         path = Path(source)
         if not path.is_file():
@@ -127,6 +140,30 @@ def load_documents(cfg: SourceConfig, seed: int) -> list[str]:
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"{source}: no non-empty documents")
+    return docs
+
+
+def stdlib_docstrings() -> list[str]:
+    """One document per standard-library module: its docstrings (module, classes, functions) in source order,
+    parsed with `ast` from the files of ``sysconfig``'s stdlib directory (tests and private modules skipped)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        private = path.name.startswith("_") and path.name != "__init__.py"
+        if private or path.parent.name in ("test", "tests", "idle_test"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)))]
+        parts = [ast.get_docstring(n) for n in nodes]
+        text = "\n\n".join(p for p in parts if p and len(p) > 40)
+        if text:
+            docs.append(text)
     return docs
 
 
@@ -155,12 +192,13 @@ class PackedCorpus:
     """One token stream per source and the seeded window sampler over them (see the module docstring)."""
 
     def __init__(self, names: list[str], streams: list[np.ndarray], weights: list[float], seq_len: int,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, kl_sources: list[bool] | None = None):
         for name, stream in zip(names, streams):
             if len(stream) < seq_len:
                 raise ValueError(f"corpus source {name!r} has {len(stream)} tokens, fewer than seq_len={seq_len}")
         self.names, self.streams, self.seq_len, self.batch_size, self.seed = names, streams, seq_len, batch_size, seed
         self.probs = np.asarray(weights, np.float64) / float(np.sum(weights))
+        self.kl_sources = np.asarray(kl_sources if kl_sources is not None else [False] * len(names), np.float32)
 
     @property
     def n_tokens(self) -> int:
@@ -175,11 +213,15 @@ class PackedCorpus:
         return source_b, start_b
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """``input_ids`` int32 [B, T], ``attention_mask`` int32 and ``loss_mask`` float32 [B, T], all ones."""
+        """``input_ids`` int32 [B, T], ``attention_mask`` int32 and ``loss_mask`` float32 [B, T], all ones;
+        ``kl_rows`` float32 [B] (1 for rows of a ``kl`` source) when some source has ``kl``."""
         source_b, start_b = self.rows_at(step)
         ids_bt = np.stack([self.streams[s][i:i + self.seq_len] for s, i in zip(source_b, start_b)]).astype(np.int32)
         ones_bt = np.ones(ids_bt.shape, np.int32)
-        return {"input_ids": ids_bt, "attention_mask": ones_bt, "loss_mask": ones_bt.astype(np.float32)}
+        batch = {"input_ids": ids_bt, "attention_mask": ones_bt, "loss_mask": ones_bt.astype(np.float32)}
+        if self.kl_sources.any():
+            batch["kl_rows"] = self.kl_sources[source_b]
+        return batch
 
     def mix_at(self, step: int) -> dict[str, int]:
         """Rows per source name in the batch at ``step``."""
@@ -193,7 +235,7 @@ def pack_corpus(sources: dict[str, SourceConfig], tokenizer, seq_len: int, batch
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id to separate documents")
-    names, streams, weights, stats = [], [], [], {}
+    names, streams, weights, kl_sources, stats = [], [], [], [], {}
     for name, cfg in sources.items():
         if cfg.weight == 0:
             continue
@@ -203,10 +245,11 @@ def pack_corpus(sources: dict[str, SourceConfig], tokenizer, seq_len: int, batch
         names.append(name)
         streams.append(stream)
         weights.append(cfg.weight)
+        kl_sources.append(cfg.kl)
         stats[name] = {"source": cfg.source, "documents": len(docs), "tokens": int(len(stream))}
     if not names:
         raise ValueError("corpus.sources: no source has a weight > 0")
-    corpus = PackedCorpus(names, streams, weights, seq_len, batch_size, seed)
+    corpus = PackedCorpus(names, streams, weights, seq_len, batch_size, seed, kl_sources)
     for name, p in zip(names, corpus.probs):
         stats[name]["share"] = round(float(p), 6)
     return corpus, stats

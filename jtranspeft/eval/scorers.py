@@ -126,6 +126,18 @@ def numbers_close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-4 or abs(a - b) <= 1e-6 * abs(b)
 
 
+def score_first_number(text: str, gold: str) -> bool:
+    """True when the FIRST number written in ``text`` equals the numeric ``gold`` (GSM8K tolerance).
+
+    A format-blind second scorer: an answer followed by extra text (a missing EOS) still counts, so a
+    drop under exact match that this scorer does not show is a format change, not lost ability. A gold
+    that is not a number scores False.
+    """
+    found, gold_value = _first_number(text), parse_number(gold)
+    value = None if found is None else parse_number(found)
+    return value is not None and gold_value is not None and numbers_close(value, gold_value)
+
+
 def score_gsm8k(pred_text: str, gold: str) -> bool:
     """True when the number extracted from `pred_text` equals the number `gold` within tolerance.
 

@@ -125,3 +125,23 @@ def swap_groups(params: dict, donor: dict, groups: Iterable[str]) -> dict:
     if jax.tree_util.tree_structure(merged) != jax.tree_util.tree_structure(params):
         raise ValueError("the donor's params tree has a different structure (another architecture?)")
     return merged
+
+
+def interpolate_params(old: dict, new: dict, lam: float) -> dict:
+    """``W_lam = W_old + lam (W_new - W_old)`` for every tensor (lam > 1 extrapolates the update).
+
+    Computed as ``(1 - lam) W_old + lam W_new`` in float32, so lam 0 gives ``old`` and lam 1 gives ``new``
+    bit for bit; tensors the update left unchanged (frozen groups) stay bit-identical for every lam.
+    """
+    import jax.numpy as jnp
+
+    if jax.tree_util.tree_structure(old) != jax.tree_util.tree_structure(new):
+        raise ValueError("the two params trees differ in structure (another architecture?)")
+
+    def mix(path, a, b):
+        if a.shape != b.shape:
+            raise ValueError(f"tensor {'.'.join(_names(path))}: shapes {a.shape} and {b.shape} differ")
+        a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        return jnp.where(a32 == b32, a32, (1.0 - lam) * a32 + lam * b32).astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(mix, old, new)

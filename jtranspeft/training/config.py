@@ -8,6 +8,7 @@ are the dataclasses their own modules define, so a setting is declared exactly o
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from jtranspeft.data.config import DataConfig
@@ -115,20 +116,26 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
-    """Named text sources with mixing weights, packed into windows of ``seq_len`` tokens."""
+    """Named text sources with mixing weights, packed into windows of ``seq_len`` tokens; ``kl_weight`` > 0 adds
+    ``kl_weight * KL(p_old || p_new)`` on the rows of the sources marked ``kl`` (general text)."""
 
     seq_len: int = 128
     sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
+    kl_weight: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "sources", dict(self.sources or {}))
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {self.kl_weight}")
+        if self.kl_weight > 0 and not any(s.kl and s.weight > 0 for s in self.sources.values()):
+            raise ValueError("kl_weight > 0 needs a source with kl: true and weight > 0 (the general-text rows)")
         if not any(s.weight > 0 for s in self.sources.values()):
             raise ValueError("sources: give at least one source with weight > 0")
 
     def __hash__(self):
-        return hash((self.seq_len, tuple(sorted(self.sources.items()))))
+        return hash((self.seq_len, tuple(sorted(self.sources.items())), self.kl_weight))
 
 
 @dataclasses.dataclass(frozen=True)

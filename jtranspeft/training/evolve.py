@@ -28,7 +28,7 @@ import optax
 
 from jtranspeft.checkpoints.loading import save_base
 from jtranspeft.data.corpus import PackedCorpus, pack_corpus
-from jtranspeft.models.params import group_labels, merge_trees, split_by_group
+from jtranspeft.models.params import group_labels, interpolate_params, merge_trees, split_by_group
 from jtranspeft.training import loop
 from jtranspeft.training.config import EvolveConfig, GroupLrConfig, TrainConfig
 from jtranspeft.training.finetune import load_model
@@ -87,8 +87,14 @@ def _job(cfg: EvolveConfig) -> loop.Job:
     state = TrainState(trained, optimizer.init(trained), jnp.asarray(0, jnp.int32))
     shardings = step_shardings(mesh, rules, frozen, state, optimizer)
     frozen, state = place(frozen, shardings.base), place(state, shardings.state)
+    kl_weight = cfg.corpus.kl_weight
+    if kl_weight:  # the step also reads the trained tensors as they were (the old model), placed like them
+        shardings = shardings._replace(base=(shardings.base, shardings.state.params))
+        step_frozen = (frozen, place(jax.tree_util.tree_map(jnp.copy, state.params), shardings.state.params))
+    else:
+        step_frozen = frozen
     del base, trained, frozen_params
-    step_fn = make_full_step(optimizer, cfg.train.grad_accum, cfg.model.remat, shardings)
+    step_fn = make_full_step(optimizer, cfg.train.grad_accum, cfg.model.remat, shardings, kl_weight)
 
     def export(final: TrainState, out, is_main: bool) -> dict:
         updated = frozen.replace(params=_host_readable(merge_trees(final.params, frozen.params)))
@@ -99,6 +105,31 @@ def _job(cfg: EvolveConfig) -> loop.Job:
                 "base": str(out / "base")}
 
     return loop.Job(
-        name="evolve", cfg=cfg, state=state, frozen=frozen, step_fn=step_fn, shardings=shardings, steps=steps,
+        name="evolve", cfg=cfg, state=state, frozen=step_frozen, step_fn=step_fn, shardings=shardings, steps=steps,
         batch_at=corpus.batch_at, export=export, row_extras=lambda step, batch, metrics: {"mix": corpus.mix_at(step)},
-        summary_extras={"groups": cfg.groups.multipliers(), "corpus": corpus_stats})
+        summary_extras={"groups": cfg.groups.multipliers(), "corpus": corpus_stats, "kl_weight": kl_weight})
+
+
+def interpolate(old, new, lambdas, out) -> dict[float, str]:
+    """Save ``W_old + lam (W_new - W_old)`` for each lam as an HF base in ``out/lambda_<lam>``; returns
+    {lam: directory}. ``old`` / ``new``: paths (or "smollm2") or loaded `Base` objects of one architecture;
+    the tokenizer is the new base's. A directory already written is kept (a rerun resumes).
+    """
+    from pathlib import Path
+
+    from jtranspeft.checkpoints.loading import load_base
+
+    lambdas = [float(lam) for lam in lambdas]
+    if not lambdas:
+        raise ValueError("interpolate: give at least one lambda")
+    old_base, new_base = (b if hasattr(b, "params") else load_base(b) for b in (old, new))
+    if old_base.spec != new_base.spec:
+        raise ValueError(f"interpolate: the bases differ in architecture ({old_base.spec} vs {new_base.spec})")
+    written = {}
+    for lam in lambdas:
+        target = Path(out) / f"lambda_{lam:g}"
+        if not (target / "config.json").is_file():
+            mixed = new_base.replace(params=interpolate_params(old_base.params, new_base.params, lam))
+            write_directory(target, lambda path, mixed=mixed: save_base(mixed, path))
+        written[lam] = str(target)
+    return written

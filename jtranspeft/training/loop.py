@@ -57,7 +57,7 @@ class Job:
     name: str  # progress-bar label: "train" | "evolve"
     cfg: Any  # the root config (RunConfig | EvolveConfig): output_dir, train and checkpoint sections are read
     state: TrainState  # initial state, placed on the mesh
-    frozen: Any  # the frozen `Base`, placed on the mesh
+    frozen: Any  # what the step reads besides the state (the frozen `Base`), placed on the mesh
     step_fn: Callable  # compiled (state, frozen, batch) -> (state, metrics)
     shardings: StepShardings
     steps: int

@@ -67,6 +67,21 @@ def target_positions(loss_mask_bt, k: int):
     return pos_bk, valid_bk
 
 
+def next_token_nll(logits_btv, batch: dict):
+    """(sum of NLL of the targets t (loss_mask[t] = 1) given positions < t, their count) from full logits."""
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], batch["input_ids"][:, 1:])
+    mask_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
+
+
+def token_kl(reference_logits_btv, logits_btv, mask_bt):
+    """sum over masked positions of KL(p_ref || p) = sum_v p_ref (log p_ref - log p), computed in float32."""
+    ref_log_btv = jax.nn.log_softmax(reference_logits_btv.astype(jnp.float32))
+    log_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32))
+    kl_bt = jnp.sum(jnp.exp(ref_log_btv) * (ref_log_btv - log_btv), axis=-1)
+    return jnp.sum(kl_bt * mask_bt)
+
+
 def token_loss(base: Base, lora: Lora | None, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
                max_targets: int | None = None, transpeft_scale=1.0):
     """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets.
@@ -77,10 +92,7 @@ def token_loss(base: Base, lora: Lora | None, batch: dict, rng, transpeft: FfnPe
     ids_bt = batch["input_ids"]
     kwargs = dict(rng=rng, transpeft=transpeft, remat=remat, transpeft_scale=transpeft_scale)
     if max_targets is None or max_targets >= ids_bt.shape[1] - 1:
-        logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], **kwargs)
-        nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], ids_bt[:, 1:])
-        mask_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
+        return next_token_nll(apply(base, ids_bt, lora, batch["attention_mask"], **kwargs), batch)
     pos_bk, valid_bk = target_positions(batch["loss_mask"], max_targets)
     logits_bkv = apply(base, ids_bt, lora, batch["attention_mask"], logits_at=pos_bk, **kwargs)
     labels_bk = jnp.take_along_axis(ids_bt, pos_bk + 1, axis=1)
@@ -162,13 +174,29 @@ def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfi
 
 
 def make_full_step(optimizer: optax.GradientTransformation, grad_accum: int, remat: bool = False,
-                   shardings: "StepShardings | None" = None):
-    """The continued pre-training step: ``state.params`` (trained tensors) merged into ``frozen``'s params."""
+                   shardings: "StepShardings | None" = None, kl_weight: float = 0.0):
+    """The continued pre-training step: ``state.params`` (trained tensors) merged into ``frozen``'s params.
+
+    With ``kl_weight`` > 0, ``frozen`` is the pair (frozen base, the trained tensors as they were before
+    training) and the loss adds ``kl_weight * KL(p_old || p_new)`` summed over the positions of the rows whose
+    ``kl_rows`` entry is 1 (general text: keep the old model's behaviour there), divided like the NLL by the
+    number of target tokens. The reported ``loss`` is that sum.
+    """
 
     def micro_loss(trained, frozen, mb, step, index):
         del step, index  # deterministic: no dropout, no perturbation
-        base = frozen.replace(params=merge_trees(trained, frozen.params))
-        return token_loss(base, None, mb, None, FfnPerturbation(), remat)
+        if not kl_weight:
+            base = frozen.replace(params=merge_trees(trained, frozen.params))
+            return token_loss(base, None, mb, None, FfnPerturbation(), remat)
+        frozen, reference = frozen
+        ids_bt, mask_bt = mb["input_ids"], mb["attention_mask"]
+        logits_btv = apply(frozen.replace(params=merge_trees(trained, frozen.params)), ids_bt, None, mask_bt,
+                           remat=remat)
+        old_btv = jax.lax.stop_gradient(apply(frozen.replace(params=merge_trees(reference, frozen.params)), ids_bt,
+                                              None, mask_bt))
+        nll, count = next_token_nll(logits_btv, mb)
+        kl_mask_bt = mb["loss_mask"][:, 1:] * mb["kl_rows"][:, None]
+        return nll + kl_weight * token_kl(old_btv[:, :-1], logits_btv[:, :-1], kl_mask_bt), count
 
     return compile_step(micro_loss, optimizer, grad_accum, shardings)
 
