@@ -19,6 +19,7 @@ The jobs, each also a CLI (``python -m jtranspeft.<job>`` or ``jtranspeft-<job>`
     summary = jt.evolve(evolve_config)                  # continued pre-training: an updated base
     result = jt.transfer("runs/a/adapter", new_base)    # verdict + the adapter moved onto new_base
     jt.fidelity(old, lora, new_base, result.lora, prompts)   # label-free: KL / agreement with the teacher
+    jt.distill_transfer(old, "runs/a/adapter", new_path, seed_prompts, out_dir)   # Trans-LoRA-style distillation
     jt.interpolate(old, new, [0.5, 1, 2], out_dir)      # saved bases W_old + lambda (W_new - W_old)
     results = jt.evaluate(base, jt.EvalConfig(task="rg:chain_sum", limit=50), adapter=lora)
     report = jt.analyze(old, new, jt.AnalyzeConfig(task="rg:chain_sum"), adapter="runs/a/adapter")
@@ -63,6 +64,7 @@ _EXPORTS = {
     "transfer": "jtranspeft.migration.transfer",
     "TransferResult": "jtranspeft.migration.transfer",
     "fidelity": "jtranspeft.migration.fidelity",
+    "distill_transfer": "jtranspeft.migration.distill",
     "interpolate": "jtranspeft.training.evolve",
     "EvalConfig": "jtranspeft.eval.evaluate",
     "evaluate": "jtranspeft.eval.evaluate",

@@ -106,6 +106,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    init_adapter: str | None = None  # start from this PEFT adapter (same modules, ranks, scales as lora)
     transpeft: TransPeftConfig = dataclasses.field(default_factory=TransPeftConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

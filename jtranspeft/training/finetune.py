@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from jtranspeft.checkpoints.loading import load_base
-from jtranspeft.checkpoints.peft_format import save_peft
+from jtranspeft.checkpoints.peft_format import load_peft, save_peft
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
 from jtranspeft.models.base import Base
-from jtranspeft.peft.lora import init_lora
+from jtranspeft.peft.lora import Lora, init_lora
 from jtranspeft.training import loop
 from jtranspeft.training.config import ModelConfig, RunConfig
 from jtranspeft.training.flops import lora_train_flops_per_token
@@ -50,6 +50,19 @@ def prepare_batches(cfg: RunConfig, tokenizer) -> tuple[Batcher, dict]:
     return Batcher(examples, cfg.train.batch_size, cfg.data.bucket_lengths, pad_id, cfg.data.seed), stats
 
 
+def _start_from(path: str, base: Base, fresh: Lora) -> Lora:
+    """``fresh`` holding the factors of the PEFT adapter at ``path``; its modules, ranks and scales must match."""
+    start = load_peft(path, base)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, start.params)
+    wanted = jax.tree_util.tree_map(lambda x: x.shape, fresh.params)
+    if shapes != wanted or start.scales() != fresh.scales():
+        raise InputError(f"init_adapter={path}: its modules, ranks or scales ({start.config.targets}, r "
+                         f"{start.config.r}, alpha {start.config.alpha}) differ from the run's lora section "
+                         f"({fresh.config.targets}, r {fresh.config.r}, alpha {fresh.config.alpha})")
+    return fresh.replace(params=jax.tree_util.tree_map(lambda f, x: jnp.asarray(x, f.dtype), fresh.params,
+                                                       start.params))
+
+
 def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
     """``train.max_steps``, or ``train.epochs`` worth of batches."""
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batcher.n_batches_per_epoch))
@@ -73,6 +86,8 @@ def _job(cfg: RunConfig) -> loop.Job:
     transpeft = cfg.transpeft.resolve(base.spec.num_layers)  # per-layer options checked against the model
     optimizer = make_optimizer(cfg.train, steps)
     lora = init_lora(base, cfg.lora, jax.random.key(cfg.train.seed))
+    if cfg.init_adapter:
+        lora = _start_from(cfg.init_adapter, base, lora)
     state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
     shardings = step_shardings(mesh, rules, base, state, optimizer)
     base, state = place(base, shardings.base), place(state, shardings.state)
