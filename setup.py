@@ -39,6 +39,6 @@ setup(
     },
     entry_points={
         "console_scripts": [f"jtranspeft-{tool}=jtranspeft.cli.{tool}:main"
-                            for tool in ("train", "evolve", "transfer", "evaluate", "analyze", "experiment")],
+                            for tool in ("train", "evolve", "transfer", "evaluate", "analyze", "experiment", "migrate")],
     },
 )

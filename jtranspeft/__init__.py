@@ -21,6 +21,7 @@ The jobs, each also a CLI (``python -m jtranspeft.<job>`` or ``jtranspeft-<job>`
     jt.fidelity(old, lora, new_base, result.lora, prompts)   # label-free: KL / agreement with the teacher
     jt.distill_transfer(old, "runs/a/adapter", new_path, seed_prompts, out_dir)   # Trans-LoRA-style distillation
     jt.interpolate(old, new, [0.5, 1, 2], out_dir)      # saved bases W_old + lambda (W_new - W_old)
+    report = jt.migrate(adapter_dirs, old_path, new_path, out_dir)   # a fleet: copy -> training-free -> distill
     results = jt.evaluate(base, jt.EvalConfig(task="rg:chain_sum", limit=50), adapter=lora)
     report = jt.analyze(old, new, jt.AnalyzeConfig(task="rg:chain_sum"), adapter="runs/a/adapter")
     drift = jt.drift_report(old, new)
@@ -65,6 +66,8 @@ _EXPORTS = {
     "TransferResult": "jtranspeft.migration.transfer",
     "fidelity": "jtranspeft.migration.fidelity",
     "distill_transfer": "jtranspeft.migration.distill",
+    "migrate": "jtranspeft.migration.migrate",
+    "MigrateConfig": "jtranspeft.migration.migrate",
     "interpolate": "jtranspeft.training.evolve",
     "EvalConfig": "jtranspeft.eval.evaluate",
     "evaluate": "jtranspeft.eval.evaluate",

@@ -156,3 +156,15 @@ def test_gates_run_before_any_trans_peft_row_and_stop_a_failing_update(tmp_path,
         ("Fine-tune_o", "old"), ("Direct Transfer", "lambda_0.5"), ("Fine-tune_n", "lambda_0.5"),
         ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "lambda_0.5")}
     assert results["gates"]["scores"]["0.5"]["ffn_share"] is not None
+    from jtranspeft.analysis.experiment import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- experiment: exp -->\nold table\n<!-- /experiment: exp -->\nafter\n")
+    update_readme(results, readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "Gates: lambda 0.5 is the smallest" in text and "Direct Transfer_(o->lambda_0.5)" in text
+    assert "Paired comparisons" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs the markers <!-- experiment: exp -->"):
+        update_readme(results, readme)

@@ -32,7 +32,7 @@ MAY_IMPORT = {
     "cli": {"utils", "models", "peft", "checkpoints", "data", "inference", "training", "eval", "migration",
             "analysis"},
 }
-TOOLS = ("train", "evolve", "transfer", "evaluate", "analyze", "experiment")
+TOOLS = ("train", "evolve", "transfer", "evaluate", "analyze", "experiment", "migrate")
 
 
 def _modules():

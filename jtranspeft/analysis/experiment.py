@@ -50,7 +50,7 @@ from jtranspeft.analysis.analyze import AnalyzeConfig
 from jtranspeft.analysis.gates import GateThresholds, UpdateScores, choose_update, format_gates
 from jtranspeft.eval.evaluate import EvalConfig
 from jtranspeft.utils.config_io import load_config, to_yaml
-from jtranspeft.utils.errors import RunStopped
+from jtranspeft.utils.errors import InputError, RunStopped
 
 logger = logging.getLogger(__name__)
 
@@ -494,6 +494,31 @@ def format_results(results: dict) -> str:
         for new in news:
             lines += _table(results["rows"], variant, new)
     return "\n".join(lines + _comparison_lines(results))
+
+
+def update_readme(results: dict, readme: str | Path) -> None:
+    """Rewrite the block between ``<!-- experiment: NAME -->`` and ``<!-- /experiment: NAME -->`` of ``readme``
+    (NAME: the last part of the experiment's output_dir) with the gates' verdict and the tables of
+    ``results``; a file without the two markers is an error naming them."""
+    import re
+
+    readme = Path(readme)
+    name = Path(results["config"]["output_dir"]).name
+    start, end = f"<!-- experiment: {name} -->", f"<!-- /experiment: {name} -->"
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise InputError(f"{readme}: needs the markers {start} and {end} around the block to rewrite")
+    body = []
+    if results.get("gates"):
+        body += [f"Gates: {results['gates']['reason']}.", ""]
+    news = dict.fromkeys(r["evaluated_on"] for r in results["rows"] if r["evaluated_on"] != "old")
+    for variant in results["config"]["variants"]:
+        for new in news:
+            body += _table(results["rows"], variant, new)
+    body += _comparison_lines(results)
+    block = "\n".join([start, "", *body, end])
+    readme.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S),
+                      encoding="utf-8")
 
 
 def plot_results(results: dict, path: Path) -> None:

@@ -33,6 +33,7 @@ from jtranspeft.utils.validate import Fields, read_json_object
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PROBES_FILE = "probe_prompts.jsonl"  # training prompts kept beside an adapter (migration probes)
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 

@@ -113,6 +113,7 @@ TOOLS = {
     "evaluate": "jtranspeft.eval.evaluate:evaluate",
     "analyze": "jtranspeft.analysis.analyze:analyze",
     "experiment": "jtranspeft.analysis.experiment:run_experiment",
+    "migrate": "jtranspeft.migration.migrate:migrate",
 }
 
 

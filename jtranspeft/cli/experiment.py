@@ -15,21 +15,35 @@ python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.y
 python -m jtranspeft.experiment --config configs/experiments/chain_sum_lora.yaml output_dir=/tmp/exp
 # rerun the same command to continue: finished pieces are kept, a killed training run resumes
 # tables from the pieces finished so far, running nothing:
-python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml --report"""
+python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml --report
+# ... and rewrite the README block <!-- experiment: smollm2_update_proof --> from results.json:
+python -m jtranspeft.experiment --config configs/experiments/smollm2_update_proof.yaml --report --readme README.md"""
 
 
 @cli_main
 def main(argv=None) -> int:
     """CLI entry point; returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    readme = None
+    if "--readme" in args:  # a valued option beside parse_cli's switches
+        at = args.index("--readme")
+        if at + 1 >= len(args):
+            raise ValueError("--readme needs a file (the README whose experiment block is rewritten)")
+        readme = args[at + 1]
+        del args[at:at + 2]
     config_path, overrides, flags = parse_config_cli(
-        argv, "Run the four-setting Trans-PEFT experiment (docs/method.md section 1).", EXAMPLES.splitlines(),
-        prog="python -m jtranspeft.experiment",
+        args, "Run the four-setting Trans-PEFT experiment (docs/method.md section 1; gates and paired "
+              "statistics: docs/experiment.md). --readme FILE also rewrites FILE's block between "
+              "<!-- experiment: NAME --> and <!-- /experiment: NAME --> (NAME: output_dir's last part).",
+        EXAMPLES.splitlines(), prog="python -m jtranspeft.experiment",
         switches={"--report": "write the tables from the pieces finished so far; train and score nothing"})
-    from jtranspeft.analysis.experiment import ExperimentConfig, format_results, run_experiment
+    from jtranspeft.analysis.experiment import ExperimentConfig, format_results, run_experiment, update_readme
     from jtranspeft.utils.config_io import load_config
 
     cfg = load_config(ExperimentConfig, [config_path], overrides)
     results = run_experiment(cfg, report_only=flags["report"])
+    if readme:
+        update_readme(results, readme)
     print(format_results(results))
     print(f"written to {cfg.output_dir}/results.md, results.json, results.png")
     return 0

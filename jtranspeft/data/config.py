@@ -39,6 +39,8 @@ class DataConfig:
     train_size / eval_size: rows kept (the first N; None = all) for files, items generated for
         reasoning-gym (None = 1000 / 200). rg_kwargs: extra keyword arguments for the generator.
     seed: generator seed (eval uses a far-away seed) and batch-order seed. add_eos: append EOS to targets.
+    probe_prompts: how many training prompts are stored beside the adapter (``probe_prompts.jsonl``: the
+        label-free fidelity check of `jtranspeft.migration` reads them); 0 stores none.
     """
 
     source: str = "reasoning_gym:gsm_symbolic"
@@ -56,9 +58,12 @@ class DataConfig:
     rg_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 42
     add_eos: bool = True
+    probe_prompts: int = 32  # training prompts stored with the adapter (probe_prompts.jsonl); 0 = none
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", tuple(sorted(set(self.buckets))))
+        if self.probe_prompts < 0:
+            raise ValueError(f"data.probe_prompts must be >= 0, got {self.probe_prompts}")
         object.__setattr__(self, "fields", dict(self.fields or {}))
         object.__setattr__(self, "rg_kwargs", dict(self.rg_kwargs or {}))
         for name, allowed in (("format", FORMATS), ("template", TEMPLATES), ("loss_on", LOSS_ON)):

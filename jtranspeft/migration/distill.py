@@ -96,7 +96,8 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
     ``adapter`` itself) and "scratch" from peft's initialisation. The adapter's recorded training config
     gives LoRA settings, template and optimiser (``lr`` overrides); Trans-PEFT perturbations are off. Files:
     ``out/synthetic.jsonl`` (the teacher-answered prompts) and the training run in ``out/train``. A rerun
-    reuses the synthetic set and resumes the training run.
+    reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
+    most ``max_new_tokens`` tokens each, and at most a third of the adapter's ``data.max_length``.
     """
     from jtranspeft.checkpoints.loading import load_base
     from jtranspeft.checkpoints.peft_format import load_peft, read_metadata
@@ -114,6 +115,8 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
     out.mkdir(parents=True, exist_ok=True)
     synthetic = out / "synthetic.jsonl"
     template = recorded.get("data", {}).get("template", "alpaca")
+    # prompt and answer must fit the adapter's max_length beside the template: a third of it each at most
+    max_new_tokens = min(max_new_tokens, max(4, int(recorded.get("data", {}).get("max_length", 512)) // 3))
     if not synthetic.is_file():
         new_base = load_base(new_base_path)
         instructions = synthesize_prompts(new_base, seeds, samples, seed=seed, max_new_tokens=max_new_tokens)

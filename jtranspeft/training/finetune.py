@@ -11,13 +11,14 @@ PEFT format (its metadata records the config and the base's fingerprint) beside 
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 
 from jtranspeft.checkpoints.loading import load_base
-from jtranspeft.checkpoints.peft_format import load_peft, save_peft
+from jtranspeft.checkpoints.peft_format import PROBES_FILE, load_peft, save_peft
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
 from jtranspeft.models.base import Base
@@ -40,14 +41,20 @@ def load_model(cfg: ModelConfig) -> Base:
     return base
 
 
-def prepare_batches(cfg: RunConfig, tokenizer) -> tuple[Batcher, dict]:
-    """Records -> tokenised, loss-masked examples -> a seeded, length-bucketed batcher (and data stats)."""
-    examples, stats = tokenize(load_records(cfg.data, "train"), tokenizer, cfg.data)
+def prepare_batches(cfg: RunConfig, tokenizer) -> tuple[Batcher, dict, list[dict]]:
+    """Records -> tokenised, loss-masked examples -> a seeded, length-bucketed batcher (and data stats, and
+    the first ``data.probe_prompts`` records as probe rows: instruction, input and the rendered prompt)."""
+    from jtranspeft.data.prompts import render
+
+    records = load_records(cfg.data, "train")
+    probes = [{"instruction": r["instruction"], "input": r.get("input") or "",
+               "prompt": render(r, cfg.data.template, tokenizer)[0]} for r in records[:cfg.data.probe_prompts]]
+    examples, stats = tokenize(records, tokenizer, cfg.data)
     if len(examples) < cfg.train.batch_size:
         raise InputError(f"data.source={cfg.data.source}: {len(examples)} usable examples, fewer than "
                          f"train.batch_size={cfg.train.batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Batcher(examples, cfg.train.batch_size, cfg.data.bucket_lengths, pad_id, cfg.data.seed), stats
+    return Batcher(examples, cfg.train.batch_size, cfg.data.bucket_lengths, pad_id, cfg.data.seed), stats, probes
 
 
 def _start_from(path: str, base: Base, fresh: Lora) -> Lora:
@@ -61,6 +68,14 @@ def _start_from(path: str, base: Base, fresh: Lora) -> Lora:
                          f"({fresh.config.targets}, r {fresh.config.r}, alpha {fresh.config.alpha})")
     return fresh.replace(params=jax.tree_util.tree_map(lambda f, x: jnp.asarray(x, f.dtype), fresh.params,
                                                        start.params))
+
+
+def _save_adapter(path, adapter: Lora, base: Base, metadata: dict, probes: list[dict]) -> None:
+    """The PEFT adapter, plus the probe prompts (if any) for migration's fidelity check."""
+    save_peft(adapter, path, base=base, metadata=metadata)
+    if probes:
+        (path / PROBES_FILE).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes),
+                                        encoding="utf-8")
 
 
 def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
@@ -81,7 +96,7 @@ def _job(cfg: RunConfig) -> loop.Job:
     """The LoRA training job of ``cfg`` for the shared loop (model, data, state, step, export)."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
-    batcher, data_stats = prepare_batches(cfg, base.tokenizer)
+    batcher, data_stats, probes = prepare_batches(cfg, base.tokenizer)
     steps = total_steps(cfg, batcher)
     transpeft = cfg.transpeft.resolve(base.spec.num_layers)  # per-layer options checked against the model
     optimizer = make_optimizer(cfg.train, steps)
@@ -106,7 +121,7 @@ def _job(cfg: RunConfig) -> loop.Job:
         adapter = jax.jit(lambda x: x, out_shardings=shardings.replicated)(final.params)  # readable on every host
         if is_main:
             metadata = {"config": to_dict(cfg), "trained_steps": steps}
-            write_directory(out / "adapter", lambda path: save_peft(adapter, path, base=base, metadata=metadata))
+            write_directory(out / "adapter", lambda path: _save_adapter(path, adapter, base, metadata, probes))
         return {"adapter": str(out / "adapter")}
 
     return loop.Job(

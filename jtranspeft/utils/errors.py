@@ -8,13 +8,15 @@ Every CLI (`jtranspeft.cli`) exits with one convention:
 | 1 | runtime failure: a run stopped on a non-finite loss (last good checkpoint kept), or a bug (traceback) |
 | 2 | bad input: a config key or value, an argument, a missing / unreadable / malformed file (`InputError`, and
       the ``ValueError`` / ``FileNotFoundError`` family the readers raise with the culprit named) |
-| 3 | incompatible: an adapter that cannot be mapped onto the given base (`jtranspeft.transfer`) |
+| 3 | incompatible: an adapter that cannot be mapped onto the given base (`jtranspeft.transfer`, `jtranspeft.migrate`) |
+| 4 | needs work: `jtranspeft.migrate` found adapters no rung brought to the fidelity threshold ("retrain") |
 | 143 | stopped by SIGTERM after writing a checkpoint (128 + 15); rerun the command to resume |
 """
 
 from __future__ import annotations
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INCOMPATIBLE, EXIT_SIGTERM = 0, 1, 2, 3, 143
+EXIT_RETRAIN = 4
 
 
 class InputError(ValueError):

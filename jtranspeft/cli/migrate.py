@@ -1,0 +1,83 @@
+"""``python -m jtranspeft.migrate --adapters DIR [DIR ...] --old-base A --new-base B --out DIR``: a fleet.
+
+Calls `jtranspeft.migrate` (`jtranspeft.migration.migrate`): per adapter the verdict, then copy ->
+training-free -> distillation until the label-free fidelity reaches the threshold; prints the report table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
+from jtranspeft.utils.errors import EXIT_INCOMPATIBLE, EXIT_RETRAIN
+
+EPILOG = f"""exit status:
+  0  every compatible adapter migrated (some rung reached the threshold)
+  2  bad input (a missing adapter directory, an unreadable base, no probe prompts for an adapter)
+  3  some adapter is incompatible with the new base (reported, nothing written for it)
+  {EXIT_RETRAIN}  no incompatible adapter, but some need retraining (no rung reached the threshold)
+  (3 wins over {EXIT_RETRAIN}); rerun the same command after a kill: finished adapters are skipped
+
+examples:
+  python -m jtranspeft.migrate --adapters runs/math/adapter runs/code/adapter --old-base smollm2 \\
+      --new-base runs/evolve/smollm2_broad/base --out migrated/
+  # adapters trained elsewhere carry no probe prompts: give task instructions, one per line
+  python -m jtranspeft.migrate --adapters peft_adapters/* --old-base models/Qwen2-7B --new-base models/Qwen2.5-7B \\
+      --prompts probes.txt --threshold 0.1 --no-distill --out migrated/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m jtranspeft.migrate``."""
+    from jtranspeft.migration.migrate import MigrateConfig
+
+    d = MigrateConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m jtranspeft.migrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Migrate a fleet of LoRA adapters to an updated base, each by the cheapest rung of copy -> "
+                    "training-free (project, rescale) -> Trans-LoRA distillation whose label-free fidelity "
+                    "(KL to old base + adapter) reaches the threshold. See docs/migrate.md.")
+    p.add_argument("--adapters", nargs="+", required=True, help="HF PEFT adapter directories")
+    p.add_argument("--old-base", required=True, help="the base the adapters were trained on ('smollm2', HF dir, .gguf)")
+    p.add_argument("--new-base", required=True, help="the updated base (HF dir or .gguf)")
+    p.add_argument("--out", required=True, help="output directory (report.md/.json/.png, one folder per adapter)")
+    p.add_argument("--prompts", help="probe instructions (.txt: one per line) for adapters without stored ones")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help=f"fidelity KL (nats/token) at or below which an adapter counts as migrated "
+                        f"(default {d.threshold})")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), help="training-free methods tried")
+    p.add_argument("--no-distill", action="store_true", help="stop after the training-free rung")
+    p.add_argument("--distill-samples", type=int, default=d.distill_samples,
+                   help="synthetic prompts for distillation")
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="distillation training steps")
+    p.add_argument("--distill-lr", type=float, help="distillation learning rate (default: the adapter's own)")
+    p.add_argument("--probe-limit", type=int, default=d.probe_limit, help="probe prompts per adapter")
+    add_logging_flags(p)
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (see the epilog)."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    from jtranspeft.migration.migrate import MigrateConfig, format_report, migrate
+
+    config = MigrateConfig(threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
+                           distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                           probe_limit=args.probe_limit)
+    prompts = None
+    if args.prompts:
+        from jtranspeft.cli.transfer import read_prompts
+
+        prompts = read_prompts(args.prompts)
+    report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, prompts, progress=not args.quiet)
+    print(format_report(report))
+    print(f"written to {args.out}/report.md, report.json, report.png")
+    statuses = {r["status"] for r in report["adapters"]}
+    return EXIT_INCOMPATIBLE if "incompatible" in statuses else EXIT_RETRAIN if "retrain" in statuses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Migrate a fleet of adapters to an updated base: a verdict, then an escalation ladder, judged without labels.
+
+Per adapter (`migrate`): the verdict (`jtranspeft.migration.transfer`); an incompatible adapter is reported
+and nothing is written for it. The others climb the ladder until one rung reaches the fidelity threshold
+(mean KL(teacher || candidate) per token <= ``threshold``, `jtranspeft.migration.fidelity`; teacher = old
+base + adapter):
+
+1. ``copy``: the same tensors on the new base;
+2. ``training-free``: each of ``methods`` (subspace projection, norm rescaling); the best fidelity is kept;
+3. ``distill``: Trans-LoRA-style distillation (`jtranspeft.migration.distill`) from the best candidate so far;
+4. none reached it: ``retrain``, with every rung's numbers.
+
+Probe prompts come from the adapter's ``probe_prompts.jsonl`` (stored at training time, ``data.probe_prompts``)
+or else from ``prompts`` (instructions, rendered in the adapter's template). Outputs in ``out``: per adapter
+``<name>/adapter`` (the chosen rung's adapter, PEFT format), ``<name>/candidates/`` and ``<name>/result.json``
+(written last: a finished adapter is skipped when the command is rerun), and for the fleet ``report.json``,
+``report.md`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from jtranspeft.migration import METHODS
+from jtranspeft.utils.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrateConfig:
+    """The ladder's settings: the fidelity threshold, the training-free methods, the distillation budget."""
+
+    threshold: float = 0.05  # mean KL(teacher || candidate), nats per token; at or below = migrated
+    methods: tuple[str, ...] = ("project", "rescale")
+    distill: bool = True
+    distill_samples: int = 250
+    distill_steps: int = 100
+    distill_lr: float | None = None  # None: the adapter's recorded learning rate
+    probe_limit: int = 32  # probe prompts per adapter
+    fidelity_tokens: int = 32  # greedy teacher tokens per probe prompt
+
+    def __post_init__(self):
+        if not self.threshold >= 0:
+            raise InputError(f"threshold must be >= 0 (nats per token), got {self.threshold}")
+        unknown = [m for m in self.methods if m not in METHODS or m == "reuse"]
+        if unknown:
+            raise InputError(f"methods {unknown}: the training-free rung takes project and/or rescale")
+        for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def probe_rows(adapter: Path, prompts: Sequence[str] | None, template: str, tokenizer, limit: int) -> list[dict]:
+    """{"instruction", "prompt"} rows: the adapter's stored training prompts, else ``prompts`` rendered."""
+    from jtranspeft.checkpoints.peft_format import PROBES_FILE
+    from jtranspeft.data.prompts import render
+
+    stored = adapter / PROBES_FILE
+    if stored.is_file():
+        rows = [json.loads(line) for line in stored.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "prompt")):
+                raise InputError(f"{stored}, row {number}: needs 'instruction' and 'prompt' strings")
+        return rows[:limit]
+    if not prompts:
+        raise InputError(f"{adapter}: no {PROBES_FILE} (train with data.probe_prompts > 0) and no prompts given "
+                         "(--prompts)")
+    return [{"instruction": p, "prompt": render({"instruction": p, "input": "", "output": ""}, template, tokenizer)[0]}
+            for p in list(prompts)[:limit]]
+
+
+def _names(adapters: Sequence[Path]) -> list[str]:
+    """A distinct directory name per adapter (".../run/adapter" is named "run")."""
+    names = []
+    for path in adapters:
+        name = path.parent.name if path.name == "adapter" else path.name
+        base, k = name, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
+        names.append(name)
+    return names
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+class _Ladder:
+    """The rungs for one adapter, each timed and scored by fidelity against the teacher."""
+
+    def __init__(self, cfg: MigrateConfig, old, new, new_path, adapter: Path, out: Path, prompts):
+        self.cfg, self.old, self.new, self.new_path, self.adapter, self.out = cfg, old, new, new_path, adapter, out
+        self.prompts, self.rungs, self.teacher, self.probes, self.template = prompts, [], None, None, "alpaca"
+        self.reasons: list[str] = []
+
+    def score(self, name: str, lora, directory: Path, started: float) -> dict:
+        from jtranspeft.migration.fidelity import fidelity
+
+        scores = fidelity(self.old, self.teacher, self.new, lora, [p["prompt"] for p in self.probes],
+                          max_new_tokens=self.cfg.fidelity_tokens, add_special_tokens=self.template != "chat")
+        rung = {"rung": name, **scores, "adapter": str(directory), "seconds": round(time.perf_counter() - started, 1)}
+        self.rungs.append(rung)
+        logger.info("%s: %s KL %.4f top-1 %.3f", self.adapter, name, scores["kl"], scores["top1"])
+        return rung
+
+    def moved(self, method: str) -> dict | None:
+        """Transfer with ``method`` into candidates/<rung>; None (and the reasons) when incompatible."""
+        from jtranspeft.checkpoints.peft_format import read_metadata
+        from jtranspeft.migration.transfer import transfer, write_transfer
+
+        started = time.perf_counter()
+        result = transfer(self.adapter, self.new, self.old, method=method)
+        if not result.compatible:
+            self.reasons = list(result.reasons)
+            return None
+        if self.teacher is None:
+            self.teacher = result.source_lora
+            recorded = read_metadata(self.adapter).get("config") or {}
+            self.template = recorded.get("data", {}).get("template", "alpaca")
+            self.probes = probe_rows(self.adapter, self.prompts, self.template, self.old.tokenizer,
+                                     self.cfg.probe_limit)
+        directory = self.out / "candidates" / ("copy" if method == "reuse" else method)
+        if not (directory / "adapter_config.json").is_file():
+            write_transfer(result, self.new, out=directory)
+        return self.score("copy" if method == "reuse" else f"training-free ({method})", result.lora, directory,
+                          started)
+
+    def run(self) -> dict:
+        """Climb until a rung reaches the threshold; the result dict of result.json."""
+        from jtranspeft.checkpoints.peft_format import load_peft
+        from jtranspeft.migration.distill import distill_transfer
+
+        cfg = self.cfg
+        copy = self.moved("reuse")
+        if copy is None:
+            return {"status": "incompatible", "reasons": self.reasons, "rungs": []}
+        best = copy
+        if best["kl"] > cfg.threshold:
+            for method in cfg.methods:
+                rung = self.moved(method)
+                best = rung if rung["kl"] < best["kl"] else best
+        if best["kl"] > cfg.threshold and cfg.distill:
+            started = time.perf_counter()
+            made = distill_transfer(self.old, self.adapter, self.new_path, [p["instruction"] for p in self.probes],
+                                    self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
+                                    moved=best["adapter"], lr=cfg.distill_lr)
+            rung = self.score("distill", load_peft(made["adapter"], self.new), Path(made["adapter"]), started)
+            best = rung if rung["kl"] < best["kl"] else best
+        migrated = best["kl"] <= cfg.threshold
+        return {"status": "migrated" if migrated else "retrain", "chosen": best["rung"] if migrated else None,
+                "best": best, "rungs": self.rungs, "probe_prompts": len(self.probes)}
+
+
+def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str | Path, out: str | Path,
+            config: MigrateConfig = MigrateConfig(), prompts: Sequence[str] | None = None,
+            progress: bool = True) -> dict:
+    """Migrate every adapter (module docstring); returns the fleet report (also ``out/report.json``)."""
+    import shutil
+
+    from jtranspeft.checkpoints.loading import load_base
+    from jtranspeft.utils.progress import progress_bar
+
+    adapters = [Path(a) for a in adapters]
+    for adapter in adapters:
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old, new = load_base(old_base), load_base(new_base)
+    results = []
+    for adapter, name in progress_bar(list(zip(adapters, _names(adapters))), desc="adapters", unit="adapter",
+                                      enabled=progress):
+        target = out / name
+        done = target / "result.json"
+        if done.is_file():
+            results.append(json.loads(done.read_text(encoding="utf-8")))
+            continue
+        target.mkdir(exist_ok=True)
+        started = time.perf_counter()
+        result = _Ladder(config, old, new, new_base, adapter, target, prompts).run()
+        if result["status"] == "migrated":
+            final = target / "adapter"
+            if final.exists():
+                shutil.rmtree(final)
+            shutil.copytree(result["best"]["adapter"], final)
+        result.update(name=name, source=str(adapter), seconds=round(time.perf_counter() - started, 1))
+        _write_json(done, result)  # last: marks the adapter finished
+        results.append(result)
+    report = {"old_base": str(old_base), "new_base": str(new_base), "config": dataclasses.asdict(config),
+              "adapters": results}
+    _write_json(out / "report.json", report)
+    (out / "report.md").write_text(format_report(report), encoding="utf-8")
+    plot_report(report, out / "report.png")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """Markdown: one row per adapter (status, chosen rung, KL of copy and of the best rung, cost)."""
+    lines = ["# Migration report", "",
+             f"old base `{report['old_base']}` -> new base `{report['new_base']}`; fidelity threshold "
+             f"KL <= {report['config']['threshold']} nats/token (teacher = old base + adapter).", "",
+             "| adapter | status | chosen rung | KL copy | best rung | KL best | top-1 best | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["adapters"]:
+        if r["status"] == "incompatible":
+            lines.append(f"| {r['name']} | incompatible: {'; '.join(r['reasons'])} | - | - | - | - | - | "
+                         f"{r['seconds']} |")
+            continue
+        copy, best = r["rungs"][0], r["best"]
+        lines.append(f"| {r['name']} | {r['status']} | {r['chosen'] or '-'} | {copy['kl']:.4f} | {best['rung']} "
+                     f"| {best['kl']:.4f} | {best['top1']:.3f} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Horizontal bars per adapter: KL of the copied adapter and of the chosen (best) rung, worst first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in report["adapters"] if r["status"] != "incompatible"), key=lambda r: -r["best"]["kl"])
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * max(len(rows), 1)))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r["rungs"][0]["kl"] for r in rows], height=0.4, label="copy", color="tab:gray")
+    ax.barh([y - 0.2 for y in ys], [r["best"]["kl"] for r in rows], height=0.4, label="best rung", color="tab:blue")
+    ax.axvline(report["config"]["threshold"], color="tab:red", linestyle="--", label="threshold")
+    ax.set_yticks(list(ys), [f"{r['name']} ({r['status']})" for r in rows])
+    ax.set_xlabel("KL(teacher || candidate), nats per token")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
