@@ -331,9 +331,6 @@ class Experiment:
             for new in news:
                 self.analyze(variant, new)
             for seed in self.cfg.seeds:  # the plain settings first, then each row in the config's order
-                if self.cfg.no_adapter and seed == self.cfg.seeds[0]:
-                    for on in ["old", *news]:
-                        record(variant, "No adapter", "-", on, seed, self.evaluate(None, on))
                 plain = self.train(variant, "plain", seed)
                 for on in ["old", *news]:
                     record(variant, "Fine-tune_o" if on == "old" else "Direct Transfer", "old", on, seed,
@@ -351,6 +348,10 @@ class Experiment:
                     adapter = self.train(variant, row, seed)
                     for on in (["old"] if self.cfg.score_rows_on_old else []) + news:
                         record(variant, f"Trans-PEFT [{row}]", "old", on, seed, self.evaluate(adapter, on))
+                write_results(summarize(scores, self.cfg, self.timings, gates), self.out)
+            if self.cfg.no_adapter:  # the bare bases last: the cheapest rows, and the same for every variant
+                for on in ["old", *news]:
+                    record(variant, "No adapter", "-", on, self.cfg.seeds[0], self.evaluate(None, on))
                 write_results(summarize(scores, self.cfg, self.timings, gates), self.out)
         return summarize(scores, self.cfg, self.timings, gates)
 
