@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from jtranspeft.utils.errors import InputError
+from jtranspeft.utils.files import write_text_atomic
 from jtranspeft.utils.progress import progress_bar
 
 THINK_SUFFIX = " Let's think step by step."
@@ -198,7 +199,7 @@ def _score_by_loglik(cfg: EvalConfig, base, lora, items, prompts, bar) -> tuple[
 
 
 def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dict, Path | None]:

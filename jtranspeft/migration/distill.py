@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from jtranspeft.utils.errors import InputError
+from jtranspeft.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +125,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
         seeds = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
         records = teacher_records(old_base, load_peft(adapter, old_base), seeds + instructions, template,
                                   max_new_tokens=max_new_tokens)
-        tmp = synthetic.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(synthetic)
+        write_text_atomic(synthetic, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     records = synthetic.read_text(encoding="utf-8").count("\n")
     cfg = load_config(RunConfig, [_distill_config(recorded, out, new_base_path, synthetic, steps, seed, lr,
                                                    str(moved or adapter) if init == "moved" else None)])

@@ -15,7 +15,7 @@ candidate drifts. Probe prompts are the caller's: a sample of the adapter's trai
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,28 +39,47 @@ def _bucket(n: int) -> int:
     return 1 << (max(n, 16) - 1).bit_length()
 
 
-def fidelity(teacher: Base, teacher_lora, candidate: Base, candidate_lora, prompts: Sequence[str], *,
-             max_new_tokens: int = 32, batch_size: int = 8, add_special_tokens: bool = True) -> dict:
-    """Fidelity of (``candidate`` + ``candidate_lora``) to (``teacher`` + ``teacher_lora``) on ``prompts``
-    (module docstring). Adapters may be None (a bare base). Returns {"kl", "top1", "exact", "prefix",
-    "prompts", "tokens"}."""
-    from jtranspeft.inference.generate import eos_token_ids, generate_ids
+class TeacherAnswers(NamedTuple):
+    """The probe prompts as token ids and the teacher's greedy answer to each (`teacher_answers`)."""
+
+    prompt_ids: list[list[int]]
+    answers: list[list[int]]
+
+
+def teacher_answers(teacher: Base, teacher_lora, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                    batch_size: int = 8, add_special_tokens: bool = True) -> TeacherAnswers:
+    """Tokenise the probe prompts and let the teacher answer them greedily (once, for any number of candidates)."""
+    from jtranspeft.inference.generate import generate_ids
 
     if not prompts:
         raise ValueError("fidelity needs at least one probe prompt")
     if teacher.tokenizer is None:
         raise ValueError("fidelity needs the teacher base's tokenizer to read the probe prompts")
+    prompt_ids = [teacher.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    return TeacherAnswers(prompt_ids, generate_ids(teacher, prompt_ids, teacher_lora, max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size))
+
+
+def fidelity(teacher: Base, teacher_lora, candidate: Base, candidate_lora, prompts: Sequence[str] | TeacherAnswers,
+             *, max_new_tokens: int = 32, batch_size: int = 8, add_special_tokens: bool = True) -> dict:
+    """Fidelity of (``candidate`` + ``candidate_lora``) to (``teacher`` + ``teacher_lora``) on ``prompts``
+    (module docstring): probe texts, or the `teacher_answers` to them (made with the same ``max_new_tokens``)
+    when several candidates are compared.
+    Adapters may be None (a bare base). Returns {"kl", "top1", "exact", "prefix", "prompts", "tokens"}."""
+    from jtranspeft.inference.generate import eos_token_ids, generate_ids
+
     if teacher.spec.vocab_size != candidate.spec.vocab_size:
         raise ValueError(f"teacher and candidate vocabularies differ ({teacher.spec.vocab_size} vs "
                          f"{candidate.spec.vocab_size}): token distributions cannot be compared")
-    prompt_ids = [teacher.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    taught = generate_ids(teacher, prompt_ids, teacher_lora, **settings)
-    tried = generate_ids(candidate, prompt_ids, candidate_lora, **settings)
+    if not isinstance(prompts, TeacherAnswers):
+        prompts = teacher_answers(teacher, teacher_lora, prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, add_special_tokens=add_special_tokens)
+    prompt_ids, taught = prompts
+    tried = generate_ids(candidate, prompt_ids, candidate_lora, max_new_tokens=max_new_tokens, batch_size=batch_size)
     eos = set(eos_token_ids(teacher))
     kl_sum = agree = positions = 0.0
-    for start in range(0, len(prompts), batch_size):
-        rows = range(start, min(start + batch_size, len(prompts)))
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = range(start, min(start + batch_size, len(prompt_ids)))
         seqs = [prompt_ids[i] + taught[i] for i in rows]
         t = _bucket(max(map(len, seqs)))
         ids_bt, mask_bt, target_bt = (np.zeros((batch_size, t), dtype) for dtype in (np.int32, np.int32, np.float32))
@@ -80,4 +99,4 @@ def fidelity(teacher: Base, teacher_lora, candidate: Base, candidate_lora, promp
     return {"kl": kl_sum / max(positions, 1.0), "top1": agree / max(positions, 1.0),
             "exact": float(np.mean([a == b for a, b in zip(taught, tried)])),
             "prefix": float(np.mean([prefix_share(a, b) for a, b in zip(taught, tried)])),
-            "prompts": len(prompts), "tokens": int(positions)}
+            "prompts": len(prompt_ids), "tokens": int(positions)}

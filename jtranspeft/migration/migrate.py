@@ -28,6 +28,7 @@ from typing import Sequence
 
 from jtranspeft.migration import METHODS
 from jtranspeft.utils.errors import InputError
+from jtranspeft.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,6 @@ def _names(adapters: Sequence[Path]) -> list[str]:
     return names
 
 
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 class _Ladder:
     """The rungs for one adapter, each timed and scored by fidelity against the teacher."""
 
@@ -103,12 +98,16 @@ class _Ladder:
         self.cfg, self.old, self.new, self.new_path, self.adapter, self.out = cfg, old, new, new_path, adapter, out
         self.prompts, self.rungs, self.teacher, self.probes, self.template = prompts, [], None, None, "alpaca"
         self.reasons: list[str] = []
+        self.answers = None  # the teacher's answers to the probes (`teacher_answers`), made on first use
 
     def score(self, name: str, lora, directory: Path, started: float) -> dict:
-        from jtranspeft.migration.fidelity import fidelity
+        from jtranspeft.migration.fidelity import fidelity, teacher_answers
 
-        scores = fidelity(self.old, self.teacher, self.new, lora, [p["prompt"] for p in self.probes],
-                          max_new_tokens=self.cfg.fidelity_tokens, add_special_tokens=self.template != "chat")
+        if self.answers is None:  # the teacher answers the probes once; every rung is measured against them
+            self.answers = teacher_answers(self.old, self.teacher, [p["prompt"] for p in self.probes],
+                                           max_new_tokens=self.cfg.fidelity_tokens,
+                                           add_special_tokens=self.template != "chat")
+        scores = fidelity(self.old, self.teacher, self.new, lora, self.answers, max_new_tokens=self.cfg.fidelity_tokens)
         rung = {"rung": name, **scores, "adapter": str(directory), "seconds": round(time.perf_counter() - started, 1)}
         self.rungs.append(rung)
         logger.info("%s: %s KL %.4f top-1 %.3f", self.adapter, name, scores["kl"], scores["top1"])
@@ -195,11 +194,11 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
                 shutil.rmtree(final)
             shutil.copytree(result["best"]["adapter"], final)
         result.update(name=name, source=str(adapter), seconds=round(time.perf_counter() - started, 1))
-        _write_json(done, result)  # last: marks the adapter finished
+        write_text_atomic(done, json.dumps(result, indent=1) + "\n")  # last: marks the adapter finished
         results.append(result)
     report = {"old_base": str(old_base), "new_base": str(new_base), "config": dataclasses.asdict(config),
               "adapters": results}
-    _write_json(out / "report.json", report)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(format_report(report), encoding="utf-8")
     plot_report(report, out / "report.png")
     return report

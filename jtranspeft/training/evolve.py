@@ -122,14 +122,13 @@ def interpolate(old, new, lambdas, out) -> dict[float, str]:
     lambdas = [float(lam) for lam in lambdas]
     if not lambdas:
         raise ValueError("interpolate: give at least one lambda")
-    old_base, new_base = (b if hasattr(b, "params") else load_base(b) for b in (old, new))
-    if old_base.spec != new_base.spec:
-        raise ValueError(f"interpolate: the bases differ in architecture ({old_base.spec} vs {new_base.spec})")
-    written = {}
-    for lam in lambdas:
-        target = Path(out) / f"lambda_{lam:g}"
-        if not (target / "config.json").is_file():
+    written = {lam: Path(out) / f"lambda_{lam:g}" for lam in lambdas}
+    missing = [lam for lam, target in written.items() if not (target / "config.json").is_file()]
+    if missing:  # the bases are read only when something is left to write
+        old_base, new_base = (b if hasattr(b, "params") else load_base(b) for b in (old, new))
+        if old_base.spec != new_base.spec:
+            raise ValueError(f"interpolate: the bases differ in architecture ({old_base.spec} vs {new_base.spec})")
+        for lam in missing:
             mixed = new_base.replace(params=interpolate_params(old_base.params, new_base.params, lam))
-            write_directory(target, lambda path, mixed=mixed: save_base(mixed, path))
-        written[lam] = str(target)
-    return written
+            write_directory(written[lam], lambda path, mixed=mixed: save_base(mixed, path))
+    return {lam: str(target) for lam, target in written.items()}

@@ -5,6 +5,8 @@
 - `write_directory`: run a writer (``save_peft``, ``save_base``, ...) for a directory that may be remote
   (``gs://...``, through etils.epath): locally it writes through `atomic_directory`; for a remote target it
   writes to a local temporary directory, then copies the files up.
+- `write_text_atomic`: one file written to a temporary sibling and renamed over the target, so a file whose
+  presence marks finished work (``results.json``, ``result.json``) is never seen half-written;
 - `json_ready`: NaN and infinities -> None, so reports stay valid JSON.
 """
 
@@ -70,6 +72,14 @@ def write_directory(target, write: Callable[[Path], Any]) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for f in local.iterdir():
             (target / f.name).write_bytes(f.read_bytes())
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def json_ready(value):
