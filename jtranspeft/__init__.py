@@ -7,8 +7,11 @@ Public API::
     logits = jt.apply(base, input_ids, lora=None, attention_mask=None)   # [B, T, vocab] float32
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=("q_proj", "v_proj")), key)
     jt.save_peft(lora, out_dir, base=base)              # HF PEFT adapter directory
-    lora = jt.load_peft(adapter_dir, base)              # any HF PEFT LoRA adapter of a supported family
+    lora = jt.load_peft(adapter_dir, base)              # an HF PEFT LoRA / DoRA / SHiRA adapter
     merged = jt.merge_lora(base, lora)                  # W + s * A @ B in float32, cast back
+    dora = jt.init_lora(base, jt.LoraConfig(r=8, targets=("q_proj",), use_dora=True), key)   # DoRA: m (W + sAB) / ||.||
+    shira = jt.init_shira(base, jt.ShiraConfig(r=8, mask_type="magnitude"))   # SHiRA: sparse entries of W
+    merged = jt.merge_adapter(base, shira)              # any family; jt.unmerge_adapter undoes it (not DoRA)
     texts = jt.generate(base, prompts, lora=lora, max_new_tokens=64)   # greedy; KV cache, left padding
     bank = jt.stack_adapters([lora_a, lora_b])          # several adapters, one per row, unmerged:
     texts = jt.generate(base, prompts, lora=bank, adapter_ids=[0, 1, 1])
@@ -46,6 +49,11 @@ _EXPORTS = {
     "init_lora": "jtranspeft.peft.lora",
     "merge_lora": "jtranspeft.peft.lora",
     "unmerge_lora": "jtranspeft.peft.lora",
+    "Shira": "jtranspeft.peft.shira",
+    "ShiraConfig": "jtranspeft.peft.shira",
+    "init_shira": "jtranspeft.peft.shira",
+    "merge_adapter": "jtranspeft.peft.family",
+    "unmerge_adapter": "jtranspeft.peft.family",
     "AdapterBank": "jtranspeft.peft.bank",
     "stack_adapters": "jtranspeft.peft.bank",
     "TransPeftConfig": "jtranspeft.peft.transpeft",

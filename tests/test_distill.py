@@ -82,3 +82,20 @@ def test_init_adapter_must_match_the_lora_section(pair, tmp_path, tiny_model_dir
     ended = jt.load_peft(summary["adapter"], jt.load_base(tiny_model_dir))
     a0, a1 = started.factors("q_proj")[1], ended.factors("q_proj")[1]
     assert float(abs(a0 - a1).max()) < 1e-6 and float(abs(a0).max()) > 1e-3  # it started from the adapter
+
+
+def test_discriminator_filters_the_synthetic_prompts(tmp_path, pair, tiny_model_dir):
+    from jtranspeft.migration.distill import discriminate, filter_synthetic, train_discriminator
+
+    adapter, new_dir, prompts = pair
+    old = jt.load_base(tiny_model_dir)
+    # the discriminator learns its labels: "yes" (score > 0) for the real prompts, "no" for the fakes
+    real, fake = prompts[:4], ["The weather report for Tuesday.", "A list of prime numbers.", "Stock prices fell.",
+                               "Chapter one: the beginning."]
+    directory = train_discriminator(old, real * 4, fake * 4, tmp_path / "disc", steps=60)
+    scores = discriminate(old, jt.load_peft(directory, old), real + fake)
+    assert all(s > 0 for s in scores[:4]) and all(s < 0 for s in scores[4:]), scores
+    synthetic = [f"What colour is the {thing}?" for thing in ("cloud", "leaf")] + ["zzq blorp", "@@@ ###"]
+    kept = filter_synthetic(old, prompts, synthetic, tmp_path / "f", steps=30, max_new_tokens=6)
+    summary = json.loads((tmp_path / "f" / "filter.json").read_text())
+    assert summary["synthetic"] == 4 and summary["kept"] == len(kept) >= 1 and set(kept) <= set(synthetic)

@@ -96,7 +96,10 @@ def _config_file(tmp_path, model_dir, data_file, **sections):
                         "progress": False},
               "checkpoint": {"every": 2, "keep": 2}}
     for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -112,12 +115,20 @@ def _adapter_tensors(run_dir):
         return {k: f.get(k) for k in f.keys()}
 
 
-def test_tiny_model_learns_with_transpeft(tmp_path, tiny_model_dir, tiny_task_file):
-    recipe = _config_file(tmp_path, tiny_model_dir, tiny_task_file,
-                          train={"max_steps": 40, "grad_accum": 1, "batch_size": 8}, checkpoint={"every": 100})
+def train_tiny(tmp_path, model_dir, data_file, **sections) -> list[float]:
+    """Train the tiny model 40 steps (batch 8, Trans-PEFT p_i 0.1, p_c 0.2) into ``tmp_path/run``, ``sections``
+    overriding the recipe (e.g. ``peft="shira"``); the per-step losses."""
+    recipe = _config_file(tmp_path, model_dir, data_file, **{"train": {"max_steps": 40, "grad_accum": 1,
+                                                                       "batch_size": 8},
+                                                             "checkpoint": {"every": 100}, **sections})
     summary = train(load_config(RunConfig, [recipe]))
-    losses = [row["loss"] for row in _metrics(tmp_path / "run")]
-    assert len(losses) == 40 and summary["steps"] == 40
+    assert summary["steps"] == 40
+    return [row["loss"] for row in _metrics(tmp_path / "run")]
+
+
+def test_tiny_model_learns_with_transpeft(tmp_path, tiny_model_dir, tiny_task_file):
+    losses = train_tiny(tmp_path, tiny_model_dir, tiny_task_file)
+    assert len(losses) == 40
     assert np.mean(losses[-5:]) <= 0.5 * np.mean(losses[:3])
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()
 

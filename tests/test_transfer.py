@@ -284,3 +284,23 @@ def test_cli_help_and_bad_input(root, capsys, tmp_path):
     assert main(["--adapter", str(root / "adapter"), "--new-base", str(root / "new"), "--drift-report",
                  str(tmp_path / "d")]) == 2
     assert "--old-base" in capsys.readouterr().err
+
+
+def test_sampled_control_matches_each_matrix_statistics_but_not_its_values():
+    """The portability study's sampled module: per-matrix mean / std kept, the values themselves new."""
+    from jtranspeft.peft.moves import sample_like
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(0.3, 2.0, (2, 64, 4)), jnp.float32).at[1, :, 3].set(0.0)  # layer 1 has rank 3
+    b = jnp.asarray(rng.normal(-1.0, 0.5, (2, 4, 48)), jnp.float32).at[1, 3, :].set(0.0)
+    lora = jt.Lora(params={"layers": {"self_attn": {"q_proj": {"lora_A": a, "lora_B": b}}}},
+                   config=jt.LoraConfig(r=4, targets=("q_proj",)))
+    sampled = sample_like(lora, jax.random.key(1))
+    for got, want in zip(sampled.factors("q_proj"), lora.factors("q_proj")):
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.shape == want.shape and not np.allclose(got, want)
+        for layer in range(2):
+            live = want[layer] != 0
+            assert np.array_equal(got[layer] != 0, live)  # the padding stays zero
+            np.testing.assert_allclose(got[layer][live].mean(), want[layer][live].mean(), atol=0.25 * want[layer][live].std())
+            np.testing.assert_allclose(got[layer][live].std(), want[layer][live].std(), rtol=0.15)

@@ -7,8 +7,14 @@ base weights share one naming. jtranspeft's own metadata (the base it was made f
 travels as JSON in the safetensors header, which peft and vLLM ignore: the fingerprint of the base it was
 made for and the bases it was moved to (`jtranspeft.checkpoints.fingerprint`, `jtranspeft.migration.transfer`).
 
-`load_peft` refuses, with the tensor or field named, whatever it cannot honour exactly: DoRA,
-``modules_to_save``, biases, fan-in/fan-out layout, a key outside the expected prefix, a layer the base
+DoRA adapters (``use_dora``) also hold ``<module prefix>.lora_magnitude_vector`` [out] per adapted module and
+layer (peft's key; the column norms of ``W + s B A``, see `jtranspeft.peft.lora`).
+
+`load_peft` and `save_peft` also read and write the other families (`jtranspeft.checkpoints.family_formats`):
+SHiRA (peft's ``SHIRA``), RoSA (a directory of two PEFT adapters) and bottleneck adapters (jtranspeft's
+``BOTTLENECK``).
+
+`load_peft` refuses, with the tensor or field named, whatever it cannot honour exactly: ``modules_to_save``, biases, fan-in/fan-out layout, a key outside the expected prefix, a layer the base
 does not have, a shape that does not fit the base.
 """
 
@@ -26,7 +32,10 @@ from jtranspeft.checkpoints.fingerprint import base_fingerprint
 from jtranspeft.checkpoints.safetensors_io import FLOAT_DTYPES, LazyArray, SafetensorsFile, write_safetensors
 from jtranspeft.models.params import base_kernel
 from jtranspeft.models.spec import TARGET_MODULES, hf_module_name
+from jtranspeft.peft.bottleneck import Bottleneck
 from jtranspeft.peft.lora import Lora, LoraConfig, layer_ranks, lora_from_factors
+from jtranspeft.peft.rosa import ROSA_FILE, Rosa
+from jtranspeft.peft.shira import Shira
 from jtranspeft.utils.errors import FileFormatError
 from jtranspeft.utils.validate import Fields, read_json_object
 
@@ -34,18 +43,25 @@ PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROBES_FILE = "probe_prompts.jsonl"  # training prompts kept beside an adapter (migration probes)
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(lora_(?P<factor>[AB])\.weight|lora_magnitude_vector|"
+                       r"shira_(?P<sparse>weight|indices))$")
+_SPARSE_PART = {"weight": "w", "indices": "i"}
 
 
 def peft_key(module: str, layer: int, factor: str) -> str:
-    """The PEFT tensor name of factor "A" or "B" of ``module`` in ``layer``."""
+    """The PEFT tensor name of factor "A" or "B" (or DoRA's magnitude, "m") of ``module`` in ``layer``."""
+    if factor == "m":
+        return f"{PREFIX}{hf_module_name(module, layer)}.lora_magnitude_vector"
     return f"{PREFIX}{hf_module_name(module, layer)}.lora_{factor}.weight"
 
 
 def split_peft_key(key: str) -> tuple[str, str] | None:
-    """(module path, factor "A" | "B") of a PEFT LoRA tensor name, e.g. ("model.layers.3.mlp.up_proj", "A")."""
+    """(module path, part) of a PEFT adapter tensor name: part "A" | "B" (LoRA factors), "m" (DoRA magnitude),
+    "w" | "i" (SHiRA values, positions); e.g. ("model.layers.3.mlp.up_proj", "A")."""
     match = _PEFT_KEY.match(key)
-    return None if match is None else (match["path"], match["factor"])
+    if match is None:
+        return None
+    return match["path"], match["factor"] or (_SPARSE_PART[match["sparse"]] if match["sparse"] else "m")
 
 
 def _peft_config(lora: Lora, base_name: str | None) -> dict[str, Any]:
@@ -57,13 +73,14 @@ def _peft_config(lora: Lora, base_name: str | None) -> dict[str, Any]:
         "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
         "layers_to_transform": list(cfg.layers) if cfg.layers is not None else None,
         "layers_pattern": "layers" if cfg.layers is not None else None,
-        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False,
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_dora": cfg.use_dora,
         "init_lora_weights": True, "inference_mode": True, "revision": None,
     }
 
 
-def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | None = None) -> Path:
-    """Write ``lora`` as an HF PEFT adapter directory that peft and vLLM load.
+def save_peft(lora, directory: str | Path, base=None, metadata: dict | None = None) -> Path:
+    """Write ``lora`` (a `Lora`, DoRA included, or a `Shira`) as an HF PEFT adapter directory that peft
+    (and, for LoRA, vLLM) loads.
 
     ``base`` (a `jtranspeft.Base`) supplies ``base_model_name_or_path`` and, recorded automatically, its
     ``base_fingerprint`` (`jtranspeft.checkpoints.fingerprint`) with an empty ``transfers`` list; ``metadata`` is
@@ -74,8 +91,16 @@ def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | Non
         if "base_fingerprint" not in recorded:
             recorded["base_fingerprint"] = base_fingerprint(base)
         metadata = recorded
+    from jtranspeft.checkpoints import family_formats
+
+    if isinstance(lora, Rosa):
+        return family_formats.save_rosa(lora, directory, base=base, metadata=metadata)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", "jtranspeft": json.dumps(metadata or {}, sort_keys=True)}
+    if isinstance(lora, (Shira, Bottleneck)):
+        family_formats.save_weights(lora, directory, header, getattr(base, "source", None))
+        return directory
     tensors = []
     for module in lora.modules():
         a, b = lora.factors(module)
@@ -86,15 +111,26 @@ def save_peft(lora: Lora, directory: str | Path, base=None, metadata: dict | Non
                 (rank, a.shape[1]), a.dtype, lambda a=a, i=layer, r=rank: np.asarray(a[i, :, :r]).T)))
             tensors.append((peft_key(module, layer, "B"), LazyArray(
                 (b.shape[2], rank), b.dtype, lambda b=b, i=layer, r=rank: np.asarray(b[i, :r, :]).T)))
-    header = {"format": "pt", "jtranspeft": json.dumps(metadata or {}, sort_keys=True)}
+            if lora.config.use_dora:
+                m = lora.magnitude(module)
+                tensors.append((peft_key(module, layer, "m"), LazyArray(
+                    (m.shape[1],), m.dtype, lambda m=m, i=layer: np.asarray(m[i]))))
     write_safetensors(directory / WEIGHTS_FILE, tensors, metadata=header)
     config = _peft_config(lora, getattr(base, "source", None))
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
+def is_adapter_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds an adapter `load_peft` reads (PEFT's adapter_config.json, or RoSA's rosa.json)."""
+    return (Path(directory) / CONFIG_FILE).is_file() or (Path(directory) / ROSA_FILE).is_file()
+
+
 def read_metadata(directory: str | Path) -> dict:
-    """jtranspeft's metadata stored with an adapter (empty for adapters made elsewhere)."""
+    """jtranspeft's metadata stored with an adapter (empty for adapters made elsewhere; a RoSA directory's
+    is its low-rank part's)."""
+    if (Path(directory) / ROSA_FILE).is_file():
+        directory = Path(directory) / "lora"
     path = Path(directory) / WEIGHTS_FILE
     with SafetensorsFile(path) as f:
         text = f.metadata.get("jtranspeft", "{}")
@@ -110,8 +146,8 @@ def read_metadata(directory: str | Path) -> dict:
 
 def _refuse_unsupported(cfg: dict, path: Path) -> None:
     checks = [
-        (cfg.get("peft_type", "LORA") != "LORA", "peft_type", "only LORA adapters are supported"),
-        (cfg.get("use_dora"), "use_dora", "DoRA is not a pure additive delta and is not supported"),
+        (cfg.get("peft_type", "LORA") != "LORA", "peft_type",
+         "only LORA (DoRA included), SHIRA and jtranspeft's BOTTLENECK adapters are supported"),
         (cfg.get("bias", "none") != "none", "bias", "LoRA biases are not supported (need 'none')"),
         (cfg.get("modules_to_save"), "modules_to_save", "fully trained extra modules are not supported"),
         (cfg.get("fan_in_fan_out"), "fan_in_fan_out", "Conv1D (fan-in/fan-out) layouts are not supported"),
@@ -131,7 +167,9 @@ def modules_named(name: str) -> list[str]:
     return [m for m in TARGET_MODULES if name == m or hf_module_name(m, 0).endswith("." + name)]
 
 
-def _targets(target_modules: str | list[str], num_layers: int, path: Path) -> tuple[str, ...]:
+def read_targets(target_modules: str | list[str], num_layers: int, path: Path) -> tuple[str, ...]:
+    """The projections a ``target_modules`` field (a list of names, "all-linear" or a regex) adapts on a base of
+    ``num_layers``; a `FileFormatError` naming ``path`` for anything it cannot honour."""
     if target_modules == "all-linear":
         return TARGET_MODULES
     if isinstance(target_modules, str):  # peft: a regex full-matched against module names
@@ -176,37 +214,54 @@ def read_adapter_config(directory: str | Path, num_layers: int) -> LoraConfig:
             entries.get(key, kind, minimum=1 if kind is int else 0.0)
     settings = dict(r=f.get("r", int, minimum=1), alpha=f.get("lora_alpha", float, minimum=0.0),
                     dropout=f.get("lora_dropout", float, 0.0, minimum=0.0, below=1.0),
-                    targets=_targets(f.get("target_modules", (str, list)), num_layers, path),
+                    targets=read_targets(f.get("target_modules", (str, list)), num_layers, path),
                     use_rslora=f.get("use_rslora", bool, False), rank_pattern=dict(patterns["rank_pattern"]),
-                    alpha_pattern=dict(patterns["alpha_pattern"]), layers=None if layers is None else tuple(layers))
+                    alpha_pattern=dict(patterns["alpha_pattern"]), layers=None if layers is None else tuple(layers),
+                    use_dora=f.get("use_dora", bool, False))
     try:
         return LoraConfig(**settings)
     except ValueError as err:
         raise FileFormatError(path, str(err)) from None
 
 
-def load_peft(directory: str | Path, base) -> Lora:
-    """Read an HF PEFT LoRA adapter for ``base`` (a `jtranspeft.Base`), checking every field, key, shape, dtype
-    and value: a missing or unsupported field, a foreign key, a misshapen, non-float or non-finite tensor is a
-    `FileFormatError` naming it."""
+def peft_type(directory: str | Path) -> str:
+    """The ``peft_type`` of an adapter directory ("LORA" when the field is absent), read without the weights."""
+    return read_json_object(Path(directory) / CONFIG_FILE).get("peft_type", "LORA")
+
+
+def load_peft(directory: str | Path, base):
+    """Read an HF PEFT LoRA (DoRA included) or SHiRA adapter, or a jtranspeft RoSA directory, for ``base`` (a
+    `jtranspeft.Base`), checking every field, key, shape, dtype and value: a missing or unsupported field, a
+    foreign key, a misshapen, non-float or non-finite tensor is a `FileFormatError` naming it."""
+    from jtranspeft.checkpoints import family_formats
+
     directory = Path(directory)
+    if (directory / ROSA_FILE).is_file():
+        return family_formats.load_rosa(directory, base)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: adapter_config.json is missing")
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: adapter_model.safetensors is missing "
                                 "(adapter_model.bin is pickle, which jtranspeft never loads)")
+    if peft_type(directory) == "SHIRA":
+        return family_formats.load_shira(directory, base)
+    if peft_type(directory) == "BOTTLENECK":
+        return family_formats.load_bottleneck(directory, base)
     num_layers = base.spec.num_layers
     config = read_adapter_config(directory, num_layers)
+    kinds = "ABm" if config.use_dora else "AB"
     expected = {peft_key(m, i, f): (m, i, f) for m in config.targets
-                for i, rank in enumerate(layer_ranks(config, m, num_layers)) if rank for f in "AB"}
+                for i, rank in enumerate(layer_ranks(config, m, num_layers)) if rank for f in kinds}
     factors: dict[str, list[np.ndarray]] = {}
+    magnitudes: dict[str, np.ndarray] = {}
     with SafetensorsFile(weights_path) as f:
         for key in f.keys():
             if key not in expected:
                 split = split_peft_key(key)
                 why = ("outside the expected prefix 'base_model.model.model.layers.{i}.<self_attn|mlp>.<module>'"
                        if split is None or not re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+", split[0])
+                       else "a DoRA magnitude, but the config has no use_dora" if split[1] == "m"
                        else "for a layer or module "
                        f"the config does not adapt on this base ({num_layers} layers, targets {list(config.targets)})")
                 raise FileFormatError(weights_path, f"is {why}", f"tensor {key!r}")
@@ -216,26 +271,33 @@ def load_peft(directory: str | Path, base) -> Lora:
             width = max(ranks)
             a_stack = np.zeros((num_layers, d_in, width), np.float32)
             b_stack = np.zeros((num_layers, width, d_out), np.float32)
+            m_stack = np.zeros((num_layers, d_out), np.float32)
             for layer, rank in enumerate(ranks):
                 if rank == 0:
                     continue
-                for factor, want, stack in (("A", (rank, d_in), a_stack), ("B", (d_out, rank), b_stack)):
+                for factor in kinds:
                     key = peft_key(module, layer, factor)
+                    want = {"A": (rank, d_in), "B": (d_out, rank), "m": (d_out,)}[factor]
                     if key not in f.header:
-                        raise FileFormatError(weights_path, "is missing", f"tensor {key!r}")
+                        why = " (the config's use_dora asks for a DoRA magnitude per adapted module)" if factor == "m" else ""
+                        raise FileFormatError(weights_path, f"is missing{why}", f"tensor {key!r}")
                     if f.shape(key) != want:
                         raise FileFormatError(weights_path, f"has shape {list(f.shape(key))}, expected {list(want)} "
                                                             "for this base", f"tensor {key!r}")
                     value = f.get(key)
                     if np.dtype(value.dtype) not in FLOAT_DTYPES:
-                        raise FileFormatError(weights_path, f"has dtype {value.dtype}; adapter factors must be "
+                        raise FileFormatError(weights_path, f"has dtype {value.dtype}; adapter tensors must be "
                                                             "floating point", f"tensor {key!r}")
                     if not np.all(np.isfinite(value)):
                         raise FileFormatError(weights_path, "holds NaN or infinite values", f"tensor {key!r}")
                     value = value.astype(np.float32).T
                     if factor == "A":
-                        stack[layer, :, :rank] = value
+                        a_stack[layer, :, :rank] = value
+                    elif factor == "B":
+                        b_stack[layer, :rank, :] = value
                     else:
-                        stack[layer, :rank, :] = value
+                        m_stack[layer] = value
             factors[module] = (jnp.asarray(a_stack), jnp.asarray(b_stack))
-    return lora_from_factors(factors, config)
+            magnitudes[module] = jnp.asarray(m_stack)
+    return lora_from_factors(factors, config, magnitudes if config.use_dora else None)
+

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic prompts for distillation")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="distillation training steps")
     p.add_argument("--distill-lr", type=float, help="distillation learning rate (default: the adapter's own)")
+    p.add_argument("--discriminator", action="store_true",
+                   help="filter the synthetic prompts with a real-vs-synthetic LoRA trained on the old base (Trans-LoRA)")
     p.add_argument("--probe-limit", type=int, default=d.probe_limit, help="probe prompts per adapter")
     add_logging_flags(p)
     return p
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = MigrateConfig(threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
                            distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                           probe_limit=args.probe_limit)
+                           probe_limit=args.probe_limit, discriminator=args.discriminator)
     prompts = None
     if args.prompts:
         from jtranspeft.cli.transfer import read_prompts

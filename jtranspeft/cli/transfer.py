@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
-from jtranspeft.migration import METHODS
+from jtranspeft.migration import DORA_MAGNITUDE, METHODS
 from jtranspeft.utils.errors import EXIT_INCOMPATIBLE
 
 
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse: same tensors (default); project: onto the new weights' top-k singular subspaces; "
                         "rescale: keep ||s A B|| / ||W|| per module and layer")
     p.add_argument("--project-k", type=int, help="subspace size for --method project (default: min(in, out) // 2)")
+    p.add_argument("--dora-magnitude", choices=DORA_MAGNITUDE, default="keep",
+                   help="DoRA adapters only. keep: the magnitude vectors as they are (default); renorm: re-normalised "
+                        "against the new base so each column keeps its old factor m / ||W + s A B|| (needs --old-base)")
     p.add_argument("--drift-report", help="write drift.txt / drift.json / drift.png here (needs --old-base)")
     p.add_argument("--top-k", type=int, default=16, help="singular directions compared in the drift report")
     p.add_argument("--fidelity", metavar="PROMPTS",
@@ -145,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     new_base = load_base(args.new_base, dtype=args.dtype)
     old_base = load_base(args.old_base, dtype=args.dtype) if args.old_base else None
+    if args.dora_magnitude == "renorm" and not args.old_base:
+        raise ValueError("--dora-magnitude renorm needs --old-base (the old base's column norms)")
     result = transfer(args.adapter, new_base, old_base, layer_map=args.layer_map, method=args.method,
-                      project_k=args.project_k)
+                      project_k=args.project_k, dora_magnitude=args.dora_magnitude)
     if not result.compatible:
         _print_result(result, sys.stderr)
         print("nothing written", file=sys.stderr)

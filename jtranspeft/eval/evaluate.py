@@ -205,13 +205,13 @@ def _write_json(path: Path, value) -> None:
 def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dict, Path | None]:
     """(base, adapter or None, settings, output dir): loads what is given as paths, merges when asked."""
     from jtranspeft.checkpoints.loading import load_base
-    from jtranspeft.checkpoints.peft_format import load_peft
-    from jtranspeft.peft.lora import merge_lora
+    from jtranspeft.checkpoints.peft_format import is_adapter_dir, load_peft
+    from jtranspeft.peft.family import merge_adapter
 
     if merge and adapter is None:
         raise InputError("merge needs an adapter")
-    if isinstance(adapter, (str, Path)) and not (Path(adapter) / "adapter_config.json").is_file():
-        raise InputError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    if isinstance(adapter, (str, Path)) and not is_adapter_dir(adapter):
+        raise InputError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json or rosa.json)")
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)  # before any work: an unwritable output fails at once
@@ -221,11 +221,11 @@ def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dic
     if base.tokenizer is None:
         raise InputError(f"base {name}: no tokenizer files; evaluation needs one")
     settings = {"base": name, "adapter": str(adapter) if isinstance(adapter, (str, Path)) else
-                ("<Lora>" if adapter is not None else None), "merge": merge, "dtype": str(base.param_dtype),
+                (f"<{type(adapter).__name__}>" if adapter is not None else None), "merge": merge, "dtype": str(base.param_dtype),
                 "device": _device()}
     lora = load_peft(adapter, base) if isinstance(adapter, (str, Path)) else adapter
     if lora is not None and merge:
-        base, lora = merge_lora(base, lora), None
+        base, lora = merge_adapter(base, lora), None
     return base, lora, settings, out
 
 

@@ -16,7 +16,7 @@ token ids. Per batch of prompts:
    whose decoded text holds a stop string are marked done, and the text is cut before the first stop
    string.
 
-``lora`` may be a `Lora` (applied unmerged; merge it first with `jt.merge_lora` for the fastest
+``lora`` may be an adapter of any family (applied unmerged; merge it first with `jt.merge_adapter` for the fastest
 decoding), or an `AdapterBank` from `stack_adapters` with ``adapter_ids`` giving each prompt's adapter.
 Sampling is reproducible for a fixed seed and the same batches; temperature 0 is greedy.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ import numpy as np
 from jtranspeft.models.base import Base, bind_for_decoding, forward_cached
 from jtranspeft.models.decoder import KVCache, init_cache
 from jtranspeft.peft.bank import AdapterBank
-from jtranspeft.peft.lora import Lora
+from jtranspeft.peft.family import ADAPTER_TYPES
 
 STOP_CHECK_EVERY = 32  # decode steps between host-side stop-string checks
 _NO_TOKEN = -1  # marks the slots of rows that finished, or of steps not reached
@@ -127,8 +127,9 @@ def _check_adapters(lora, adapter_ids, n: int) -> np.ndarray | None:
         return ids
     if adapter_ids is not None:
         raise ValueError("adapter_ids need lora=stack_adapters([...]) (an AdapterBank)")
-    if lora is not None and not isinstance(lora, Lora):
-        raise TypeError(f"lora must be a Lora or an AdapterBank, got {type(lora).__name__}")
+    if lora is not None and not isinstance(lora, ADAPTER_TYPES):
+        raise TypeError(f"lora must be an adapter ({', '.join(t.__name__ for t in ADAPTER_TYPES)}) or an "
+                        f"AdapterBank, got {type(lora).__name__}")
     return None
 
 
@@ -166,7 +167,7 @@ def _decode_batch(bound, prompts: Sequence[Sequence[int]], adapter_ids, key, *, 
     return [[int(x) for x in tokens_bn[r, :max_new_tokens] if x != _NO_TOKEN] for r in range(len(prompts))]
 
 
-def generate_ids(base: Base, prompt_ids: Sequence[Sequence[int]], lora: Lora | AdapterBank | None = None, *,
+def generate_ids(base: Base, prompt_ids: Sequence[Sequence[int]], lora: Any = None, *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  eos: bool | Sequence[int] = True, adapter_ids: Sequence[int] | None = None, batch_size: int = 8,
                  should_stop: Callable[[list[int]], bool] | None = None,
@@ -211,7 +212,7 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def generate(base: Base, prompts: Sequence[str], lora: Lora | AdapterBank | None = None, *,
+def generate(base: Base, prompts: Sequence[str], lora: Any = None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              stop: Sequence[str] = (), eos: bool | Sequence[int] = True, adapter_ids: Sequence[int] | None = None,
              batch_size: int = 8, on_batch_done: Callable[[int], None] | None = None, add_special_tokens: bool = True,

@@ -4,3 +4,4 @@ This file stays free of heavy imports: the CLI reads `METHODS` for its ``--help`
 """
 
 METHODS = ("reuse", "project", "rescale")  # how `transfer.transfer` re-shapes a moved adapter
+DORA_MAGNITUDE = ("keep", "renorm")  # what `transfer.transfer` does with a DoRA adapter's magnitude vectors

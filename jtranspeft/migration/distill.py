@@ -10,8 +10,11 @@ from synthetic prompts answered by the old one, without the original training da
    teacher's tokens), starting from the moved adapter (``init="moved"``) or from peft's initialisation
    (``init="scratch"``).
 
-The paper's optional discriminator filter (a LoRA trained to tell real from synthetic prompts) is not built
-here; the synthetic set is filtered only for emptiness and duplicates.
+The synthetic set drops empty and duplicate prompts. With ``discriminator=True`` it is also filtered as the
+paper does: the OLD base writes as many synthetic prompts as there are seeds, a small LoRA discriminator on the
+old base learns to answer "yes" for the seeds (real) and "no" for those (`train_discriminator`), and a
+new-base prompt is kept when its log-probability of "yes" beats "no" (`discriminate`). Should fewer than a
+quarter pass, the best-scored quarter is kept (a warning says so); ``filter.json`` records the counts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from jtranspeft.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
+DISCRIMINATOR_QUESTION = "Is the following a real example of the task's instructions? Answer yes or no.\n\n"
+MIN_KEPT = 0.25  # the share of synthetic prompts kept at least when the discriminator rejects more
 INSTRUCTION_MARK = "### Instruction:\n"
 SYNTHESIS_HEADER = "Below are instructions for one kind of task, each written as a new example.\n\n"
 
@@ -86,15 +91,77 @@ def teacher_records(base, lora, instructions: Sequence[str], template: str = "al
     return [{"instruction": i, "input": "", "output": a.strip()} for i, a in zip(instructions, answers) if a.strip()]
 
 
+def train_discriminator(old_base, real: Sequence[str], fake: Sequence[str], out: str | Path, *, steps: int = 60,
+                        seed: int = 0) -> Path:
+    """A LoRA (q, v; r 8) on ``old_base`` trained to answer "yes" to real prompts and "no" to synthetic ones,
+    by the ordinary training job; returns its adapter directory (``out/train/adapter``)."""
+    from jtranspeft.training.config import RunConfig
+    from jtranspeft.training.finetune import train
+    from jtranspeft.utils.config_io import load_config
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": DISCRIMINATOR_QUESTION + p, "output": label}
+            for prompts, label in ((real, "yes"), (fake, "no")) for p in prompts]
+    write_text_atomic(out / "labelled.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cfg = {"output_dir": str(out / "train"), "model": {"path": str(old_base.source)},
+           "lora": {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]},
+           "data": {"source": str(out / "labelled.jsonl"), "max_length": 192, "buckets": [96, 192],
+                    "seed": seed, "probe_prompts": 0},
+           "train": {"batch_size": min(8, len(rows)), "max_steps": steps, "lr": 1e-3, "warmup_steps": 2,
+                     "seed": seed, "progress": False}, "checkpoint": {"every": steps}}
+    (out / "discriminator_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    train(load_config(RunConfig, [out / "discriminator_config.json"]))
+    return out / "train" / "adapter"
+
+
+def discriminate(base, lora, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """log p("yes") - log p("no") of the discriminator ``lora`` for each prompt (> 0: judged real)."""
+    from jtranspeft.data.prompts import render
+    from jtranspeft.eval.loglik import continuation_logprobs
+
+    tok = base.tokenizer
+    yes, no = tok.encode("yes", add_special_tokens=False), tok.encode("no", add_special_tokens=False)
+    pairs = []
+    for p in prompts:
+        context = tok.encode(render({"instruction": DISCRIMINATOR_QUESTION + p, "input": "", "output": ""},
+                                    "alpaca", tok)[0])
+        pairs += [(context, yes), (context, no)]
+    scores = np.asarray(continuation_logprobs(base, pairs, lora, batch_size=batch_size), np.float64)
+    return scores[0::2] - scores[1::2]
+
+
+def filter_synthetic(old_base, seeds: Sequence[str], synthetic: Sequence[str], out: Path, *, steps: int = 60,
+                     seed: int = 0, max_new_tokens: int = 64) -> list[str]:
+    """The synthetic prompts the discriminator judges real (module docstring); writes ``out/filter.json``."""
+    from jtranspeft.checkpoints.peft_format import load_peft
+
+    fake = synthesize_prompts(old_base, seeds, len(seeds), seed=seed + 1, max_new_tokens=max_new_tokens)
+    directory = train_discriminator(old_base, seeds, fake, out / "discriminator", steps=steps, seed=seed)
+    scores = discriminate(old_base, load_peft(directory, old_base), synthetic)
+    kept = [p for p, s in zip(synthetic, scores) if s > 0]
+    floor = max(1, int(np.ceil(MIN_KEPT * len(synthetic))))
+    if len(kept) < floor:
+        logger.warning("the discriminator judged %d of %d synthetic prompts real; keeping the best-scored %d",
+                       len(kept), len(synthetic), floor)
+        order = np.argsort(-scores, kind="stable")[:floor]
+        kept = [synthetic[i] for i in sorted(order)]
+    write_text_atomic(out / "filter.json", json.dumps({
+        "synthetic": len(synthetic), "judged_real": int(np.sum(scores > 0)), "kept": len(kept),
+        "old_base_fakes": len(fake), "discriminator": str(directory)}, indent=1) + "\n")
+    return kept
+
+
 def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, seeds: Sequence[str],
                      out: str | Path, *, samples: int = 250, steps: int = 100, init: str = "moved",
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
-                     max_new_tokens: int = 64) -> dict:
+                     max_new_tokens: int = 64, discriminator: bool = False) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on the base at
     ``new_base_path``; returns {"adapter", "synthetic", "records", "summary"}.
 
     ``init`` "moved" starts from ``moved`` (a PEFT adapter for the new base, e.g. the copied one; default:
-    ``adapter`` itself) and "scratch" from peft's initialisation. The adapter's recorded training config
+    ``adapter`` itself) and "scratch" from peft's initialisation. ``discriminator`` filters the synthetic
+    prompts with a real-vs-synthetic LoRA on the old base (module docstring). The adapter's recorded training config
     gives LoRA settings, template and optimiser (``lr`` overrides); Trans-PEFT perturbations are off. Files:
     ``out/synthetic.jsonl`` (the teacher-answered prompts) and the training run in ``out/train``. A rerun
     reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
@@ -123,6 +190,9 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
         instructions = synthesize_prompts(new_base, seeds, samples, seed=seed, max_new_tokens=max_new_tokens)
         del new_base
         seeds = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
+        if discriminator:
+            instructions = filter_synthetic(old_base, seeds, instructions, out, seed=seed,
+                                            max_new_tokens=max_new_tokens)
         records = teacher_records(old_base, load_peft(adapter, old_base), seeds + instructions, template,
                                   max_new_tokens=max_new_tokens)
         write_text_atomic(synthetic, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

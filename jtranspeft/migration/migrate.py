@@ -45,6 +45,7 @@ class MigrateConfig:
     distill_samples: int = 250
     distill_steps: int = 100
     distill_lr: float | None = None  # None: the adapter's recorded learning rate
+    discriminator: bool = False  # filter the synthetic prompts with a real-vs-synthetic LoRA (Trans-LoRA)
     probe_limit: int = 32  # probe prompts per adapter
     fidelity_tokens: int = 32  # greedy teacher tokens per probe prompt
 
@@ -153,7 +154,7 @@ class _Ladder:
             started = time.perf_counter()
             made = distill_transfer(self.old, self.adapter, self.new_path, [p["instruction"] for p in self.probes],
                                     self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
-                                    moved=best["adapter"], lr=cfg.distill_lr)
+                                    moved=best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator)
             rung = self.score("distill", load_peft(made["adapter"], self.new), Path(made["adapter"]), started)
             best = rung if rung["kl"] < best["kl"] else best
         migrated = best["kl"] <= cfg.threshold

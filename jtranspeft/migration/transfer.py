@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,17 +42,24 @@ from jtranspeft.checkpoints.fingerprint import base_fingerprint, describe, finge
 from jtranspeft.checkpoints.loading import save_base
 from jtranspeft.checkpoints.peft_format import (CONFIG_FILE, WEIGHTS_FILE, load_peft, modules_named, peft_key,
                                                 read_metadata, save_peft, split_peft_key)
+from jtranspeft.checkpoints.family_formats import bottleneck_key, shira_key
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
 from jtranspeft.models.base import Base
 from jtranspeft.models.params import base_kernel
 from jtranspeft.models.spec import MODULE_BLOCK, PROJECTION, TARGET_MODULES, WIDTHS, ModelSpec, hf_module_name, \
     parse_hf_module_name
-from jtranspeft.peft.lora import Lora, layer_ranks, merge_lora
-from jtranspeft.peft.moves import project_lora, remap_layers, rescale_lora
-from jtranspeft.migration import METHODS
+from jtranspeft.peft.family import ADAPTER_TYPES, family_of, merge_adapter
+from jtranspeft.peft.bottleneck import Bottleneck
+from jtranspeft.peft.rosa import ROSA_FILE, Rosa
+from jtranspeft.peft.shira import Shira
+from jtranspeft.peft.lora import Lora, layer_ranks
+from jtranspeft.peft.moves import dora_column_scales, project_lora, remap_layers, renorm_magnitudes, rescale_lora
+from jtranspeft.migration import DORA_MAGNITUDE, METHODS
 from jtranspeft.utils.files import atomic_directory
 from jtranspeft.utils.validate import read_json_object
 
+_BOTTLENECK_KEY = re.compile(r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.adapter_(?P<placement>attn|ffn)\."
+                             r"(?P<part>down|up)\.weight$")
 # Spec fields that change what an adapter's tensors mean; others (rope, vocab, eps, tying) are only noted.
 _ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
 
@@ -102,6 +110,9 @@ class _AdapterLayout:
 
 
 def _layout_from_dir(directory: Path) -> _AdapterLayout:
+    if (directory / ROSA_FILE).is_file():  # RoSA: its low-rank and sparse parts, each a PEFT directory
+        low, sparse = _layout_from_dir(directory / "lora"), _layout_from_dir(directory / "sparse")
+        return _AdapterLayout({**low.shapes, **sparse.shapes}, low.foreign + sparse.foreign, low.metadata)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -110,6 +121,10 @@ def _layout_from_dir(directory: Path) -> _AdapterLayout:
     shapes, foreign = {}, []
     with SafetensorsFile(weights_path) as f:
         for key in f.keys():
+            serial = _BOTTLENECK_KEY.match(key)
+            if serial:  # a bottleneck adapter's down [size, d] / up [d, size]: d must be the hidden size
+                shapes[(f"adapter_{serial['placement']}", int(serial["layer"]), serial["part"])] = f.shape(key)
+                continue
             split = split_peft_key(key)
             proj = parse_hf_module_name(split[0]) if split else None
             if proj is None:
@@ -117,7 +132,11 @@ def _layout_from_dir(directory: Path) -> _AdapterLayout:
                 foreign.append(f"missing target module: tensor {key!r} adapts {what}, which the new base does not "
                                f"have (adaptable: model.layers.{{i}}.self_attn|mlp.{{{','.join(TARGET_MODULES)}}})")
                 continue
-            shapes[(proj[0], proj[1], split[1])] = f.shape(key)
+            if split[1] == "i":  # SHiRA positions: the smallest (out, in) weight they fit in
+                index = f.get(key)
+                shapes[(proj[0], proj[1], "i")] = tuple(int(row.max()) + 1 if row.size else 0 for row in index[:2])
+            elif split[1] != "w":
+                shapes[(proj[0], proj[1], split[1])] = f.shape(key)
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         for name in targets:
@@ -127,14 +146,30 @@ def _layout_from_dir(directory: Path) -> _AdapterLayout:
     return _AdapterLayout(shapes, foreign, read_metadata(directory))
 
 
-def _layout_from_lora(lora: Lora, metadata: dict | None) -> _AdapterLayout:
+def _layout_from_lora(lora, metadata: dict | None) -> _AdapterLayout:
     shapes = {}
+    if isinstance(lora, Bottleneck):
+        for placement in lora.config.placement:
+            down = lora.params["layers"][f"adapter_{placement}"]["down"]
+            shapes.update({(f"adapter_{placement}", layer, part): shape for layer in range(lora.num_layers)
+                           for part, shape in (("down", down.shape[1:][::-1]), ("up", down.shape[1:]))})
+        return _AdapterLayout(shapes, [], dict(metadata or {}))
+    if isinstance(lora, Rosa):
+        low, sparse = _layout_from_lora(lora.lora, metadata), _layout_from_lora(lora.sparse, metadata)
+        return _AdapterLayout({**low.shapes, **sparse.shapes}, [], dict(metadata or {}))
+    if isinstance(lora, Shira):
+        for module in lora.modules():
+            d_in, d_out = lora.kernel_shape(module)
+            shapes.update({(module, layer, "i"): (d_out, d_in) for layer in range(lora.num_layers)})
+        return _AdapterLayout(shapes, [], dict(metadata or {}))
     for module in lora.modules():
         a_lir, b_lro = lora.factors(module)
         for layer, rank in enumerate(layer_ranks(lora.config, module, lora.num_layers)):
             if rank:
                 shapes[(module, layer, "A")] = (rank, a_lir.shape[1])
                 shapes[(module, layer, "B")] = (b_lro.shape[2], rank)
+                if lora.config.use_dora:
+                    shapes[(module, layer, "m")] = (b_lro.shape[2],)
     return _AdapterLayout(shapes, [], dict(metadata or {}))
 
 
@@ -143,18 +178,38 @@ def _shape_reasons(layout: _AdapterLayout, new_base: Base, layer_map: dict[int, 
     for (module, layer, factor), shape in sorted(layout.shapes.items()):
         if layer_map is not None and layer not in layer_map:
             continue
+        if module.startswith("adapter_"):
+            d, dim = new_base.spec.hidden_size, 1 if factor == "down" else 0
+            if len(shape) != 2 or shape[dim] != d:
+                problems.setdefault((module, factor, dim), []).append(
+                    (bottleneck_key(module.removeprefix("adapter_"), layer, factor), shape, d, dim))
+            continue
         _, d_in, d_out = base_kernel(new_base.params, module).shape
+        if factor == "i":
+            if shape[0] > d_out or shape[1] > d_in:
+                problems.setdefault((module, factor, 0), []).append(
+                    (shira_key(module, layer, "indices"), shape, (d_out, d_in), 0))
+            continue
         dim, want = (1, d_in) if factor == "A" else (0, d_out)
-        if len(shape) != 2 or shape[dim] != want:
+        ndim = 1 if factor == "m" else 2  # DoRA's magnitude [out]; the factors [r, in] and [out, r]
+        if len(shape) != ndim or shape[dim] != want:
             problems.setdefault((module, factor, dim), []).append((peft_key(module, layer, factor), shape, want, dim))
     reasons = []
     for (module, factor, dim), hits in problems.items():
         key, shape, want, _ = hits[0]
+        more = f" (same in {len(hits) - 1} more layer(s))" if len(hits) > 1 else ""
+        if factor == "i":
+            reasons.append(f"tensor {key!r} addresses (out, in) positions up to {list(shape)}, the new base's "
+                           f"{module} weight is {list(want)}{more}")
+            continue
+        if module.startswith("adapter_"):
+            reasons.append(f"tensor {key!r} has shape {list(shape)}: dimension {dim} is the hidden size, the new "
+                           f"base's is {want}{more}")
+            continue
         side = "in" if factor == "A" else "out"
         width = PROJECTION[module].d_in if side == "in" else PROJECTION[module].d_out
         quantity = f"{WIDTHS[width].label}={new_base.spec.width(width)}"
-        more = f" (same in {len(hits) - 1} more layer(s))" if len(hits) > 1 else ""
-        got = shape[dim] if len(shape) == 2 else "?"
+        got = shape[dim] if len(shape) == (1 if factor == "m" else 2) else "?"
         reasons.append(f"tensor {key!r} has shape {list(shape)}: dimension {dim} ({side}-features of {module}) is "
                        f"{got}, the new base's {module} has {want} ({quantity}){more}")
     return reasons
@@ -241,17 +296,22 @@ def _identity(recorded: dict | None, old_fp: dict | None, new_fp: dict, ref_what
 
 def transfer(adapter: str | Path | Lora, new_base: Base, old_base: Base | None = None,
              layer_map: dict[int, int] | None = None, method: str = "reuse", project_k: int | None = None,
-             metadata: dict | None = None) -> TransferResult:
+             metadata: dict | None = None, dora_magnitude: str = "keep") -> TransferResult:
     """Check, map and (optionally) re-shape an adapter for ``new_base`` (see the module docstring).
 
     ``adapter``: an HF PEFT adapter directory, or a `Lora` (then ``metadata`` may carry its recorded
     fingerprint). ``old_base``: the base the adapter was made for, if at hand (needed for an unrecorded
-    adapter's identity check; used by "rescale"). ``layer_map`` {adapter layer: new layer}. Raises
-    ValueError only for bad arguments; everything about the pair itself is in the verdict.
+    adapter's identity check; used by "rescale"). ``layer_map`` {adapter layer: new layer}. For a DoRA
+    adapter, ``dora_magnitude`` "keep" keeps its magnitude vectors (each adapted column keeps its norm) and
+    "renorm" (needs ``old_base``) re-normalises them against the new base, so each column keeps the factor
+    m / ||W + s A B|| it had on the old base. Raises ValueError only for bad arguments; everything about
+    the pair itself is in the verdict.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
-    layout = (_layout_from_lora(adapter, metadata) if isinstance(adapter, Lora)
+    if dora_magnitude not in DORA_MAGNITUDE:
+        raise ValueError(f"dora_magnitude {dora_magnitude!r}: choose one of {', '.join(DORA_MAGNITUDE)}")
+    layout = (_layout_from_lora(adapter, metadata) if isinstance(adapter, ADAPTER_TYPES)
               else _layout_from_dir(Path(adapter)))
     recorded = current_base_fingerprint(layout.metadata)
     old_fp = base_fingerprint(old_base) if old_base is not None else None
@@ -268,21 +328,36 @@ def transfer(adapter: str | Path | Lora, new_base: Base, old_base: Base | None =
 
     # Map the adapter (through load_peft's key tables and checks), move its layers, apply the variant. The
     # layout checks above caught every incompatibility; what load_peft refuses now is a bad file (exit 2).
-    if isinstance(adapter, Lora):
+    if isinstance(adapter, ADAPTER_TYPES):
         source = adapter
     elif layer_map is None:
         source = load_peft(adapter, new_base)
     else:
         depth = src_layers or 1 + max([*layer_map, *(layer for (_, layer, _) in layout.shapes)])
         source = load_peft(adapter, _shape_stand_in(new_base.spec, new_base.params, depth))
+    family = family_of(source)
+    if method not in family.transfer_methods:
+        raise ValueError(f"method {method!r} does not apply to a {family.name} adapter (it moves by "
+                         f"{', '.join(family.transfer_methods)})")
+    if layer_map is not None and family.name != "lora":
+        raise ValueError(f"a layer map moves lora adapters only, not a {family.name} adapter")
+    dora = family.name == "lora" and source.config.use_dora
+    renorm = dora and dora_magnitude == "renorm"
+    if renorm:
+        if old_base is None:
+            raise ValueError("dora_magnitude 'renorm' needs the old base (its column norms)")
+        source = dora_column_scales(source, old_base.params)  # magnitudes hold each column's factor for now
     moved = source if layer_map is None else remap_layers(source, layer_map, new_base.spec.num_layers)
     if method == "project":
         moved = project_lora(moved, new_base.params, project_k)
     elif method == "rescale":
         moved = rescale_lora(moved, _old_norms_on_new_layers(old_base, recorded, layer_map, moved.num_layers),
                              kernel_norms(new_base.params))
+    if renorm:
+        moved, source = renorm_magnitudes(moved, new_base.params), renorm_magnitudes(source, old_base.params)
 
     entry = {"fingerprint": new_fp, "verdict": verdict, "method": method, "project_k": project_k,
+             **({"dora_magnitude": dora_magnitude} if dora else {}),
              "layer_map": {str(i): j for i, j in sorted(layer_map.items())} if layer_map else None,
              "from": describe(ref_fp),
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -325,4 +400,4 @@ def write_transfer(result: TransferResult, new_base: Base, out: str | Path | Non
             save_peft(result.lora, tmp, base=new_base, metadata=result.metadata)
     if merge is not None:
         with atomic_directory(merge) as tmp:
-            save_base(merge_lora(new_base, result.lora), tmp)
+            save_base(merge_adapter(new_base, result.lora), tmp)

@@ -22,9 +22,11 @@ from jtranspeft.models.spec import ModelSpec
 
 
 class Adapter(Protocol):
-    """What the decoder needs of an adapter (a `Lora`, an `AdapterBank`): its factors, depth and scales.
+    """What the decoder needs of an adapter (any family of `jtranspeft.peft.family`, or an `AdapterBank`).
 
-    ``params``: {"layers": {block: {module: {"lora_A": [L, (n,) in, R], "lora_B": [L, (n,) R, out]}}}};
+    ``params``: the ``"lora"`` collection, {"layers": {block: {module: {"lora_A": [L, (n,) in, R], "lora_B":
+    [L, (n,) R, out]}}}} for LoRA, plus DoRA's ``magnitude``, SHiRA / RoSA's ``shira_values`` and
+    ``shira_index``, or a bottleneck adapter's {"adapter_attn" | "adapter_ffn": {"down", "up"}};
     ``per_row``: True for a bank (factors carry an adapter axis n; each batch row names its adapter);
     ``dropout``: the LoRA dropout rate applied while training; ``scales()``: per-module, per-layer scales.
     """

@@ -150,6 +150,21 @@ class Mlp(_LayerSettings):
         return project("down_proj", spec.hidden_size, u_btf)
 
 
+class BottleneckAdapter(nn.Module):
+    """A serial bottleneck adapter (`jtranspeft.peft.bottleneck`): reads ``down`` [d, size] and ``up`` [size, d]
+    from the "lora" collection; ``scales`` holds its output scale per layer."""
+
+    dtype: Dtype
+    scales: tuple[float, ...]
+
+    @nn.compact
+    def __call__(self, f_btd, layer_idx):
+        down, up = self.get_variable("lora", "down"), self.get_variable("lora", "up")
+        z_bts = jax.nn.relu(jnp.einsum("btd,ds->bts", f_btd.astype(down.dtype), down))
+        scale = jnp.asarray(self.scales, down.dtype)[layer_idx]
+        return (f_btd + (scale * jnp.einsum("bts,sd->btd", z_bts, up)).astype(f_btd.dtype)).astype(f_btd.dtype)
+
+
 class DecoderLayer(_LayerSettings):
     """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)), the FFN possibly dropped (Trans-PEFT)."""
 
@@ -165,12 +180,21 @@ class DecoderLayer(_LayerSettings):
         attn_btd, kv_cache = Attention(**shared, name="self_attn")(
             self.norm("input_layernorm")(x_btd), cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras,
             kv_cache)
+        attn_btd = self.bottleneck("adapter_attn", attn_btd, layer_idx)
         h_btd = x_btd + attn_btd
         ffn_btd = Mlp(**shared, transpeft=self.transpeft, name="mlp")(
             self.norm("post_attention_layernorm")(h_btd), layer_idx, key_of_layer, extras)
         if key_of_layer is not None:
             ffn_btd = drop_ffn_output(ffn_btd, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
+        ffn_btd = self.bottleneck("adapter_ffn", ffn_btd, layer_idx)  # a dropped FFN (0) gives relu(0 D) U = 0
         return h_btd + ffn_btd, kv_cache
+
+    def bottleneck(self, name: str, f_btd, layer_idx):
+        """``f + s relu(f D) U`` when the "lora" collection holds a bottleneck adapter ``name`` (else ``f``)."""
+        scales = dict(self.lora_scales).get(name)
+        if scales is None:
+            return f_btd
+        return BottleneckAdapter(self.dtype, scales, name=name)(f_btd, layer_idx)
 
 
 class Decoder(_LayerSettings):

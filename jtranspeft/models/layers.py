@@ -78,6 +78,15 @@ def apply_rope(x_bthe, cos_bte, sin_bte):
     return out.astype(x_bthe.dtype)
 
 
+def add_sparse(kernel_lio, values_lk, index_lk, sign: float = 1.0):
+    """Stacked kernels [L, in, out] with ``sign * values`` added at flat positions ``index`` (i * out + o) of
+    each layer, in float32, cast back to the kernel's dtype (SHiRA and RoSA's sparse part)."""
+    num_layers, d_in, d_out = kernel_lio.shape
+    flat = kernel_lio.astype(jnp.float32).reshape(num_layers, d_in * d_out)
+    flat = flat.at[jnp.arange(num_layers)[:, None], index_lk].add(sign * values_lk.astype(jnp.float32))
+    return flat.reshape(kernel_lio.shape).astype(kernel_lio.dtype)
+
+
 @jax.custom_vjp
 def lora_delta(x_ni, a_ir, b_ro, scale):
     """``scale * (x A) B`` over flattened tokens n, with a backward pass that keeps XLA:CPU off big transposes.
@@ -113,6 +122,12 @@ lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 class Projection(nn.Module):
     """Dense layer (kernel [in, out], optional bias) plus an optional LoRA branch from the "lora" collection.
 
+    With a DoRA ``magnitude`` [out] beside the factors, the adapted kernel is m (W + s A B) / ||W + s A B||
+    per output column (norm in float32, no gradient through it), applied as peft does without forming it:
+    ``y + (g - 1) x W + g s x A B`` with g = m / norm (`jtranspeft.peft.lora`). Sparse values
+    (``shira_values`` [K] at flat kernel positions ``shira_index`` [K], `jtranspeft.peft.shira`) are added to
+    the kernel first: SHiRA alone, or RoSA's sparse part beside LoRA factors.
+
     ``lora_scales`` holds the LoRA scale of every layer (alpha / r or alpha / sqrt(r)); the decoder's
     scan passes the current layer index so one module definition serves every layer. ``adapter_ids_b``
     (int [b]) selects, per batch row, one adapter of a bank (factors [n, in, r] and [n, r, out]).
@@ -128,7 +143,11 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x, layer_idx, dropout_key=None, adapter_ids_b=None):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        if self.has_variable("lora", "shira_values"):  # SHiRA / RoSA's sparse part: W + scatter(values)
+            kernel = add_sparse(kernel[None], self.get_variable("lora", "shira_values")[None],
+                                self.get_variable("lora", "shira_index")[None])[0]
+        xw = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        y = xw
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         if not self.has_variable("lora", "lora_A"):
@@ -136,7 +155,8 @@ class Projection(nn.Module):
         lora_a = self.get_variable("lora", "lora_A")
         lora_b = self.get_variable("lora", "lora_B")
         x_lora = x.astype(lora_a.dtype)
-        if dropout_key is not None and self.lora_dropout > 0:
+        dropped = dropout_key is not None and self.lora_dropout > 0
+        if dropped:
             keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x_lora.shape)
             x_lora = jnp.where(keep, x_lora / (1.0 - self.lora_dropout), 0).astype(lora_a.dtype)
         scale = jnp.asarray(self.lora_scales, dtype=lora_a.dtype)[layer_idx]
@@ -146,6 +166,17 @@ class Projection(nn.Module):
         else:  # one adapter of the bank per row: gather that row's factors
             a_bir, b_bro = lora_a[adapter_ids_b], lora_b[adapter_ids_b]
             delta = jnp.einsum("b...r,bro->b...o", jnp.einsum("b...i,bir->b...r", x_lora, a_bir), b_bro) * scale
+        if self.has_variable("lora", "magnitude"):  # DoRA: y + (g - 1) x W + g * delta, g = m / ||W + s A B||
+            if adapter_ids_b is not None:
+                raise ValueError("DoRA adapters cannot be served from an adapter bank; merge them instead")
+            weight_io = kernel.astype(jnp.float32) + scale.astype(jnp.float32) * (
+                lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
+            norm_o = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(weight_io), axis=0)))
+            magnitude_o = self.get_variable("lora", "magnitude").astype(jnp.float32)
+            g_o = jnp.where(scale != 0, magnitude_o / norm_o, 1.0).astype(y.dtype)
+            if dropped:  # dropout reached the adapter's input: its base term sees the same input
+                xw = jnp.einsum("...i,io->...o", x_lora.astype(self.dtype), kernel.astype(self.dtype))
+            return (y + (g_o - 1) * xw + g_o * delta.astype(y.dtype)).astype(y.dtype)
         return (y + delta.astype(y.dtype)).astype(y.dtype)
 
 

@@ -72,6 +72,9 @@ def stack_adapters(loras: Sequence[Lora]) -> AdapterBank:
         raise ValueError("stack_adapters needs at least one adapter")
     num_layers = loras[0].num_layers
     for i, lora in enumerate(loras):
+        if lora.config.use_dora:
+            raise ValueError(f"adapter {i} is a DoRA adapter: its column rescaling is not a per-row additive "
+                             "delta, so it cannot join a bank; merge it into its own copy of the base instead")
         if lora.num_layers != num_layers:
             raise ValueError(f"adapter {i} has {lora.num_layers} layers, adapter 0 has {num_layers}")
     params: dict = {"layers": {}}

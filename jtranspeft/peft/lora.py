@@ -10,6 +10,13 @@ Ranks may differ per layer (peft's ``rank_pattern`` matches full module names su
 module. Zero columns of A paired with zero rows of B add nothing and receive zero gradients, so padding is
 exact; `layer_ranks` tells the true rank of each layer (0 = not adapted) when exporting.
 Scale per module and layer: alpha / r, or alpha / sqrt(r) with ``use_rslora`` — as in peft.
+
+DoRA (``use_dora``, peft's weight-decomposed LoRA) adds a magnitude vector per adapted module and layer,
+``"magnitude"`` [L, out]: the adapted kernel is ``m * (W + s A B) / ||W + s A B||`` with the norm taken per
+output column (over the input axis; peft's ``lora_magnitude_vector`` of a [out, in] weight) and treated as a
+constant for gradients, as the DoRA paper and peft do. A fresh magnitude is the base's column norms, so a
+new DoRA adapter is a no-op like a LoRA. Layers a module does not adapt (rank 0) hold a zero magnitude and
+are left alone. Unlike LoRA, a DoRA merge cannot be undone from the merged weights and the adapter alone.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     layers: tuple[int, ...] | None = None
+    use_dora: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -125,6 +133,14 @@ class Lora:
         entry = self.params["layers"][MODULE_BLOCK[module]][module]
         return entry["lora_A"], entry["lora_B"]
 
+    def magnitude(self, module: str):
+        """DoRA's magnitude [L, out] of a module (zero in layers it does not adapt); None for a plain LoRA."""
+        return self.params["layers"][MODULE_BLOCK[module]][module].get("magnitude")
+
+    def magnitudes(self) -> dict[str, Any] | None:
+        """{module: DoRA magnitude [L, out]}, or None for a plain LoRA (the argument `lora_from_factors` takes)."""
+        return {m: self.magnitude(m) for m in self.modules()} if self.config.use_dora else None
+
     def scales(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
         """Per-module, per-layer scales in the form the decoder takes."""
         return tuple((m, layer_scales(self.config, m, self.num_layers)) for m in self.modules())
@@ -134,14 +150,35 @@ def _rank_mask(ranks: tuple[int, ...], width: int) -> np.ndarray:
     return (np.arange(width)[None, :] < np.asarray(ranks)[:, None]).astype(np.float32)  # [L, R]
 
 
-def lora_from_factors(factors: dict[str, tuple[Any, Any]], config: LoraConfig) -> Lora:
-    """Assemble a `Lora` from {module: (A [L, in, R], B [L, R, out])}."""
+def lora_from_factors(factors: dict[str, tuple[Any, Any]], config: LoraConfig,
+                      magnitudes: dict[str, Any] | None = None) -> Lora:
+    """Assemble a `Lora` from {module: (A [L, in, R], B [L, R, out])} and, for DoRA, {module: magnitude [L, out]}."""
+    if config.use_dora != bool(magnitudes):
+        raise ValueError("a DoRA adapter (use_dora) needs a magnitude per module, a LoRA none")
     params: dict = {"layers": {}}
     for module in TARGET_MODULES:
         if module in factors:
             a, b = factors[module]
-            params["layers"].setdefault(MODULE_BLOCK[module], {})[module] = {"lora_A": a, "lora_B": b}
+            entry = {"lora_A": a, "lora_B": b}
+            if config.use_dora:
+                if magnitudes[module].shape != (a.shape[0], b.shape[2]):
+                    raise ValueError(f"DoRA magnitude of {module} has shape {tuple(magnitudes[module].shape)}, "
+                                     f"expected {(a.shape[0], b.shape[2])} (layers, out)")
+                entry["magnitude"] = magnitudes[module]
+            params["layers"].setdefault(MODULE_BLOCK[module], {})[module] = entry
     return Lora(params=params, config=config)
+
+
+def column_norms(kernel_lio):
+    """Norm of every output column of stacked kernels [L, in, out] -> [L, out], in float32."""
+    return jnp.sqrt(jnp.sum(jnp.square(kernel_lio.astype(jnp.float32)), axis=-2))
+
+
+def dora_magnitudes(params: dict, lora: Lora) -> dict[str, Any]:
+    """{module: ||W + s A B|| per output column [L, out]} for the kernels of ``params`` (zero where the module
+    is not adapted): the magnitudes that make a DoRA adapter equal its LoRA part on that base."""
+    return {module: column_norms(base_kernel(params, module) + delta) * (jnp.asarray(scales) != 0)[:, None]
+            for (module, delta), (_, scales) in zip(lora_deltas(lora), lora.scales())}
 
 
 def init_lora(base: Base, config: LoraConfig, key, dtype="float32") -> Lora:
@@ -166,7 +203,20 @@ def init_lora_params(params: dict, config: LoraConfig, key, dtype=jnp.float32) -
         a = jax.random.uniform(jax.random.fold_in(key, i), (num_layers, d_in, width), dtype, -bound, bound)
         a = a * jnp.asarray(_rank_mask(ranks, width), dtype)[:, None, :]
         factors[module] = (a, jnp.zeros((num_layers, width, d_out), dtype))
-    return lora_from_factors(factors, config)
+    lora = lora_from_factors(factors, config, {m: jnp.ones((num_layers, f[1].shape[2]), dtype)
+                                               for m, f in factors.items()} if config.use_dora else None)
+    if config.use_dora:  # B = 0: the magnitudes are the base's column norms, as peft initialises them
+        lora = with_magnitudes(lora, dora_magnitudes(params, lora))
+    return lora
+
+
+def with_magnitudes(lora: Lora, magnitudes: dict[str, Any]) -> Lora:
+    """A copy of a DoRA ``lora`` with new magnitudes {module: [L, out]} (each cast to the old one's dtype)."""
+    params = jax.tree_util.tree_map(lambda x: x, lora.params)
+    for module, m in magnitudes.items():
+        entry = params["layers"][MODULE_BLOCK[module]][module]
+        entry["magnitude"] = jnp.asarray(m, entry["magnitude"].dtype)
+    return lora.replace(params=params)
 
 
 def lora_deltas(lora: Lora):
@@ -177,22 +227,36 @@ def lora_deltas(lora: Lora):
         yield module, delta * jnp.asarray(scales, jnp.float32)[:, None, None]
 
 
+def dora_scale(kernel_lio, delta_lio, magnitude_lo, active_l):
+    """DoRA's column factor m / ||W + delta|| [L, 1, out] (1 in layers that are not adapted), float32."""
+    norms = column_norms(kernel_lio.astype(jnp.float32) + delta_lio)
+    return jnp.where(active_l[:, None], magnitude_lo.astype(jnp.float32) / norms, 1.0)[:, None, :]
+
+
 def _add_deltas(params: dict, lora: Lora, sign: float) -> dict:
     params = jax.tree_util.tree_map(lambda x: x, params)  # new containers, shared leaves
-    for module, delta in lora_deltas(lora):
+    for (module, delta), (_, scales) in zip(lora_deltas(lora), lora.scales()):
         entry = params["layers"][MODULE_BLOCK[module]][module]
         if entry["kernel"].shape != delta.shape:
             raise ValueError(f"adapter for {module} has delta shape {delta.shape}, "
                              f"base kernel has {entry['kernel'].shape}")
-        entry["kernel"] = (entry["kernel"].astype(jnp.float32) + sign * delta).astype(entry["kernel"].dtype)
+        merged = entry["kernel"].astype(jnp.float32) + sign * delta
+        if lora.config.use_dora:
+            merged = merged * dora_scale(entry["kernel"], delta, lora.magnitude(module), jnp.asarray(scales) != 0)
+        entry["kernel"] = merged.astype(entry["kernel"].dtype)
     return params
 
 
 def merge_lora(base: Base, lora: Lora) -> Base:
-    """A new `Base` with W + s * A @ B folded in (float32 arithmetic, cast back to each kernel's dtype)."""
+    """A new `Base` with the adapter folded in: W + s A B, or for DoRA m (W + s A B) / ||W + s A B||
+    (float32 arithmetic, cast back to each kernel's dtype)."""
     return base.replace(params=_add_deltas(base.params, lora, 1.0))
 
 
 def unmerge_lora(base: Base, lora: Lora) -> Base:
-    """Inverse of `merge_lora`: subtract the adapter's delta (exact up to the base dtype's rounding)."""
+    """Inverse of `merge_lora`: subtract the adapter's delta (exact up to the base dtype's rounding). A DoRA
+    merge rescales every column by a factor the merged weights no longer tell, so it cannot be undone."""
+    if lora.config.use_dora:
+        raise ValueError("a DoRA merge cannot be undone from the merged base and the adapter (the column norms "
+                         "of the original base are gone); keep the original base instead")
     return base.replace(params=_add_deltas(base.params, lora, -1.0))

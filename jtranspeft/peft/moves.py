@@ -6,7 +6,13 @@ Functions over `Lora` pytrees and base params, no files (the verdict and the out
 - `project_lora`: LoRA-X-style projection of each delta onto the new weight's top-k singular subspaces;
 - `rescale_lora`: keep each delta's size relative to its base weight, ||s A B|| / ||W||, per module and layer;
 - `remap_layers`: move an adapter's layers onto a base of another depth, rewriting rank / alpha patterns
-  so the result is still a standard PEFT adapter.
+  so the result is still a standard PEFT adapter;
+- `dora_column_scales` / `renorm_magnitudes`: DoRA's magnitudes on a new base, either kept as they are or
+  re-normalised so each column keeps the scale m / ||W + s A B|| it had on the old base;
+- `sample_like`: the portability study's "sampled" control, an adapter drawn at random with the same
+  per-matrix mean and standard deviation as a given one.
+
+Every function carries a DoRA adapter's magnitudes along with its factors.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 
 from jtranspeft.models.params import base_kernel
 from jtranspeft.models.spec import MODULE_BLOCK
-from jtranspeft.peft.lora import Lora, layer_ranks, layer_scales, lora_from_factors
+from jtranspeft.peft.lora import Lora, dora_magnitudes, layer_ranks, layer_scales, lora_from_factors, with_magnitudes
 
 _device_svd = jax.jit(functools.partial(jnp.linalg.svd, full_matrices=False))
 
@@ -77,7 +83,7 @@ def project_lora(lora: Lora, new_params: dict, k: int | None = None) -> Lora:
             if rank:
                 new_a[layer], new_b[layer] = _project_layer(a_lir[layer], b_lro[layer], w_lio[layer], kk, rank)
         factors[module] = (jnp.asarray(new_a, a_lir.dtype), jnp.asarray(new_b, b_lro.dtype))
-    return lora_from_factors(factors, lora.config)
+    return lora_from_factors(factors, lora.config, lora.magnitudes())
 
 
 def rescale_lora(lora: Lora, old_norms: dict[str, np.ndarray], new_norms: dict[str, np.ndarray]) -> Lora:
@@ -93,7 +99,7 @@ def rescale_lora(lora: Lora, old_norms: dict[str, np.ndarray], new_norms: dict[s
         ratio_l = np.asarray(new_norms[module], np.float64) / np.asarray(old_norms[module], np.float64)
         factors[module] = (a_lir, (b_lro.astype(jnp.float32) * jnp.asarray(ratio_l, jnp.float32)[:, None, None]
                                    ).astype(b_lro.dtype))
-    return lora_from_factors(factors, lora.config)
+    return lora_from_factors(factors, lora.config, lora.magnitudes())
 
 
 def _module_config(values: dict[int, float], default, module: str, group: str) -> dict[str, float]:
@@ -115,7 +121,7 @@ def remap_layers(lora: Lora, layer_map: dict[int, int], num_layers: int) -> Lora
     """
     src_layers = lora.num_layers
     kept = {i: j for i, j in layer_map.items() if i < src_layers}
-    ranks, alphas, factors = {}, {}, {}
+    ranks, alphas, factors, magnitudes = {}, {}, {}, {}
     for module in lora.modules():
         r_l = layer_ranks(lora.config, module, src_layers)
         s_l = layer_scales(lora.config, module, src_layers)
@@ -127,6 +133,9 @@ def remap_layers(lora: Lora, layer_map: dict[int, int], num_layers: int) -> Lora
         new_a = jnp.zeros((num_layers,) + a_lir.shape[1:], a_lir.dtype).at[dst].set(a_lir[src])
         new_b = jnp.zeros((num_layers,) + b_lro.shape[1:], b_lro.dtype).at[dst].set(b_lro[src])
         factors[module] = (new_a, new_b)
+        if lora.config.use_dora:
+            m_lo = lora.magnitude(module)
+            magnitudes[module] = jnp.zeros((num_layers, m_lo.shape[1]), m_lo.dtype).at[dst].set(m_lo[src])
     adapted = sorted({j for per_module in ranks.values() for j in per_module})
     if not adapted:
         raise ValueError(f"layer map {layer_map} keeps no adapted layer of the adapter")
@@ -140,4 +149,39 @@ def remap_layers(lora: Lora, layer_map: dict[int, int], num_layers: int) -> Lora
     for module in lora.modules():  # the rewritten config must describe exactly the moved factors
         if layer_ranks(config, module, num_layers) != tuple(ranks[module].get(j, 0) for j in range(num_layers)):
             raise AssertionError(f"remapped ranks of {module} do not match")
-    return lora_from_factors(factors, config)
+    return lora_from_factors(factors, config, magnitudes or None)
+
+
+def dora_column_scales(lora: Lora, params: dict) -> Lora:
+    """A copy of a DoRA adapter whose magnitudes hold each column's scale m / ||W + s A B|| on the base of
+    ``params`` (zero where a module is not adapted) instead of m; `renorm_magnitudes` turns them back."""
+    norms = dora_magnitudes(params, lora)
+    return with_magnitudes(lora, {m: lora.magnitude(m) / jnp.where(norms[m] > 0, norms[m], 1.0) for m in norms})
+
+
+def renorm_magnitudes(scaled: Lora, params: dict) -> Lora:
+    """Magnitudes from the column scales of `dora_column_scales` (moved, projected or rescaled since):
+    m = scale * ||W + s A B|| on the base of ``params``, so the adapted columns keep their old scale."""
+    norms = dora_magnitudes(params, scaled)
+    return with_magnitudes(scaled, {m: scaled.magnitude(m) * norms[m] for m in norms})
+
+
+def sample_like(lora: Lora, key) -> Lora:
+    """A random adapter with ``lora``'s shapes and config whose every factor matrix (each module, layer and
+    factor) is drawn from a normal with that matrix's own mean and standard deviation (zero padding kept);
+    the control of the PEFT-portability study (arXiv 2401.14228): a ported module should beat it."""
+    factors = {}
+    for i, module in enumerate(lora.modules()):
+        drawn = []
+        for j, x in enumerate(lora.factors(module)):
+            x = np.asarray(x, np.float32)
+            out = np.zeros_like(x)
+            rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, 2 * i + j))).ravel())
+            for layer in range(x.shape[0]):
+                live = x[layer] != 0  # rank padding stays zero
+                if live.any():
+                    values = x[layer][live]
+                    out[layer][live] = rng.normal(values.mean(), values.std(), size=values.size)
+            drawn.append(jnp.asarray(out, lora.factors(module)[j].dtype))
+        factors[module] = tuple(drawn)
+    return lora_from_factors(factors, lora.config, lora.magnitudes())

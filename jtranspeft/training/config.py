@@ -14,7 +14,11 @@ from typing import Literal
 from jtranspeft.data.config import DataConfig
 from jtranspeft.data.corpus import SourceConfig
 from jtranspeft.models.spec import GROUPS
+from jtranspeft.peft.bottleneck import BottleneckConfig
+from jtranspeft.peft.family import FAMILY_NAMES
 from jtranspeft.peft.lora import LoraConfig
+from jtranspeft.peft.rosa import RosaConfig
+from jtranspeft.peft.shira import ShiraConfig
 from jtranspeft.peft.transpeft import TransPeftConfig
 from jtranspeft.training.sharding import MeshConfig
 from jtranspeft.utils.validate import check_range
@@ -105,7 +109,11 @@ class RunConfig:
 
     output_dir: str = "runs/default"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    peft: str = "lora"  # the PEFT family: lora (DoRA: lora.use_dora), shira, rosa, bottleneck (`jtranspeft.peft.family`)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    shira: ShiraConfig = dataclasses.field(default_factory=ShiraConfig)
+    rosa: RosaConfig = dataclasses.field(default_factory=RosaConfig)  # with peft: rosa, beside lora
+    bottleneck: BottleneckConfig = dataclasses.field(default_factory=BottleneckConfig)
     init_adapter: str | None = None  # start from this PEFT adapter (same modules, ranks, scales as lora)
     transpeft: TransPeftConfig = dataclasses.field(default_factory=TransPeftConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -113,6 +121,14 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        if self.peft not in FAMILY_NAMES:
+            raise ValueError(f"peft must be one of {', '.join(FAMILY_NAMES)}, got {self.peft!r}")
+        if self.peft == "rosa" and self.lora.use_dora:
+            raise ValueError("peft: rosa pairs a plain LoRA with a sparse part; set lora.use_dora to false")
+        if self.peft != "lora" and self.init_adapter:
+            raise ValueError(f"init_adapter starts a LoRA run; peft={self.peft!r} trains from its own init")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""LoRA / Trans-PEFT fine-tuning of a frozen base: `train(config)` (CLI: ``python -m jtranspeft.train``).
+"""Adapter / Trans-PEFT fine-tuning of a frozen base: `train(config)` (CLI: ``python -m jtranspeft.train``).
 
 The job: load the base (`jtranspeft.checkpoints.loading`) and its tokenizer, turn the data source into
-tokenised, loss-masked, length-bucketed batches (`jtranspeft.data`), initialise the adapter as peft does,
+tokenised, loss-masked, length-bucketed batches (`jtranspeft.data`), initialise the adapter of the run's
+PEFT family (``peft``: LoRA / DoRA as peft does, or SHiRA; `jtranspeft.peft.family`),
 place base, adapter and optimizer state on the mesh (`jtranspeft.training.sharding`), compile the LoRA step
 (`jtranspeft.training.step.make_step`, with the Trans-PEFT perturbations resolved for the model's depth) and
 hand it all to the shared loop (`jtranspeft.training.loop`). The run directory ends with ``adapter/`` in HF
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +24,16 @@ from jtranspeft.checkpoints.peft_format import PROBES_FILE, load_peft, save_peft
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
 from jtranspeft.models.base import Base
-from jtranspeft.peft.lora import Lora, init_lora
+from jtranspeft.models.perturb import FfnPerturbation
+from jtranspeft.peft.family import FAMILIES
+from jtranspeft.peft.lora import Lora
+from jtranspeft.peft.shira import SCORED_MASKS, kernel_gradient_scores
 from jtranspeft.training import loop
 from jtranspeft.training.config import ModelConfig, RunConfig
 from jtranspeft.training.flops import lora_train_flops_per_token
 from jtranspeft.training.sharding import make_mesh, place
-from jtranspeft.training.step import TrainState, make_optimizer, make_step, max_targets_of, step_shardings
+from jtranspeft.training.step import (TrainState, make_optimizer, make_step, max_targets_of, step_shardings, token_loss,
+                                     trainable)
 from jtranspeft.utils.config_io import to_dict
 from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_directory
@@ -78,6 +84,57 @@ def _save_adapter(path, adapter: Lora, base: Base, metadata: dict, probes: list[
                                         encoding="utf-8")
 
 
+SCORE_BATCHES = 8  # training batches whose squared gradients rank a SHiRA gradient / snip mask
+
+
+def init_adapter(cfg: RunConfig, base: Base, batcher: Batcher, transpeft) -> Any:
+    """The fresh adapter of the run's PEFT family (`jtranspeft.peft.family`).
+
+    A SHiRA gradient or snip mask ranks kernel entries by squared gradients summed over the first
+    `SCORE_BATCHES` batches. RoSA first trains a LoRA alone for ``rosa.warmup_steps`` steps (the run's
+    optimizer settings and Trans-PEFT perturbations, batches from the start), ranks by the squared gradients
+    of base + that LoRA over ``rosa.score_batches`` batches, then restarts: the run trains a fresh LoRA and
+    zero sparse values on that support, as in the RoSA paper. Gradients for ranking are taken without
+    perturbations, so the support reflects the task. Deterministic in the seed: a resumed run rebuilds the
+    same adapter before its checkpoint is restored over it.
+    """
+    key = jax.random.key(cfg.train.seed)
+    if cfg.peft in ("lora", "bottleneck"):
+        return FAMILIES[cfg.peft].init(base, getattr(cfg, cfg.peft), key)
+    lora = fresh = None
+    if cfg.peft == "rosa":
+        fresh = FAMILIES["lora"].init(base, cfg.lora, key)
+        lora = _warm_up(cfg, base, batcher, transpeft, fresh)
+    elif cfg.shira.mask_type not in SCORED_MASKS:
+        return FAMILIES["shira"].init(base, cfg.shira, key)
+
+    def loss(b, batch):
+        nll, count = token_loss(b, lora, batch, None, FfnPerturbation())
+        return nll / jnp.maximum(count, 1.0)
+
+    n = min(cfg.rosa.score_batches if lora is not None else SCORE_BATCHES, batcher.n_batches_per_epoch)
+    targets = cfg.lora.targets if lora is not None else cfg.shira.targets
+    scores = kernel_gradient_scores(base, [batcher.batch_at(i) for i in range(n)], targets, loss)
+    if lora is not None:
+        return FAMILIES["rosa"].init(base, (fresh, cfg.rosa), key, scores)
+    return FAMILIES["shira"].init(base, cfg.shira, key, scores)
+
+
+def _warm_up(cfg: RunConfig, base: Base, batcher: Batcher, transpeft, lora: Lora) -> Lora:
+    """``rosa.warmup_steps`` LoRA-only training steps (RoSA's warm-up before its sparse support is chosen)."""
+    steps = cfg.rosa.warmup_steps
+    if steps == 0:
+        return lora
+    optimizer = make_optimizer(cfg.train, steps)
+    lora = jax.tree_util.tree_map(jnp.copy, lora)  # the step donates its state; the caller keeps the original
+    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    step_fn = make_step(optimizer, transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat,
+                        max_targets=max_targets_of(batcher.examples))
+    for position in range(steps):
+        state, _ = step_fn(state, base, batcher.batch_at(position))
+    return state.params
+
+
 def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
     """``train.max_steps``, or ``train.epochs`` worth of batches."""
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batcher.n_batches_per_epoch))
@@ -100,10 +157,10 @@ def _job(cfg: RunConfig) -> loop.Job:
     steps = total_steps(cfg, batcher)
     transpeft = cfg.transpeft.resolve(base.spec.num_layers)  # per-layer options checked against the model
     optimizer = make_optimizer(cfg.train, steps)
-    lora = init_lora(base, cfg.lora, jax.random.key(cfg.train.seed))
+    lora = init_adapter(cfg, base, batcher, transpeft)
     if cfg.init_adapter:
         lora = _start_from(cfg.init_adapter, base, lora)
-    state = TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32))
+    state = TrainState(lora, optimizer.init(trainable(lora)), jnp.asarray(0, jnp.int32))
     shardings = step_shardings(mesh, rules, base, state, optimizer)
     base, state = place(base, shardings.base), place(state, shardings.state)
     step_fn = make_step(optimizer, transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings,
@@ -126,5 +183,6 @@ def _job(cfg: RunConfig) -> loop.Job:
 
     return loop.Job(
         name="train", cfg=cfg, state=state, frozen=base, step_fn=step_fn, shardings=shardings, steps=steps,
-        batch_at=batcher.batch_at, export=export, row_extras=row_extras, flops_per_token=flops_per_token,
+        batch_at=batcher.batch_at, export=export, row_extras=row_extras,
+        flops_per_token=flops_per_token if cfg.peft == "lora" else None,  # counted for LoRA only
         summary_extras={"data": data_stats})

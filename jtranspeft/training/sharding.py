@@ -8,6 +8,7 @@ maps each logical name to mesh axes, so changing the layout is a config change, 
     embed_tokens.embedding [V, D]     -> (vocab, embed)        q_proj.kernel [L, D, H*E] -> (layers, embed, heads)
     o_proj.kernel [L, H*E, D]         -> (layers, heads, embed) down_proj.kernel [L, F, D] -> (layers, mlp, embed)
     lora_A [L, in, R] / lora_B [L, R, out] -> (layers, <in of the kernel>, lora_rank) / (layers, lora_rank, <out>)
+    DoRA magnitude [L, out]            -> (layers, <out of the kernel>); SHiRA values / positions [L, K] -> (layers, -)
 
 The optimizer state follows the LoRA layout (``optax.tree_map_params``). Programs are plain ``jax.jit``
 with ``in_shardings`` / ``out_shardings`` built from `jax.sharding.NamedSharding`; the random draws of
@@ -94,11 +95,14 @@ def param_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ..
     if path[0] == "norm":
         return ("embed",)
     module = path[-2]
+    if module.startswith("adapter_"):  # bottleneck adapters: down [L, d, size], up [L, size, d]
+        return {"down": ("layers", "embed", None), "up": ("layers", None, "embed")}[name]
     if name == "scale":  # layer norms, or per-head q/k norms
         return ("layers", "head_dim" if module in ("q_norm", "k_norm") else "embed")
     in_axis, out_axis = _KERNEL_AXES[module]
     axes = {"kernel": ("layers", in_axis, out_axis), "bias": ("layers", out_axis),
-            "lora_A": ("layers", in_axis, "lora_rank"), "lora_B": ("layers", "lora_rank", out_axis)}[name]
+            "lora_A": ("layers", in_axis, "lora_rank"), "lora_B": ("layers", "lora_rank", out_axis),
+            "magnitude": ("layers", out_axis), "shira_values": ("layers", None), "shira_index": ("layers", None)}[name]
     assert len(axes) == ndim, (path, axes)
     return axes
 

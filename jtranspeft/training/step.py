@@ -7,7 +7,8 @@ update as one big batch. A non-finite loss or gradient leaves the state unchange
 metrics (``finite``), so the host can stop with the last good state. Nothing in the step talks to the host.
 Two steps are built on it:
 
-- `make_step`, LoRA / Trans-PEFT fine-tuning: ``state.params`` is a `Lora`, ``frozen`` the base. The
+- `make_step`, adapter / Trans-PEFT fine-tuning: ``state.params`` is an adapter of any PEFT family
+  (`jtranspeft.peft.family`: a `Lora`, DoRA included, or a `Shira`), ``frozen`` the base. The
   randomness of a micro-batch (LoRA dropout, Trans-PEFT masks and drops) comes from
   ``fold_in(fold_in(key(seed), step), micro)``: reproducible, and the same on every replica;
 - `make_full_step`, continued pre-training: ``state.params`` holds the trained base tensors (a subset of
@@ -26,7 +27,6 @@ import optax
 from jtranspeft.models.base import Base, apply
 from jtranspeft.models.params import merge_trees
 from jtranspeft.models.perturb import FfnPerturbation
-from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.transpeft import TransPeftConfig, warmup_scale
 from jtranspeft.training.config import TrainConfig
 
@@ -34,7 +34,7 @@ from jtranspeft.training.config import TrainConfig
 class TrainState(NamedTuple):
     """Everything that changes during training (and goes into a checkpoint)."""
 
-    params: Any  # the trained tensors: a `Lora`, or a dict of base tensors (continued pre-training)
+    params: Any  # the trained tensors: an adapter, or a dict of base tensors (continued pre-training)
     opt_state: Any
     step: jax.Array
 
@@ -82,7 +82,7 @@ def token_kl(reference_logits_btv, logits_btv, mask_bt):
     return jnp.sum(kl_bt * mask_bt)
 
 
-def token_loss(base: Base, lora: Lora | None, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
+def token_loss(base: Base, lora: Any, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
                max_targets: int | None = None, transpeft_scale=1.0):
     """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets.
 
@@ -111,29 +111,43 @@ def split_micro_batches(batch: dict, grad_accum: int) -> dict:
     return jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
 
+def trainable(tree, like=None):
+    """``tree`` with only the leaves where ``like`` (default: ``tree``) holds floating-point arrays; None
+    elsewhere. Gradients and the optimizer see this part: integer leaves (a SHiRA support) stay fixed."""
+    like = tree if like is None else like
+    return jax.tree_util.tree_map(lambda x, ref: x if jnp.issubdtype(ref.dtype, jnp.floating) else None, tree, like)
+
+
+def with_trainable(tree, trained):
+    """``tree`` with its trainable leaves (`trainable`) taken from ``trained``."""
+    return jax.tree_util.tree_map(lambda t, x: x if t is None else t, trained, tree, is_leaf=lambda x: x is None)
+
+
 def accumulated_update(loss_fn, params, opt_state, optimizer: optax.GradientTransformation, micro_inputs):
     """One optimizer step from micro-batches: ``loss_fn(params, x) -> (token-summed NLL, token count)``.
 
     Gradients and losses are summed over ``micro_inputs`` (scanned on axis 0), then divided by the global
-    token count, so accumulation equals one big batch. A non-finite loss or gradient returns ``params`` and
-    ``opt_state`` unchanged, with ``finite`` False in the metrics.
+    token count, so accumulation equals one big batch. Only the `trainable` leaves of ``params`` get
+    gradients and updates (``opt_state`` is the optimizer's state of that part). A non-finite loss or
+    gradient returns ``params`` and ``opt_state`` unchanged, with ``finite`` False in the metrics.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    train = trainable(params)
+    grad_fn = jax.value_and_grad(lambda t, x: loss_fn(with_trainable(params, t), x), has_aux=True)
 
     def micro_step(carry, x):
         grads_sum, nll_sum, count = carry
-        (nll, n), grads = grad_fn(params, x)
+        (nll, n), grads = grad_fn(train, x)
         return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, train)
     (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), micro_inputs)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     loss = nll_sum / count
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    updates, new_opt_state = optimizer.update(grads, opt_state, train)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = (optax.apply_updates(params, updates), new_opt_state)
+    new = (with_trainable(params, optax.apply_updates(train, updates)), new_opt_state)
     params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
     return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
 
@@ -212,19 +226,16 @@ class StepShardings(NamedTuple):
 
 def step_shardings(mesh, rules: dict, base: Base, state: TrainState, optimizer) -> StepShardings:
     """Shardings of the train state (trained tensors + optimizer moments by rule), the frozen base, a batch
-    and scalars. The trained tensors are a `Lora` or a dict of base tensors; both follow the logical-axis
+    and scalars. The trained tensors are an adapter or a dict of base tensors; both follow the logical-axis
     rules of their paths (`jtranspeft.training.sharding`)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jtranspeft.training.sharding import batch_sharding, opt_state_shardings, tree_shardings
 
     params = state.params
-    if isinstance(params, Lora):
-        params_sh = params.replace(params=tree_shardings(params.params, mesh, rules))
-    else:
-        params_sh = tree_shardings(params, mesh, rules)
+    params_sh = tree_shardings(params, mesh, rules)  # an adapter of any family, or a dict of base tensors
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = opt_state_shardings(optimizer, state.opt_state, params_sh, mesh)
+    opt_sh = opt_state_shardings(optimizer, state.opt_state, trainable(params_sh, params), mesh)
     return StepShardings(state=TrainState(params_sh, opt_sh, replicated),
                          base=base.replace(params=tree_shardings(base.params, mesh, rules)),
                          batch=batch_sharding(mesh, rules), replicated=replicated)

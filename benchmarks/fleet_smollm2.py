@@ -1,0 +1,197 @@
+"""Fleet migration on a real pair: three SmolLM2 adapters on different tasks moved to an updated base.
+
+The pair is SmolLM2-135M-Instruct (old) and the broad FFN update of the proof experiment at the lambda its gates
+chose (new; `configs/experiments/smollm2_update_proof.yaml`). Three tasks that lean on different abilities:
+chain_sum (arithmetic), leg_counting (facts about animals) and letter_counting (characters). For each task:
+
+1. Fine-tune_o: a LoRA trained on the old base (the recipe of the proof experiment, 150 steps), with its
+   training prompts stored as probes; Fine-tune_n: the same recipe on the new base (the re-tuned reference).
+2. `jt.migrate` with threshold 0, so every rung runs: copy, training-free (project, rescale), Trans-LoRA
+   distillation (250 synthetic prompts, 100 steps, from the best earlier rung); the fidelity of each rung.
+3. Accuracy on the new base of every rung and of Fine-tune_n, on the same held-out items (paired), and of
+   Fine-tune_o on the old base.
+
+Reported: accuracy per (task, rung); the share of the copy -> Fine-tune_n gap each rung recovers; the rung the
+default threshold would pick; the Spearman rank correlation between fidelity KL and accuracy over all
+(adapter, rung) pairs; each rung's wall time. Every piece is cached, so a rerun resumes.
+
+    python benchmarks/fleet_smollm2.py --new runs/experiments/smollm2_update_proof/bases/lambda_0.5
+
+Writes benchmarks/results/fleet_smollm2/{results.json,results.md} and the fleet report (report.md/json/png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+RECIPE = Path(__file__).parents[1] / "configs" / "experiments" / "chain_sum_lora.yaml"
+TASKS = {  # name: (rg_kwargs, data.max_length, buckets); prompts need a third of max_length for distillation
+    "chain_sum": ({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, 64, [48, 64]),
+    "leg_counting": ({"min_animals": 1, "max_animals": 2, "max_instances": 3}, 144, [80, 144]),
+    "letter_counting": ({"min_words": 3, "max_words": 5}, 112, [64, 112]),
+}
+RUNGS = ("copy", "training-free (project)", "training-free (rescale)", "distill")
+
+
+def train_piece(task: str, base_path: str, out: Path, steps: int) -> tuple[Path, float | None]:
+    """Train (or reuse) the task's adapter on ``base_path``; (adapter dir, seconds or None when reused)."""
+    from jtranspeft.training.config import RunConfig
+    from jtranspeft.training.finetune import train
+    from jtranspeft.utils.config_io import load_config
+
+    if (out / "summary.json").is_file():
+        return out / "adapter", None
+    kwargs, max_length, buckets = TASKS[task]
+    overrides = [f"output_dir={out}", f"model.path={base_path}", f"data.source=reasoning_gym:{task}", "data.rg_kwargs=",
+                 f"data.rg_kwargs={json.dumps(kwargs)}", f"data.max_length={max_length}",
+                 f"data.buckets={json.dumps(buckets)}", f"train.max_steps={steps}", "checkpoint.every=50"]
+    tick = time.perf_counter()
+    train(load_config(RunConfig, [RECIPE], overrides))
+    return out / "adapter", round(time.perf_counter() - tick, 1)
+
+
+def evaluate_piece(base, task: str, adapter: Path | None, out: Path, limit: int) -> dict:
+    """Accuracy of ``adapter`` merged into ``base`` on the task's held-out items (cached in ``out``)."""
+    from jtranspeft.eval.evaluate import EvalConfig, evaluate
+
+    if not (out / "results.json").is_file():
+        config = EvalConfig(task=f"rg:{task}", rg_kwargs=TASKS[task][0], limit=limit, seed=42, batch_size=64,
+                            max_new_tokens=8, template="alpaca")
+        evaluate(base, config, adapter=adapter, merge=adapter is not None, out=out)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {**json.loads((out / "results.json").read_text()), "predictions": rows}
+
+
+def ranks(values) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        out[tied] = out[tied].mean()
+    return out
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson correlation of the average ranks)."""
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def main() -> None:
+    """Train, migrate, evaluate; print and write the fleet table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", default="smollm2")
+    parser.add_argument("--new", default="runs/experiments/smollm2_update_proof/bases/lambda_0.5")
+    parser.add_argument("--work", type=Path, default=Path("runs/fleet_smollm2"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--steps", type=int, default=150, help="training steps of every adapter")
+    parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
+    parser.add_argument("--distill-samples", type=int, default=250)
+    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--default-threshold", type=float, default=0.2, help="migrate's default, for the 'chosen' column")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fleet_smollm2")
+    args = parser.parse_args()
+
+    import jtranspeft as jt
+    from jtranspeft.analysis.paired import align, compare
+    from jtranspeft.checkpoints.loading import resolve_model_path, save_base
+    from jtranspeft.migration.migrate import MigrateConfig, migrate
+
+    work = args.work
+    old_path = resolve_model_path(args.old)
+    if old_path.suffix == ".gguf":  # the distillation and the trainer read it either way; convert once for speed
+        converted = work / "old_base"
+        if not (converted / "config.json").is_file():
+            save_base(jt.load_base(old_path), converted)
+        old_path = converted
+    seconds = json.loads((work / "seconds.json").read_text()) if (work / "seconds.json").is_file() else {}
+
+    def note(key, value):
+        if value is not None:
+            seconds[key] = value
+            (work / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
+
+    adapters = {}
+    for task in args.tasks:
+        adapters[task], spent = train_piece(task, str(old_path), work / task / "fine_tune_o", args.steps)
+        note(f"{task}/fine_tune_o", spent)
+        _, spent = train_piece(task, args.new, work / task / "fine_tune_n", args.steps)
+        note(f"{task}/fine_tune_n", spent)
+    report = migrate([adapters[t] for t in args.tasks], old_path, args.new, work / "migrate",
+                     MigrateConfig(threshold=0.0, distill_samples=args.distill_samples,
+                                   distill_steps=args.distill_steps), progress=True)
+    old, new = jt.load_base(old_path), jt.load_base(args.new)
+    rows, pairs = [], []
+    for task, result in zip(args.tasks, report["adapters"]):
+        reference = evaluate_piece(new, task, work / task / "fine_tune_n" / "adapter", work / task / "eval_ftn", args.limit)
+        original = evaluate_piece(old, task, adapters[task], work / task / "eval_fto", args.limit)
+        rungs = {}
+        for rung in result["rungs"]:
+            name = rung["rung"]
+            scored = evaluate_piece(new, task, Path(rung["adapter"]), work / task / "eval" / name.split(" ")[-1].strip("()"),
+                                    args.limit)
+            rungs[name] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
+                           "accuracy": scored["accuracy"], "predictions": scored["predictions"]}
+            pairs.append((rung["kl"], scored["accuracy"]))
+        copy_acc, ftn_acc = rungs["copy"]["accuracy"], reference["accuracy"]
+        gap = ftn_acc - copy_acc
+        training_free = min((r for r in rungs if r.startswith("training-free")), key=lambda r: rungs[r]["kl"])
+        passing = [r for r in RUNGS if r in rungs and rungs[r]["kl"] <= args.default_threshold]
+        row = {"task": task, "fine_tune_o_on_old": original["accuracy"], "fine_tune_n": ftn_acc,
+               "train_seconds": seconds.get(f"{task}/fine_tune_o"),
+               "default_threshold_choice": passing[0] if passing else "retrain",
+               "best_training_free": training_free, "rungs": {}}
+        for name, rung in rungs.items():
+            paired = compare(*align(reference["predictions"], rung["predictions"]))  # rung - Fine-tune_n
+            row["rungs"][name] = {k: v for k, v in rung.items() if k != "predictions"} | {
+                "gap_recovered": (rung["accuracy"] - copy_acc) / gap if gap > 0 else None,
+                "minus_fine_tune_n": paired}
+        rows.append(row)
+    kl, acc = zip(*pairs)
+    results = {"old": str(old_path), "new": args.new, "steps": args.steps, "limit": args.limit,
+               "default_threshold": args.default_threshold, "tasks": rows,
+               "spearman_kl_accuracy": spearman(kl, acc), "pairs": len(pairs)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(format_results(results), encoding="utf-8")
+    for name in ("report.md", "report.json", "report.png"):
+        shutil.copy(work / "migrate" / name, args.out / name)
+    print(format_results(results))
+
+
+def format_results(results: dict) -> str:
+    """The fleet table in markdown: one row per (task, rung) plus the references."""
+    lines = ["# Fleet migration on SmolLM2 (benchmarks/fleet_smollm2.py)", "",
+             f"old `{results['old']}` -> new `{results['new']}`; {results['limit']} held-out items per task, the same "
+             "items for every row; accuracy = exact match. Gap recovered = (rung - copy) / (Fine-tune_n - copy). "
+             "Paired difference vs Fine-tune_n: McNemar exact p and the bootstrap 95% CI.", "",
+             "| task | row | accuracy | KL (fidelity) | top-1 | gap recovered | vs Fine-tune_n [95% CI], p | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results["tasks"]:
+        task = row["task"]
+        lines.append(f"| {task} | Fine-tune_o on old | {100 * row['fine_tune_o_on_old']:.1f} | - | - | - | - | "
+                     f"{row['train_seconds'] or '-'} |")
+        for name, rung in row["rungs"].items():
+            d = rung["minus_fine_tune_n"]
+            gap = "-" if rung["gap_recovered"] is None else f"{100 * rung['gap_recovered']:.0f}%"
+            lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {rung['kl']:.3f} | {rung['top1']:.3f} | "
+                         f"{gap} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
+                         f"p {d['p_mcnemar']:.3g} | {rung['seconds']} |")
+        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | - | - | 100% | - | - |")
+        lines.append(f"| {task} | *chosen at KL <= {results['default_threshold']}* | {row['default_threshold_choice']} "
+                     f"| | | | | |")
+    lines += ["", f"Spearman rank correlation of fidelity KL with accuracy over {results['pairs']} (adapter, rung) "
+                  f"pairs: {results['spearman_kl_accuracy']:.2f} (negative = lower KL, higher accuracy).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
