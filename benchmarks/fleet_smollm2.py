@@ -4,7 +4,7 @@ The pair is SmolLM2-135M-Instruct (old) and the broad FFN update of the proof ex
 chose (new; `configs/experiments/smollm2_update_proof.yaml`). Three tasks that lean on different abilities:
 chain_sum (arithmetic), leg_counting (facts about animals) and letter_counting (characters). For each task:
 
-1. Fine-tune_o: a LoRA trained on the old base (the recipe of the proof experiment, 150 steps), with its
+1. Fine-tune_o: a LoRA trained on the old base (the recipe of the proof experiment, q,k,v,o r 8, 100 steps), with its
    training prompts stored as probes; Fine-tune_n: the same recipe on the new base (the re-tuned reference).
 2. `jt.migrate` with threshold 0, so every rung runs: copy, training-free (project, rescale), Trans-LoRA
    distillation (250 synthetic prompts, 100 steps, from the best earlier rung); the fidelity of each rung.
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--new", default="runs/experiments/smollm2_update_proof/bases/lambda_0.5")
     parser.add_argument("--work", type=Path, default=Path("runs/fleet_smollm2"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--steps", type=int, default=150, help="training steps of every adapter")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of every adapter")
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
     parser.add_argument("--distill-steps", type=int, default=100)

@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True,
                         help='base model: HF checkpoint directory, .gguf file, hub id or "smollm2"')
-    parser.add_argument("--adapter", help="HF PEFT LoRA adapter directory (applied unmerged unless --merge)")
-    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base before decoding")
+    parser.add_argument("--adapter", help="adapter directory of any family: HF PEFT LoRA / DoRA / SHiRA, jtranspeft "
+                                           "RoSA or bottleneck (applied unmerged unless --merge)")
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base before decoding "
+                                                             "(not for bottleneck adapters)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", "--task-type", dest="task",
                       help="gsm8k, math, boolq, piqa, siqa, hellaswag, winogrande, arc_e, arc_c, obqa (these "

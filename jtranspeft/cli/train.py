@@ -1,4 +1,4 @@
-"""``python -m jtranspeft.train --config FILE [key=value ...]``: train a (Trans-PEFT) LoRA on a frozen base.
+"""``python -m jtranspeft.train --config FILE [key=value ...]``: train a (Trans-PEFT) adapter on a frozen base.
 
 Calls `jtranspeft.train` (`jtranspeft.training.finetune`) with the `RunConfig` built from the files and
 overrides; the run directory and resuming are described in `jtranspeft.training.loop`. Prints the run's
@@ -16,6 +16,10 @@ python -m jtranspeft.train --config configs/quickstart.yaml output_dir=runs/q2 t
 python -m jtranspeft.train --config configs/qwen2-7b_math_transpeft.yaml model.path=/ckpt/Qwen2-7B \\
     data.source=/data/MetaMathQA-395K.json
 python -m jtranspeft.train --config configs/quickstart.yaml train.tensorboard=true   # + TensorBoard events
+python -m jtranspeft.train --config configs/quickstart.yaml lora.use_dora=true output_dir=runs/dora   # DoRA
+python -m jtranspeft.train --config configs/quickstart.yaml peft=shira shira.mask_type=gradient output_dir=runs/shira
+python -m jtranspeft.train --config configs/quickstart.yaml peft=rosa rosa.density=0.01 output_dir=runs/rosa
+python -m jtranspeft.train --config configs/quickstart.yaml peft=bottleneck bottleneck.size=16 output_dir=runs/adapter
 # rerun the same command to resume from the newest checkpoint in output_dir"""
 
 
