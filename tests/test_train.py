@@ -186,7 +186,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, tiny_model_dir, tin
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, tiny_task_file, capsys):
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
-    recipe = _config_file(tmp_path, model_dir, tiny_task_file, train={"max_steps": 4})
+    # a constant learning rate (warm-up in steps), so the run may be resumed with more steps (`config_digest`)
+    recipe = _config_file(tmp_path, model_dir, tiny_task_file, train={"max_steps": 4, "schedule": "constant"})
     assert main(["--config", str(recipe)]) == 0
     weights = model_dir / "model.safetensors"
     with SafetensorsFile(weights) as f:
@@ -292,3 +293,22 @@ def test_without_quiet_the_bar_and_the_summary_log_show(tmp_path, tiny_model_dir
     assert main(["--config", str(recipe)]) == 0
     err = capsys.readouterr().err
     assert "train:" in err and "[jtranspeft.training.loop] train: 2 steps done" in err
+
+
+def test_changing_max_steps_resumes_only_when_the_schedule_does_not_span_the_run():
+    """A decaying schedule is laid over max_steps: resuming with another value would splice two schedules."""
+    from jtranspeft.training.loop import config_digest
+
+    def digest(**train):
+        return config_digest(load_config(RunConfig, [REPO / "configs" / "base.yaml"],
+                                         [f"train.{k}={v}" for k, v in train.items()]))
+
+    assert digest(schedule="linear", max_steps=100) != digest(schedule="linear", max_steps=150)
+    assert digest(schedule="cosine", max_steps=100) != digest(schedule="cosine", max_steps=150)
+    assert digest(schedule="constant", warmup_steps=5, max_steps=100) == \
+        digest(schedule="constant", warmup_steps=5, max_steps=150)
+    assert digest(schedule="constant", warmup_ratio=0.0, max_steps=100) == \
+        digest(schedule="constant", warmup_ratio=0.0, max_steps=150)
+    assert digest(schedule="constant", warmup_ratio=0.1, max_steps=100) != \
+        digest(schedule="constant", warmup_ratio=0.1, max_steps=150)
+    assert digest(schedule="linear", max_steps=100) == digest(schedule="linear", max_steps=100, progress="false")

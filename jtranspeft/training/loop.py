@@ -45,7 +45,8 @@ from jtranspeft.utils.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_SIGTERM, 
 from jtranspeft.utils.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-# Settings that may change between a run and its resumption without changing what is trained.
+# Settings that may change between a run and its resumption without changing what is trained (max_steps only
+# when the learning-rate schedule does not span the run, `config_digest`).
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.progress", "train.log_every", "train.peak_flops",
                      "train.tensorboard", "checkpoint")
 
@@ -76,9 +77,19 @@ def init_distributed(cfg: DistributedConfig) -> None:
 
 
 def config_digest(cfg) -> str:
-    """A digest of everything in a root config that determines the trained result (see `RESUMABLE_CHANGES`)."""
+    """A digest of everything in a root config that determines the trained result (see `RESUMABLE_CHANGES`).
+
+    ``train.max_steps`` may change on resume only with a constant learning rate and a warm-up given in steps
+    (or none): a decay, or a warm-up given as a ratio, spans max_steps, so a run resumed with another value
+    would splice two schedules.
+    """
     tree = to_dict(cfg)
+    train = tree.get("train", {})
+    schedule_spans_run = train.get("schedule", "constant") != "constant" or (
+        train.get("warmup_steps") is None and bool(train.get("warmup_ratio")))
     for key in RESUMABLE_CHANGES:
+        if key == "train.max_steps" and schedule_spans_run:
+            continue
         *parents, leaf = key.split(".")
         node = tree
         for p in parents:
