@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--distill-samples", type=int, default=250)
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--default-threshold", type=float, default=0.2, help="migrate's default, for the 'chosen' column")
+    parser.add_argument("--report", action="store_true",
+                        help="table the adapters migrate has finished so far (evaluating their rungs), nothing else")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fleet_smollm2")
     args = parser.parse_args()
 
@@ -121,13 +123,22 @@ def main() -> None:
 
     adapters = {}
     for task in args.tasks:
+        if args.report:
+            adapters[task] = work / task / "fine_tune_o" / "adapter"
+            continue
         adapters[task], spent = train_piece(task, str(old_path), work / task / "fine_tune_o", args.steps)
         note(f"{task}/fine_tune_o", spent)
         _, spent = train_piece(task, args.new, work / task / "fine_tune_n", args.steps)
         note(f"{task}/fine_tune_n", spent)
-    report = migrate([adapters[t] for t in args.tasks], old_path, args.new, work / "migrate",
-                     MigrateConfig(threshold=0.0, distill_samples=args.distill_samples,
-                                   distill_steps=args.distill_steps), progress=True)
+    if args.report:  # only the adapters migrate has finished; nothing trained or migrated here
+        finished = [json.loads(f.read_text()) for f in sorted((work / "migrate").glob("*/result.json"))]
+        by_source = {r["source"]: r for r in finished}
+        args.tasks = [t for t in args.tasks if str(adapters[t]) in by_source]
+        report = {"adapters": [by_source[str(adapters[t])] for t in args.tasks]}
+    else:
+        report = migrate([adapters[t] for t in args.tasks], old_path, args.new, work / "migrate",
+                         MigrateConfig(threshold=0.0, distill_samples=args.distill_samples,
+                                       distill_steps=args.distill_steps), progress=True)
     old, new = jt.load_base(old_path), jt.load_base(args.new)
     rows, pairs = [], []
     for task, result in zip(args.tasks, report["adapters"]):
@@ -163,7 +174,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "results.md").write_text(format_results(results), encoding="utf-8")
     for name in ("report.md", "report.json", "report.png"):
-        shutil.copy(work / "migrate" / name, args.out / name)
+        if (work / "migrate" / name).is_file():
+            shutil.copy(work / "migrate" / name, args.out / name)
     print(format_results(results))
 
 
