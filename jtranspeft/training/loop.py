@@ -189,13 +189,14 @@ def _resume(job: Job, checkpoints: Checkpoints, digest: str) -> TrainState:
     if restored is None:
         return job.state
     state, record = restored
-    if record["config_digest"] != digest:
-        raise RunStopped(f"{job.cfg.output_dir}: holds checkpoints of a run with a different config "
-                         "(use a new output_dir)", EXIT_BAD_INPUT)
     if int(state.step) > job.steps:
         raise RunStopped(f"{job.cfg.output_dir}: its newest checkpoint is at step {int(state.step)}, past the "
                          f"{job.steps} steps this config trains (a lower train.max_steps?); use a new output_dir "
                          "or at least that many steps", EXIT_BAD_INPUT)
+    if record["config_digest"] != digest:
+        raise RunStopped(f"{job.cfg.output_dir}: holds checkpoints of a run with a different config "
+                         "(use a new output_dir; train.max_steps may change only under a constant learning rate)",
+                         EXIT_BAD_INPUT)
     return state
 
 
