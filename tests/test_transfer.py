@@ -304,3 +304,36 @@ def test_sampled_control_matches_each_matrix_statistics_but_not_its_values():
             assert np.array_equal(got[layer] != 0, live)  # the padding stays zero
             np.testing.assert_allclose(got[layer][live].mean(), want[layer][live].mean(), atol=0.25 * want[layer][live].std())
             np.testing.assert_allclose(got[layer][live].std(), want[layer][live].std(), rtol=0.15)
+
+
+def test_sampled_control_of_sparse_and_bottleneck_adapters_keeps_support_and_statistics(tmp_path):
+    """Every family has the control: a SHiRA support (integer leaves) is kept, its values and a bottleneck
+    adapter's weights are redrawn with each matrix's own mean / std."""
+    from jtranspeft.peft.bottleneck import BottleneckConfig, init_bottleneck
+    from jtranspeft.peft.moves import sample_like
+    from jtranspeft.peft.shira import ShiraConfig, init_shira
+
+    make_hf_model("llama_gqa_untied").save_pretrained(tmp_path)
+    base = jt.load_base(tmp_path)
+    rng = np.random.default_rng(0)
+
+    def randomized(adapter):  # trained-looking values: every float leaf nonzero, with its own mean / std
+        return adapter.replace(params=jax.tree_util.tree_map(
+            lambda x: jnp.asarray(rng.normal(rng.uniform(-1, 1), rng.uniform(0.1, 2), x.shape), x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.floating) else x, adapter.params))
+
+    shira = randomized(init_shira(base, ShiraConfig(r=4, targets=("q_proj", "down_proj"))))
+    bottleneck = randomized(init_bottleneck(base, BottleneckConfig(size=8), jax.random.key(0)))
+    for adapter in (shira, bottleneck):
+        sampled = sample_like(adapter, jax.random.key(1))
+        assert type(sampled) is type(adapter) and sampled.config == adapter.config
+        for got, want in zip(jax.tree_util.tree_leaves(sampled), jax.tree_util.tree_leaves(adapter)):
+            got, want = np.asarray(got), np.asarray(want)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            if not np.issubdtype(want.dtype, np.floating):
+                assert np.array_equal(got, want)  # the support
+                continue
+            assert not np.allclose(got, want)
+            for layer in range(want.shape[0]):
+                np.testing.assert_allclose(got[layer].mean(), want[layer].mean(), atol=0.3 * want[layer].std())
+                np.testing.assert_allclose(got[layer].std(), want[layer].std(), rtol=0.3)

@@ -8,6 +8,9 @@ evaluation task. For every LoRA variant and seed it trains, with the same data a
   seeds) on the old base -> scored on each new base (and on old unless ``score_rows_on_old`` is false);
 - ``plain`` on each new base -> scored there (Fine-tune_n, the re-tuned upper bound);
 - optionally the training-free projection of the plain old adapter onto each new base (LoRA-X style);
+- optionally (``sampled``) the PEFT-portability study's control: an adapter drawn at random with the plain
+  old adapter's per-matrix statistics (`jtranspeft.peft.moves.sample_like`), scored on each new base; with
+  Fine-tune_n (trained from scratch on the new base with the same budget) it brackets Direct Transfer;
 - each base with no adapter at all (``no_adapter``), the floor every adapter must beat.
 Seed s trains with ``train.seed = data.seed = s`` (``vary_data_seed``: the data order varies too), and every
 setting is scored on the SAME test items, so settings are compared item by item: ``comparisons`` holds, per
@@ -44,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jtranspeft.analysis.analyze import AnalyzeConfig
@@ -83,11 +87,12 @@ class ExperimentConfig:
     rows: dict[str, dict] = dataclasses.field(
         default_factory=lambda: {"paper": {"transpeft.p_drop": 0.1, "transpeft.p_mask": 0.0}})
     projection: bool = False
+    sampled: bool = False  # also score the portability study's sampled control on each new base
     score_rows_on_old: bool = True
     no_adapter: bool = True  # also score each base without an adapter
     vary_data_seed: bool = True  # seed s also sets data.seed = s (the training items and their order)
     update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
-    # how every adapter is scored (merged into the scored base first)
+    # how every adapter is scored (merged into the scored base first, unless its family cannot be merged)
     eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(
         task="rg:chain_sum", limit=500, batch_size=32, max_new_tokens=16, template="alpaca"))
     # the analysis run per new base with the first plain old adapter (sections [] = none); its task is the
@@ -210,11 +215,25 @@ class Experiment:
                         lambda: save_peft(project_lora(lora, self.base(new).params), directory, self.base(new)))
         return directory
 
+    def sample(self, variant: str, new: str, seed: int) -> Path:
+        """The portability study's sampled control of the plain old adapter (`sample_like`), for base ``new``."""
+        from jtranspeft.checkpoints.peft_format import load_peft, save_peft
+        from jtranspeft.peft.moves import sample_like
+
+        directory = self.adapter_dir(variant, f"sampled_{new}", seed)
+        if not _done(directory / "adapter_config.json") and not self.report_only:
+            adapter = load_peft(self.train(variant, "plain", seed), self.base("old"))
+            save_peft(sample_like(adapter, jax.random.key(seed)), directory, self.base(new))
+        return directory
+
     def evaluate(self, adapter: Path | None, on: str) -> dict | None:
-        """Score ``adapter`` (None: the bare base) merged into base ``on``, cached in
+        """Score ``adapter`` (None: the bare base) merged into base ``on`` (applied unmerged if its family
+        cannot be merged), cached in
         ``<piece>/eval/<on>/``; the results plus their ``predictions`` rows, or None when only reporting and
         the score is not there yet."""
+        from jtranspeft.checkpoints.peft_format import load_peft
         from jtranspeft.eval.evaluate import evaluate
+        from jtranspeft.peft.family import family_of
 
         if adapter is None:
             piece = self.out / "no_adapter"
@@ -224,9 +243,9 @@ class Experiment:
         if self.report_only and not _done(out / "results.json"):
             return None
         if not _done(out / "results.json"):
+            merge = adapter is not None and family_of(load_peft(adapter, self.base(on))).mergeable
             self._timed(f"evaluate {piece.relative_to(self.out)} on {on}",
-                        lambda: evaluate(self.base(on), self.cfg.eval, adapter=adapter, merge=adapter is not None,
-                                         out=out))
+                        lambda: evaluate(self.base(on), self.cfg.eval, adapter=adapter, merge=merge, out=out))
         rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
         return {**json.loads((out / "results.json").read_text()), "predictions": rows}
 
@@ -339,6 +358,9 @@ class Experiment:
                     if self.cfg.projection:
                         record(variant, "Projection (training-free)", "old", new, seed,
                                self.evaluate(self.project(variant, new, seed), new))
+                    if self.cfg.sampled:
+                        record(variant, "Sampled control", "old", new, seed,
+                               self.evaluate(self.sample(variant, new, seed), new))
                     if self.cfg.fine_tune_n_seeds is None or seed in self.cfg.fine_tune_n_seeds:
                         record(variant, "Fine-tune_n", new, new, seed,
                                self.evaluate(self.train(variant, f"plain_{new}", seed), new))
@@ -422,7 +444,7 @@ def summarize(scores: dict[tuple, dict[int, dict]], cfg: ExperimentConfig, timin
     comparisons = []
     for (variant, setting, trained_on, on), by_seed in scores.items():
         direct = scores.get((variant, "Direct Transfer", "old", on))
-        if setting.startswith("Trans-PEFT") and on != "old" and direct:
+        if (setting.startswith("Trans-PEFT") or setting == "Sampled control") and on != "old" and direct:
             paired = _paired(direct, by_seed)
             if paired:
                 comparisons.append({"variant": variant, "evaluated_on": on, "a": "Direct Transfer", "b": setting,
@@ -451,7 +473,7 @@ def _table(rows: list[dict], variant: str, new: str) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     order = [("No adapter", "old"), ("No adapter", new), ("Fine-tune_o", "old"), ("Direct Transfer", new)]
     order += [(r["setting"], new) for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == new]
-    order += [("Projection (training-free)", new), ("Fine-tune_n", new)]
+    order += [("Projection (training-free)", new), ("Sampled control", new), ("Fine-tune_n", new)]
     order += [(r["setting"], "old") for r in mine if r["setting"].startswith("Trans-PEFT") and r["evaluated_on"] == "old"]
     for setting, on in dict.fromkeys(order):
         if (setting, on) in pick:

@@ -47,6 +47,7 @@ class Family:
     merge: Callable[[Any, Any], Any]  # (base, adapter) -> base with the adapter folded in
     unmerge: Callable[[Any, Any], Any]
     transfer_methods: tuple[str, ...]  # `jtranspeft.migration.transfer` methods that apply
+    mergeable: bool = True  # False: served unmerged (a bottleneck adapter is not a weight delta)
 
 
 FAMILIES = {
@@ -58,7 +59,7 @@ FAMILIES = {
                    merge_rosa, unmerge_rosa, ("reuse",)),
     "bottleneck": Family("bottleneck", Bottleneck, BottleneckConfig,
                          lambda base, cfg, key, scores=None: init_bottleneck(base, cfg, key),
-                         merge_bottleneck, merge_bottleneck, ("reuse",)),  # both refuse: not a weight delta
+                         merge_bottleneck, merge_bottleneck, ("reuse",), mergeable=False),  # both refuse
 }
 
 

@@ -9,8 +9,8 @@ Functions over `Lora` pytrees and base params, no files (the verdict and the out
   so the result is still a standard PEFT adapter;
 - `dora_column_scales` / `renorm_magnitudes`: DoRA's magnitudes on a new base, either kept as they are or
   re-normalised so each column keeps the scale m / ||W + s A B|| it had on the old base;
-- `sample_like`: the portability study's "sampled" control, an adapter drawn at random with the same
-  per-matrix mean and standard deviation as a given one.
+- `sample_like`: the portability study's "sampled" control, an adapter (any family) drawn at random with
+  the same per-matrix mean and standard deviation as a given one.
 
 Every function carries a DoRA adapter's magnitudes along with its factors.
 """
@@ -166,22 +166,25 @@ def renorm_magnitudes(scaled: Lora, params: dict) -> Lora:
     return with_magnitudes(scaled, {m: scaled.magnitude(m) * norms[m] for m in norms})
 
 
-def sample_like(lora: Lora, key) -> Lora:
-    """A random adapter with ``lora``'s shapes and config whose every factor matrix (each module, layer and
-    factor) is drawn from a normal with that matrix's own mean and standard deviation (zero padding kept);
-    the control of the PEFT-portability study (arXiv 2401.14228): a ported module should beat it."""
-    factors = {}
-    for i, module in enumerate(lora.modules()):
-        drawn = []
-        for j, x in enumerate(lora.factors(module)):
-            x = np.asarray(x, np.float32)
-            out = np.zeros_like(x)
-            rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, 2 * i + j))).ravel())
-            for layer in range(x.shape[0]):
-                live = x[layer] != 0  # rank padding stays zero
-                if live.any():
-                    values = x[layer][live]
-                    out[layer][live] = rng.normal(values.mean(), values.std(), size=values.size)
-            drawn.append(jnp.asarray(out, lora.factors(module)[j].dtype))
-        factors[module] = tuple(drawn)
-    return lora_from_factors(factors, lora.config, lora.magnitudes())
+def sample_like(adapter, key):
+    """A random adapter of ``adapter``'s family, shapes and config whose every floating-point matrix (each
+    leaf and layer: LoRA factors, DoRA magnitudes, sparse values, bottleneck weights) is drawn from a normal
+    with that matrix's own mean and standard deviation over its nonzero entries (zeros kept: rank padding,
+    unused slots); integer leaves (a sparse support) are kept. The control of the PEFT-portability study
+    (arXiv 2401.14228): a ported module should beat it."""
+    leaves, treedef = jax.tree_util.tree_flatten(adapter)
+
+    def draw(i, x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        values_x = np.asarray(x, np.float32)
+        out = np.zeros_like(values_x)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, i))).ravel())
+        for layer in range(values_x.shape[0]):
+            live = values_x[layer] != 0
+            if live.any():
+                values = values_x[layer][live]
+                out[layer][live] = rng.normal(values.mean(), values.std(), size=values.size)
+        return jnp.asarray(out, x.dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [draw(i, x) for i, x in enumerate(leaves)])
