@@ -168,3 +168,27 @@ def test_gates_run_before_any_trans_peft_row_and_stop_a_failing_update(tmp_path,
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs the markers <!-- experiment: exp -->"):
         update_readme(results, readme)
+
+
+def test_sampled_control_and_an_unmergeable_family_run_through_the_experiment(tmp_path, bases):
+    """A bottleneck variant (never merged) with the portability study's sampled control beside Direct Transfer."""
+    path = _experiment_file(tmp_path, *bases, seeds=[0], fine_tune_n_seeds=[], projection=False, sampled=True,
+                            variants={"bn": {"peft": "bottleneck", "bottleneck.size": 4}},
+                            rows={"drop": {"transpeft.p_drop": 0.5}}, analyze={"sections": []})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "jtranspeft.experiment", "--config", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "exp"
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["setting"], r["evaluated_on"]) for r in results["rows"]} == {
+        ("No adapter", "old"), ("No adapter", "ffn"), ("Fine-tune_o", "old"), ("Direct Transfer", "ffn"),
+        ("Sampled control", "ffn"), ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "ffn")}
+    assert {c["b"] for c in results["comparisons"]} == {"Trans-PEFT [drop]", "Sampled control"}
+    plain = out / "adapters/bn/plain/seed0"
+    for piece in (plain, out / "adapters/bn/sampled_ffn/seed0"):
+        assert json.loads(next(piece.rglob("eval/ffn/results.json")).read_text())["settings"]["merge"] is False
+    sampled = jt.load_peft(out / "adapters/bn/sampled_ffn/seed0", jt.load_base(bases[1]))
+    trained = jt.load_peft(plain / "adapter", jt.load_base(bases[0]))
+    assert type(sampled) is type(trained) and sampled.config == trained.config
+    assert "Sampled control_(o->ffn)" in (out / "results.md").read_text()

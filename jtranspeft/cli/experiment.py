@@ -13,6 +13,9 @@ from jtranspeft.cli.common import cli_main, parse_config_cli
 EXAMPLES = """python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml
 python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml seeds=[0] eval.limit=100
 python -m jtranspeft.experiment --config configs/experiments/chain_sum_lora.yaml output_dir=/tmp/exp
+# every PEFT family (LoRA, DoRA, SHiRA, RoSA, bottleneck) plain and with Trans-PEFT, Direct Transfer and the
+# portability study's sampled control, on the proof experiment's update:
+python -m jtranspeft.experiment --config configs/experiments/smollm2_families.yaml
 # rerun the same command to continue: finished pieces are kept, a killed training run resumes
 # tables from the pieces finished so far, running nothing:
 python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml --report
