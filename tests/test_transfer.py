@@ -308,7 +308,7 @@ def test_sampled_control_matches_each_matrix_statistics_but_not_its_values():
 
 def test_sampled_control_of_sparse_and_bottleneck_adapters_keeps_support_and_statistics(tmp_path):
     """Every family has the control: a SHiRA support (integer leaves) is kept, its values and a bottleneck
-    adapter's weights are redrawn with each matrix's own mean / std."""
+    adapter's weights are redrawn with each matrix's own mean / std; DoRA keeps its magnitudes."""
     from jtranspeft.peft.bottleneck import BottleneckConfig, init_bottleneck
     from jtranspeft.peft.moves import sample_like
     from jtranspeft.peft.shira import ShiraConfig, init_shira
@@ -337,3 +337,8 @@ def test_sampled_control_of_sparse_and_bottleneck_adapters_keeps_support_and_sta
             for layer in range(want.shape[0]):
                 np.testing.assert_allclose(got[layer].mean(), want[layer].mean(), atol=0.3 * want[layer].std())
                 np.testing.assert_allclose(got[layer].std(), want[layer].std(), rtol=0.3)
+    # DoRA: the factors are drawn, the magnitudes (the base's column norms + a trained change) are kept
+    dora = randomized(jt.init_lora(base, jt.LoraConfig(r=4, targets=("q_proj",), use_dora=True), jax.random.key(2)))
+    sampled = sample_like(dora, jax.random.key(1))
+    assert np.array_equal(sampled.magnitude("q_proj"), dora.magnitude("q_proj"))
+    assert not np.allclose(sampled.factors("q_proj")[1], dora.factors("q_proj")[1])
