@@ -70,6 +70,20 @@ def test_synthesis_and_init_errors(pair, tiny_model_dir, tmp_path):
         distill_transfer(base, adapter, new_dir, prompts, tmp_path, init="warm")
 
 
+def test_synthesis_stops_when_a_round_adds_too_few_new_prompts(pair, tiny_model_dir, caplog):
+    """Greedy decoding of one identical context repeats itself: the first round yields at most one prompt,
+    so the rounds stop there unless min_yield is 0 (then all max_rounds run)."""
+    _, _, prompts = pair
+    base = jt.load_base(tiny_model_dir)
+    with caplog.at_level("WARNING", logger="jtranspeft.migration.distill"):
+        made = synthesize_prompts(base, prompts[:1], 20, shots=1, temperature=0.0, max_new_tokens=8, max_rounds=3)
+        assert len(made) <= 1 and "in 1 rounds" in caplog.text
+        caplog.clear()
+        synthesize_prompts(base, prompts[:1], 20, shots=1, temperature=0.0, max_new_tokens=8, max_rounds=3,
+                           min_yield=0.0)
+        assert "in 3 rounds" in caplog.text
+
+
 def test_init_adapter_must_match_the_lora_section(pair, tmp_path, tiny_model_dir, tiny_task_file):
     adapter, _, _ = pair
     recipe = _config_file(tmp_path, tiny_model_dir, tiny_task_file, train={"max_steps": 2, "grad_accum": 1})

@@ -40,11 +40,13 @@ SYNTHESIS_HEADER = "Below are instructions for one kind of task, each written as
 
 def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, seed: int = 0,
                        temperature: float = 0.8, max_new_tokens: int = 64, batch_size: int = 16,
-                       max_rounds: int = 8) -> list[str]:
+                       max_rounds: int = 8, min_yield: float = 0.1) -> list[str]:
     """``n`` new task instructions written by ``base`` from few-shot blocks of ``seeds`` (module docstring).
 
     Each attempt shows ``shots`` seeds drawn at random and samples the next instruction; rounds repeat until
-    ``n`` distinct ones exist or ``max_rounds`` pass (then fewer are returned, with a warning).
+    ``n`` distinct ones exist, ``max_rounds`` pass, or a round adds fewer new ones than ``min_yield`` of those
+    still wanted (a narrow task whose model keeps repeating itself: on SmolLM2 leg_counting every further
+    round cost ~10 min for a handful of prompts); then fewer are returned, with a warning.
     """
     from jtranspeft.inference.generate import generate
 
@@ -56,24 +58,26 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
     rng = np.random.default_rng(seed)
     found: dict[str, None] = {}
     known = set(seeds)
-    for round_ in range(max_rounds):
-        wanted = n - len(found)
-        if wanted <= 0:
-            break
+    rounds = 0
+    while rounds < max_rounds and len(found) < n:
+        wanted, rounds = n - len(found), rounds + 1
         contexts = []
         for _ in range(wanted + wanted // 2 + 1):  # some samples come out empty or repeated
             picks = rng.choice(len(seeds), size=min(shots, len(seeds)), replace=False)
             contexts.append(SYNTHESIS_HEADER + "".join(f"{INSTRUCTION_MARK}{seeds[i]}\n\n" for i in picks)
                             + INSTRUCTION_MARK)
         texts = generate(base, contexts, temperature=temperature, max_new_tokens=max_new_tokens,
-                         seed=seed * 1000 + round_, stop=("\n\n", "###"), batch_size=batch_size)
+                         seed=seed * 1000 + rounds - 1, stop=("\n\n", "###"), batch_size=batch_size)
+        before = len(found)
         for text in texts:
             text = text.strip()
             if text and text not in known and text not in found:
                 found[text] = None
+        if len(found) < n and len(found) - before < min_yield * wanted:
+            break
     prompts = list(found)[:n]
     if len(prompts) < n:
-        logger.warning("synthesized %d of %d distinct prompts in %d rounds", len(prompts), n, max_rounds)
+        logger.warning("synthesized %d of %d distinct prompts in %d rounds", len(prompts), n, rounds)
     return prompts
 
 
