@@ -6,6 +6,7 @@ distillation set includes, as Trans-LoRA's does) carry the task; whether synthet
 to real task prompts is a property of real models (issue 14's SmolLM2 run)."""
 
 import json
+import logging
 
 import jax
 import pytest
@@ -75,13 +76,18 @@ def test_synthesis_stops_when_a_round_adds_too_few_new_prompts(pair, tiny_model_
     so the rounds stop there unless min_yield is 0 (then all max_rounds run)."""
     _, _, prompts = pair
     base = jt.load_base(tiny_model_dir)
-    with caplog.at_level("WARNING", logger="jtranspeft.migration.distill"):
-        made = synthesize_prompts(base, prompts[:1], 20, shots=1, temperature=0.0, max_new_tokens=8, max_rounds=3)
-        assert len(made) <= 1 and "in 1 rounds" in caplog.text
-        caplog.clear()
-        synthesize_prompts(base, prompts[:1], 20, shots=1, temperature=0.0, max_new_tokens=8, max_rounds=3,
-                           min_yield=0.0)
-        assert "in 3 rounds" in caplog.text
+    logger = logging.getLogger("jtranspeft.migration.distill")  # a CLI run earlier may stop propagation
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger=logger.name):
+            made = synthesize_prompts(base, prompts[:1], 20, shots=1, temperature=0.0, max_new_tokens=8, max_rounds=3)
+            assert len(made) <= 1 and "in 1 rounds" in caplog.text
+            caplog.clear()
+            synthesize_prompts(base, prompts[:1], 20, shots=1, temperature=0.0, max_new_tokens=8, max_rounds=3,
+                               min_yield=0.0)
+            assert "in 3 rounds" in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def test_init_adapter_must_match_the_lora_section(pair, tmp_path, tiny_model_dir, tiny_task_file):
