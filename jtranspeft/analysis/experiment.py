@@ -1,7 +1,8 @@
 """The four-setting Trans-PEFT experiment (docs/method.md §1) from one config: `run_experiment(config)`.
 
 One experiment = an old base, one or more updated bases, a training recipe (a `RunConfig` YAML) and an
-evaluation task. For every LoRA variant and seed it trains, with the same data and steps:
+evaluation task. For every variant (recipe overrides: LoRA targets, or another PEFT family such as
+``peft: shira``) and seed it trains, with the same data and steps:
 - ``plain`` on the old base -> scored on the old base (Fine-tune_o) and on each new base (Direct Transfer);
 - one adapter per Trans-PEFT row (``rows``: name -> config overrides, e.g. the paper's p_drop 0.1, masking
   only, dropping only, per-layer or calibrated probabilities; a ``seeds`` entry trains that row with fewer
