@@ -30,12 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
+from jtranspeft.migration.migrate import ACCEPT
+
 RECIPE = Path(__file__).parents[1] / "configs" / "experiments" / "chain_sum_lora.yaml"
 TASKS = {  # name: (rg_kwargs, data.max_length, buckets); prompts need a third of max_length for distillation
     "chain_sum": ({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, 64, [48, 64]),
     "leg_counting": ({"min_animals": 1, "max_animals": 2, "max_instances": 3}, 144, [80, 144]),
     "letter_counting": ({"min_words": 3, "max_words": 5}, 112, [64, 112]),
+    "products": ({"min_digits": 1, "max_digits": 1}, 96, [64, 96]),
+    "family_relationships": ({"min_family_size": 3, "max_family_size": 4}, 176, [80, 176]),
+    "spell_backward": ({"min_word_len": 3, "max_word_len": 5}, 64, [48, 64]),
 }
+DEFAULT_TASKS = ["chain_sum", "leg_counting", "letter_counting", "products", "family_relationships"]
+GATE_P = 0.05  # Fine-tune_o must beat no adapter on the old base at this McNemar p ...
+GATE_MAJORITY = 0.5  # ... and its most common answer must be under this share of the items
 RUNGS = ("copy", "training-free (project)", "training-free (rescale)", "distill")
 
 
@@ -68,6 +76,45 @@ def evaluate_piece(base, task: str, adapter: Path | None, out: Path, limit: int)
     return {**json.loads((out / "results.json").read_text()), "predictions": rows}
 
 
+def gate(base, task: str, adapter: Path, work: Path, limit: int) -> dict:
+    """Did Fine-tune_o learn its task? Paired vs no adapter on the old base, and not one answer for everything."""
+    from collections import Counter
+
+    from jtranspeft.analysis.paired import align, compare
+
+    tuned = evaluate_piece(base, task, adapter, work / task / "eval_fto", limit)
+    floor = evaluate_piece(base, task, None, work / task / "eval_none_old", limit)
+    paired = compare(*align(floor["predictions"], tuned["predictions"]))  # Fine-tune_o - no adapter
+    answer, count = Counter(row["extracted"] for row in tuned["predictions"]).most_common(1)[0]
+    majority = count / len(tuned["predictions"])
+    passed = paired["difference"] > 0 and paired["p_mcnemar"] < GATE_P and majority < GATE_MAJORITY
+    return {"no_adapter_on_old": floor["accuracy"], "fine_tune_o_on_old": tuned["accuracy"],
+            "minus_no_adapter": paired, "majority_answer": answer, "majority_share": majority, "passed": passed}
+
+
+def format_gate(task: str, g: dict) -> str:
+    """One line: the gate's numbers and verdict."""
+    d = g["minus_no_adapter"]
+    return (f"{task}: Fine-tune_o {100 * g['fine_tune_o_on_old']:.1f} vs no adapter {100 * g['no_adapter_on_old']:.1f} "
+            f"({100 * d['difference']:+.1f}, p {d['p_mcnemar']:.2g}); most common answer {g['majority_answer']!r} "
+            f"on {100 * g['majority_share']:.0f}% of items -> {'learned' if g['passed'] else 'NOT learned'}")
+
+
+def reference_fidelity(old, new, adapter: Path, work: Path) -> dict:
+    """Fidelity of Fine-tune_n (re-tuned on the new base) to the teacher, on migrate's held-out probe half."""
+    from jtranspeft.checkpoints.peft_format import load_peft
+    from jtranspeft.migration.fidelity import fidelity
+    from jtranspeft.migration.migrate import MigrateConfig, probe_rows
+
+    cached = work / "fine_tune_n" / "fidelity.json"
+    if not cached.is_file():
+        probes = probe_rows(adapter, None, "alpaca", old.tokenizer, MigrateConfig().probe_limit)[0::2]
+        scores = fidelity(old, load_peft(adapter, old), new, load_peft(work / "fine_tune_n" / "adapter", new),
+                          [p["prompt"] for p in probes], max_new_tokens=MigrateConfig().fidelity_tokens)
+        cached.write_text(json.dumps(scores, indent=1) + "\n")
+    return json.loads(cached.read_text())
+
+
 def ranks(values) -> np.ndarray:
     """Ranks 1..n, ties given their average rank."""
     values = np.asarray(values, dtype=float)
@@ -91,12 +138,19 @@ def main() -> None:
     parser.add_argument("--old", default="smollm2")
     parser.add_argument("--new", default="runs/experiments/smollm2_update_proof/bases/lambda_0.5")
     parser.add_argument("--work", type=Path, default=Path("runs/fleet_smollm2"))
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS),
+                        help="the fleet, in this order (migrate names its adapters fine_tune_o, fine_tune_o-2, ... "
+                             "by position, so keep the order of an existing work dir)")
+    parser.add_argument("--gate", action="store_true",
+                        help="only train Fine-tune_o, score it and no adapter on the old base and print the gate "
+                             "(did the adapter learn its task?): for choosing tasks")
     parser.add_argument("--steps", type=int, default=100, help="training steps of every adapter")
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
     parser.add_argument("--distill-steps", type=int, default=100)
-    parser.add_argument("--default-threshold", type=float, default=0.2, help="migrate's default, for the 'chosen' column")
+    parser.add_argument("--kl-threshold", type=float, default=ACCEPT["kl"][1], help="for the 'chosen at KL' column")
+    parser.add_argument("--top1-threshold", type=float, default=ACCEPT["top1"][1],
+                        help="for the 'chosen at top-1' column")
     parser.add_argument("--report", action="store_true",
                         help="table the adapters migrate has finished so far (evaluating their rungs), nothing else")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fleet_smollm2")
@@ -108,6 +162,7 @@ def main() -> None:
     from jtranspeft.migration.migrate import MigrateConfig, migrate
 
     work = args.work
+    thresholds = {"kl": args.kl_threshold, "top1": args.top1_threshold}
     old_path = resolve_model_path(args.old)
     if old_path.suffix == ".gguf":  # the distillation and the trainer read it either way; convert once for speed
         converted = work / "old_base"
@@ -122,14 +177,23 @@ def main() -> None:
             (work / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
 
     adapters = {}
+    gates = json.loads((args.out / "gates.json").read_text()) if (args.out / "gates.json").is_file() else {}
     for task in args.tasks:
         if args.report:
             adapters[task] = work / task / "fine_tune_o" / "adapter"
             continue
         adapters[task], spent = train_piece(task, str(old_path), work / task / "fine_tune_o", args.steps)
         note(f"{task}/fine_tune_o", spent)
+        if args.gate:
+            gates[task] = gate(jt.load_base(old_path), task, adapters[task], work, args.limit)
+            print(format_gate(task, gates[task]), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
+            continue
         _, spent = train_piece(task, args.new, work / task / "fine_tune_n", args.steps)
         note(f"{task}/fine_tune_n", spent)
+    if args.gate:
+        return
     if args.report:  # only the adapters migrate has finished; nothing trained or migrated here
         finished = [json.loads(f.read_text()) for f in sorted((work / "migrate").glob("*/result.json"))]
         by_source = {r["source"]: r for r in finished}
@@ -142,8 +206,8 @@ def main() -> None:
     old, new = jt.load_base(old_path), jt.load_base(args.new)
     rows, pairs = [], []
     for task, result in zip(args.tasks, report["adapters"]):
+        gated = gate(old, task, adapters[task], work, args.limit)
         reference = evaluate_piece(new, task, work / task / "fine_tune_n" / "adapter", work / task / "eval_ftn", args.limit)
-        original = evaluate_piece(old, task, adapters[task], work / task / "eval_fto", args.limit)
         rungs = {}
         for rung in result["rungs"]:
             name = rung["rung"]
@@ -151,14 +215,22 @@ def main() -> None:
                                     args.limit)
             rungs[name] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
                            "accuracy": scored["accuracy"], "predictions": scored["predictions"]}
-            pairs.append((rung["kl"], scored["accuracy"]))
+            if gated["passed"]:
+                pairs.append((rung["kl"], rung["top1"], scored["accuracy"]))
+        ftn_fidelity = reference_fidelity(old, new, adapters[task], work / task)
+        if gated["passed"]:
+            pairs.append((ftn_fidelity["kl"], ftn_fidelity["top1"], reference["accuracy"]))
         copy_acc, ftn_acc = rungs["copy"]["accuracy"], reference["accuracy"]
         gap = ftn_acc - copy_acc
         training_free = min((r for r in rungs if r.startswith("training-free")), key=lambda r: rungs[r]["kl"])
-        passing = [r for r in RUNGS if r in rungs and rungs[r]["kl"] <= args.default_threshold]
-        row = {"task": task, "fine_tune_o_on_old": original["accuracy"], "fine_tune_n": ftn_acc,
-               "train_seconds": seconds.get(f"{task}/fine_tune_o"),
-               "default_threshold_choice": passing[0] if passing else "retrain",
+        chosen = {}
+        for measure, threshold in thresholds.items():
+            rule = MigrateConfig(accept=measure, threshold=threshold)
+            passing = [r for r in RUNGS if r in rungs and rule.passes(rungs[r])]
+            chosen[measure] = passing[0] if passing else "retrain"
+        row = {"task": task, "gate": gated, "fine_tune_o_on_old": gated["fine_tune_o_on_old"],
+               "fine_tune_n": ftn_acc, "fine_tune_n_fidelity": ftn_fidelity,
+               "train_seconds": seconds.get(f"{task}/fine_tune_o"), "chosen": chosen,
                "best_training_free": training_free, "rungs": {}}
         for name, rung in rungs.items():
             paired = compare(*align(reference["predictions"], rung["predictions"]))  # rung - Fine-tune_n
@@ -166,10 +238,11 @@ def main() -> None:
                 "gap_recovered": (rung["accuracy"] - copy_acc) / gap if gap > 0 else None,
                 "minus_fine_tune_n": paired}
         rows.append(row)
-    kl, acc = zip(*pairs)
+    kl, top1, acc = zip(*pairs) if pairs else ((), (), ())
     results = {"old": str(old_path), "new": args.new, "steps": args.steps, "limit": args.limit,
-               "default_threshold": args.default_threshold, "tasks": rows,
-               "spearman_kl_accuracy": spearman(kl, acc), "pairs": len(pairs)}
+               "thresholds": thresholds, "tasks": rows, "pairs": len(pairs),
+               "spearman_kl_accuracy": spearman(kl, acc) if len(pairs) > 2 else None,
+               "spearman_top1_accuracy": spearman(top1, acc) if len(pairs) > 2 else None}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "results.md").write_text(format_results(results), encoding="utf-8")
@@ -180,15 +253,19 @@ def main() -> None:
 
 
 def format_results(results: dict) -> str:
-    """The fleet table in markdown: one row per (task, rung) plus the references."""
+    """The fleet table in markdown: the gate, one row per (task, rung), the references and the correlations."""
+    t = results["thresholds"]
     lines = ["# Fleet migration on SmolLM2 (benchmarks/fleet_smollm2.py)", "",
              f"old `{results['old']}` -> new `{results['new']}`; {results['limit']} held-out items per task, the same "
-             "items for every row; accuracy = exact match. Gap recovered = (rung - copy) / (Fine-tune_n - copy). "
-             "Paired difference vs Fine-tune_n: McNemar exact p and the bootstrap 95% CI.", "",
+             "items for every row; accuracy = exact match. Fidelity (KL, top-1 agreement with old base + adapter) on "
+             "the held-out half of the adapter's stored training prompts (the other half seeds distillation). Gap "
+             "recovered = (rung - copy) / (Fine-tune_n - copy). Paired difference vs Fine-tune_n: McNemar exact p and "
+             "the bootstrap 95% CI.", "",
              "| task | row | accuracy | KL (fidelity) | top-1 | gap recovered | vs Fine-tune_n [95% CI], p | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for row in results["tasks"]:
-        task = row["task"]
+        task, g = row["task"], row["gate"]
+        lines.append(f"| {task} | no adapter on old | {100 * g['no_adapter_on_old']:.1f} | - | - | - | - | - |")
         lines.append(f"| {task} | Fine-tune_o on old | {100 * row['fine_tune_o_on_old']:.1f} | - | - | - | - | "
                      f"{row['train_seconds'] or '-'} |")
         for name, rung in row["rungs"].items():
@@ -197,11 +274,17 @@ def format_results(results: dict) -> str:
             lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {rung['kl']:.3f} | {rung['top1']:.3f} | "
                          f"{gap} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
                          f"p {d['p_mcnemar']:.3g} | {rung['seconds']} |")
-        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | - | - | 100% | - | - |")
-        lines.append(f"| {task} | *chosen at KL <= {results['default_threshold']}* | {row['default_threshold_choice']} "
-                     f"| | | | | |")
-    lines += ["", f"Spearman rank correlation of fidelity KL with accuracy over {results['pairs']} (adapter, rung) "
-                  f"pairs: {results['spearman_kl_accuracy']:.2f} (negative = lower KL, higher accuracy).", ""]
+        f = row["fine_tune_n_fidelity"]
+        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | {f['kl']:.3f} | {f['top1']:.3f} | "
+                     "100% | - | - |")
+        lines.append(f"| {task} | *chosen at KL <= {t['kl']} / top-1 >= {t['top1']}* | {row['chosen']['kl']} / "
+                     f"{row['chosen']['top1']} | | | | | |")
+    lines += ["", "Gate (did Fine-tune_o learn its task?): " + "; ".join(
+        format_gate(row["task"], row["gate"]) for row in results["tasks"]), ""]
+    if results["spearman_kl_accuracy"] is not None:
+        lines += [f"Spearman rank correlation with accuracy over {results['pairs']} (adapter, rung or Fine-tune_n) "
+                  f"pairs of the adapters that passed the gate: KL {results['spearman_kl_accuracy']:.2f} (negative = "
+                  f"lower KL, higher accuracy), top-1 {results['spearman_top1_accuracy']:.2f} (positive = better).", ""]
     return "\n".join(lines)
 
 

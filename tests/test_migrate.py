@@ -16,19 +16,35 @@ import transformers
 
 import jtranspeft as jt
 from jtranspeft.cli.migrate import main
+from jtranspeft.training.config import RunConfig
+from jtranspeft.training.finetune import train
+from jtranspeft.utils.config_io import load_config
 from test_distill import pair  # noqa: F401  (the fixture: a trained tiny adapter and a moved base)
+from test_train import _config_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def fleet(pair, tmp_path_factory, tiny_model_dir):  # noqa: F811
-    """Three adapters: the trained one (with its stored probe prompts), a copy without them, and one made
-    for another architecture (hidden size 32)."""
-    adapter, new_dir, prompts = pair
+    """Three adapters: one trained on colour questions in four phrasings (24 distinct instructions, stored as
+    probe prompts: half measure fidelity, half seed distillation, so the held-out half asks the same facts in
+    other words), a copy without stored probes, and one made for another architecture (hidden size 32)."""
+    _, new_dir, _ = pair
     root = tmp_path_factory.mktemp("fleet")
-    shutil.copytree(adapter, root / "math")
-    shutil.copytree(adapter, root / "noprobes")
+    things = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
+    phrasings = ("What colour is the {}?", "Which colour is the {}?", "Name the colour of the {}.",
+                 "The {} is what colour?")
+    rows = [{"instruction": p.format(t), "output": c} for t, c in things.items() for p in phrasings]  # alternate
+    # rows split the phrasings: every fact is asked in both halves
+    (root / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    prompts = [r["instruction"] for r in rows]
+    recipe = _config_file(root, tiny_model_dir, root / "colours.jsonl", lora={"dropout": 0.0},
+                          transpeft={"p_mask": 0.0, "p_drop": 0.0},
+                          train={"max_steps": 60, "grad_accum": 1, "batch_size": 8}, checkpoint={"every": 100})
+    train(load_config(RunConfig, [recipe]))
+    shutil.copytree(root / "run" / "adapter", root / "math")
+    shutil.copytree(root / "math", root / "noprobes")
     (root / "noprobes" / "probe_prompts.jsonl").unlink()
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -46,7 +62,7 @@ def test_fleet_gets_a_rung_each_and_the_report(fleet, tiny_model_dir, tmp_path, 
     assert stored and all(r["prompt"].startswith("Below is an instruction") for r in stored)  # alpaca prompts
     args = ["--adapters", str(root / "math"), str(root / "noprobes"), str(root / "foreign"),
             "--old-base", str(tiny_model_dir), "--new-base", str(new_dir), "--out", str(tmp_path / "out"),
-            "--prompts", str(root / "probes.txt"), "--threshold", "0.15", "--distill-samples", "12",
+            "--prompts", str(root / "probes.txt"), "--accept", "top1", "--threshold", "0.75", "--distill-samples", "12",
             "--distill-steps", "30", "--distill-lr", "2e-3", "--quiet"]
     assert main(args) == 3  # the foreign adapter is incompatible
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -55,11 +71,19 @@ def test_fleet_gets_a_rung_each_and_the_report(fleet, tiny_model_dir, tmp_path, 
     for name in ("math", "noprobes"):
         result = by_name[name]
         rungs = [r["rung"] for r in result["rungs"]]
-        assert rungs[0] == "copy" and result["rungs"][0]["kl"] > 0.15  # the copy misses the threshold
+        # measured here: top-1 0.633 copy and rescale, 0.833 distill (held-out probes); the distilled adapter's KL
+        # (0.76) is worse than the copy's (0.30): trained on greedy teacher tokens, it is more confident than the teacher
+        assert rungs[0] == "copy" and result["rungs"][0]["top1"] < 0.75  # the copy misses the threshold
         assert rungs[1:3] == ["training-free (project)", "training-free (rescale)"]
         assert result["status"] == "migrated" and result["chosen"] == "distill", result
-        assert result["best"]["kl"] <= 0.15 and (tmp_path / "out" / name / "adapter" / "adapter_config.json").is_file()
-    assert by_name["math"]["probe_prompts"] == len(stored) and by_name["noprobes"]["probe_prompts"] == 6
+        assert result["best"]["top1"] >= 0.75 and (tmp_path / "out" / name / "adapter" / "adapter_config.json").is_file()
+    for name in ("math", "noprobes"):  # 24 distinct instructions: 12 fidelity probes, 12 distillation seeds
+        assert by_name[name]["probe_prompts"] == by_name[name]["seed_prompts"] == 12
+        probes = {row["instruction"] for row in stored[:24][0::2]}  # stored in the file's order, like probes.txt
+        distilled_on = {json.loads(line)["instruction"] for line in
+                        (tmp_path / "out" / name / "distill" / "synthetic.jsonl").read_text().splitlines()}
+        assert {row["instruction"] for row in stored[:24][1::2]} <= distilled_on  # the seeds are training data
+        assert not distilled_on & probes  # the fidelity probes are not
     assert "| math | migrated | distill |" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "report.png").stat().st_size > 1000
     assert "incompatible" in capsys.readouterr().out
@@ -96,3 +120,20 @@ def test_bad_fleet_inputs_are_clear_errors(fleet, tiny_model_dir, tmp_path, caps
     assert main(["--adapters", str(root / "noprobes")] + base) == 2
     assert "no probe_prompts.jsonl" in capsys.readouterr().err
     assert main(["--adapters", str(root / "math"), "--threshold", "-1"] + base) == 2
+    assert main(["--adapters", str(root / "math"), "--accept", "top1", "--threshold", "1.5"] + base) == 2
+    assert "threshold for top1 must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_a_finished_result_of_another_adapter_with_the_same_name_is_not_reused(fleet, tiny_model_dir, tmp_path,
+                                                                                capsys):
+    root, new_dir = fleet
+    elsewhere = tmp_path / "elsewhere" / "math"
+    shutil.copytree(root / "math", elsewhere)
+    out = tmp_path / "out"
+    (out / "math").mkdir(parents=True)
+    (out / "math" / "result.json").write_text(json.dumps({"source": str(elsewhere), "status": "retrain"}))
+    args = ["--adapters", str(root / "math"), "--old-base", str(tiny_model_dir), "--new-base", str(new_dir),
+            "--out", str(out), "--no-distill", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(out / "math" / "result.json") in err and str(elsewhere) in err

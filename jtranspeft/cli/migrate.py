@@ -30,22 +30,25 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m jtranspeft.migrate``."""
-    from jtranspeft.migration.migrate import MigrateConfig
+    from jtranspeft.migration.migrate import ACCEPT, MigrateConfig
 
     d = MigrateConfig()
     p = argparse.ArgumentParser(
         prog="python -m jtranspeft.migrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Migrate a fleet of LoRA adapters to an updated base, each by the cheapest rung of copy -> "
                     "training-free (project, rescale) -> Trans-LoRA distillation whose label-free fidelity "
-                    "(KL to old base + adapter) reaches the threshold. See docs/migrate.md.")
+                    "(KL or top-1 agreement with old base + adapter) reaches the threshold. See docs/migrate.md.")
     p.add_argument("--adapters", nargs="+", required=True, help="HF PEFT adapter directories")
     p.add_argument("--old-base", required=True, help="the base the adapters were trained on ('smollm2', HF dir, .gguf)")
     p.add_argument("--new-base", required=True, help="the updated base (HF dir or .gguf)")
     p.add_argument("--out", required=True, help="output directory (report.md/.json/.png, one folder per adapter)")
     p.add_argument("--prompts", help="probe instructions (.txt: one per line) for adapters without stored ones")
-    p.add_argument("--threshold", type=float, default=d.threshold,
-                   help=f"fidelity KL (nats/token) at or below which an adapter counts as migrated "
-                        f"(default {d.threshold})")
+    p.add_argument("--accept", choices=sorted(ACCEPT), default=d.accept,
+                   help="the fidelity measure that decides: mean KL to the teacher (at or below the threshold) or "
+                        f"top-1 agreement with it (at or above) (default {d.accept})")
+    p.add_argument("--threshold", type=float,
+                   help="the measure's threshold (default: " + ", ".join(f"{k} {v[1]}" for k, v in ACCEPT.items())
+                        + ")")
     p.add_argument("--methods", nargs="+", default=list(d.methods), help="training-free methods tried")
     p.add_argument("--no-distill", action="store_true", help="stop after the training-free rung")
     p.add_argument("--distill-samples", type=int, default=d.distill_samples,
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, args.verbose)
     from jtranspeft.migration.migrate import MigrateConfig, format_report, migrate
 
-    config = MigrateConfig(threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
+    config = MigrateConfig(accept=args.accept, threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
                            distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
                            probe_limit=args.probe_limit, discriminator=args.discriminator)
     prompts = None

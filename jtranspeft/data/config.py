@@ -58,7 +58,7 @@ class DataConfig:
     rg_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 42
     add_eos: bool = True
-    probe_prompts: int = 32  # training prompts stored with the adapter (probe_prompts.jsonl); 0 = none
+    probe_prompts: int = 64  # training prompts stored with the adapter (probe_prompts.jsonl); 0 = none
 
     def __post_init__(self):
         object.__setattr__(self, "buckets", tuple(sorted(set(self.buckets))))

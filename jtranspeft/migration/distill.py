@@ -40,8 +40,9 @@ SYNTHESIS_HEADER = "Below are instructions for one kind of task, each written as
 
 def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, seed: int = 0,
                        temperature: float = 0.8, max_new_tokens: int = 64, batch_size: int = 16,
-                       max_rounds: int = 8, min_yield: float = 0.1) -> list[str]:
-    """``n`` new task instructions written by ``base`` from few-shot blocks of ``seeds`` (module docstring).
+                       max_rounds: int = 8, min_yield: float = 0.1, exclude: Sequence[str] = ()) -> list[str]:
+    """``n`` new task instructions written by ``base`` from few-shot blocks of ``seeds`` (module docstring);
+    none equals a seed or one of ``exclude`` (the prompts that will judge the result).
 
     Each attempt shows ``shots`` seeds drawn at random and samples the next instruction; rounds repeat until
     ``n`` distinct ones exist, ``max_rounds`` pass, or a round adds fewer new ones than ``min_yield`` of those
@@ -57,7 +58,7 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
         raise InputError(f"the number of synthetic prompts must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
     found: dict[str, None] = {}
-    known = set(seeds)
+    known = set(seeds) | {e.strip() for e in exclude}
     rounds = 0
     while rounds < max_rounds and len(found) < n:
         wanted, rounds = n - len(found), rounds + 1
@@ -159,13 +160,14 @@ def filter_synthetic(old_base, seeds: Sequence[str], synthetic: Sequence[str], o
 def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, seeds: Sequence[str],
                      out: str | Path, *, samples: int = 250, steps: int = 100, init: str = "moved",
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
-                     max_new_tokens: int = 64, discriminator: bool = False) -> dict:
+                     max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = ()) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on the base at
     ``new_base_path``; returns {"adapter", "synthetic", "records", "summary"}.
 
     ``init`` "moved" starts from ``moved`` (a PEFT adapter for the new base, e.g. the copied one; default:
     ``adapter`` itself) and "scratch" from peft's initialisation. ``discriminator`` filters the synthetic
-    prompts with a real-vs-synthetic LoRA on the old base (module docstring). The adapter's recorded training config
+    prompts with a real-vs-synthetic LoRA on the old base (module docstring). ``held_out``: instructions that
+    will measure the result (fidelity probes); they may not be seeds and no synthetic prompt equals one. The adapter's recorded training config
     gives LoRA settings, template and optimiser (``lr`` overrides); Trans-PEFT perturbations are off. Files:
     ``out/synthetic.jsonl`` (the teacher-answered prompts) and the training run in ``out/train``. A rerun
     reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
@@ -177,6 +179,10 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
     from jtranspeft.training.finetune import train
     from jtranspeft.utils.config_io import load_config
 
+    overlap = {s.strip() for s in seeds} & {h.strip() for h in held_out}
+    if overlap:
+        raise InputError(f"{len(overlap)} seed instructions are also held-out probes, e.g. {sorted(overlap)[0]!r}: "
+                         "a distilled adapter judged on its own training prompts looks better than it is")
     if init not in ("moved", "scratch"):
         raise InputError(f"init must be 'moved' or 'scratch', got {init!r}")
     recorded = read_metadata(adapter).get("config")
@@ -191,7 +197,8 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
     max_new_tokens = min(max_new_tokens, max(4, int(recorded.get("data", {}).get("max_length", 512)) // 3))
     if not synthetic.is_file():
         new_base = load_base(new_base_path)
-        instructions = synthesize_prompts(new_base, seeds, samples, seed=seed, max_new_tokens=max_new_tokens)
+        instructions = synthesize_prompts(new_base, seeds, samples, seed=seed, max_new_tokens=max_new_tokens,
+                                          exclude=held_out)
         del new_base
         seeds = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
         if discriminator:
