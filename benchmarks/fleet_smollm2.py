@@ -1,23 +1,31 @@
-"""Fleet migration on a real pair: three SmolLM2 adapters on different tasks moved to an updated base.
+"""Fleet migration on a real pair: SmolLM2 adapters on different tasks moved to an updated base.
 
 The pair is SmolLM2-135M-Instruct (old) and the broad FFN update of the proof experiment at the lambda its gates
-chose (new; `configs/experiments/smollm2_update_proof.yaml`). Three tasks that lean on different abilities:
-chain_sum (arithmetic), leg_counting (facts about animals) and letter_counting (characters). For each task:
+chose (new; `configs/experiments/smollm2_update_proof.yaml`). Tasks that lean on different abilities: chain_sum
+(addition), products (the multiplication table), family_relationships (reading relations from a short story);
+leg_counting (facts about animals) and letter_counting (characters) were tried first and failed the gate.
+For each task:
 
 1. Fine-tune_o: a LoRA trained on the old base (the recipe of the proof experiment, q,k,v,o r 8, 100 steps), with its
-   training prompts stored as probes; Fine-tune_n: the same recipe on the new base (the re-tuned reference).
+   training prompts stored as probes; the gate: it must beat no adapter on the old base (paired, McNemar p < 0.05)
+   and its most common answer must cover under half the items (an adapter that did not learn its task tests
+   nothing); Fine-tune_n: the same recipe on the new base (the re-tuned reference).
 2. `jt.migrate` with threshold 0, so every rung runs: copy, training-free (project, rescale), Trans-LoRA
-   distillation (250 synthetic prompts, 100 steps, from the best earlier rung); the fidelity of each rung.
+   distillation (250 synthetic prompts, 100 steps, from the best earlier rung); the fidelity of each rung (KL and
+   top-1 agreement on the held-out half of the probes; the other half seeds distillation), and of Fine-tune_n.
 3. Accuracy on the new base of every rung and of Fine-tune_n, on the same held-out items (paired), and of
-   Fine-tune_o on the old base.
+   Fine-tune_o and no adapter on the old base.
 
-Reported: accuracy per (task, rung); the share of the copy -> Fine-tune_n gap each rung recovers; the rung the
-default threshold would pick; the Spearman rank correlation between fidelity KL and accuracy over all
-(adapter, rung) pairs; each rung's wall time. Every piece is cached, so a rerun resumes.
+Reported: accuracy per (task, rung); the share of the copy -> Fine-tune_n gap each rung recovers; the rung each
+acceptance rule (KL <= 0.2, top-1 >= 0.75) would pick; the Spearman rank correlation of KL and of top-1 with
+accuracy over the (adapter, rung or Fine-tune_n) pairs of the gated adapters; each rung's wall time. Every piece
+is cached, so a rerun resumes.
 
     python benchmarks/fleet_smollm2.py --new runs/experiments/smollm2_update_proof/bases/lambda_0.5
+    python benchmarks/fleet_smollm2.py --gate --tasks spell_backward   # try a task: train Fine-tune_o, gate it
 
-Writes benchmarks/results/fleet_smollm2/{results.json,results.md} and the fleet report (report.md/json/png).
+Writes benchmarks/results/fleet_smollm2/{results.json,results.md,gates.json,predictions.jsonl} and the fleet report
+(report.md/json/png).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ TASKS = {  # name: (rg_kwargs, data.max_length, buckets); prompts need a third o
     "family_relationships": ({"min_family_size": 3, "max_family_size": 4}, 176, [80, 176]),
     "spell_backward": ({"min_word_len": 3, "max_word_len": 5}, 64, [48, 64]),
 }
-DEFAULT_TASKS = ["chain_sum", "leg_counting", "letter_counting", "products", "family_relationships"]
+DEFAULT_TASKS = ["chain_sum", "products", "family_relationships"]  # the gated fleet
 GATE_P = 0.05  # Fine-tune_o must beat no adapter on the old base at this McNemar p ...
 GATE_MAJORITY = 0.5  # ... and its most common answer must be under this share of the items
 RUNGS = ("copy", "training-free (project)", "training-free (rescale)", "distill")
@@ -113,6 +121,12 @@ def reference_fidelity(old, new, adapter: Path, work: Path) -> dict:
                           [p["prompt"] for p in probes], max_new_tokens=MigrateConfig().fidelity_tokens)
         cached.write_text(json.dumps(scores, indent=1) + "\n")
     return json.loads(cached.read_text())
+
+
+def agreement(teacher_rows: list[dict], rows: list[dict]) -> float:
+    """The share of items on which ``rows`` give the teacher's answer (right or wrong): what fidelity estimates."""
+    answers = {row["index"]: row["extracted"] for row in teacher_rows}
+    return float(np.mean([answers[row["index"]] == row["extracted"] for row in rows]))
 
 
 def ranks(values) -> np.ndarray:
@@ -204,22 +218,34 @@ def main() -> None:
                          MigrateConfig(threshold=0.0, distill_samples=args.distill_samples,
                                        distill_steps=args.distill_steps), progress=True)
     old, new = jt.load_base(old_path), jt.load_base(args.new)
-    rows, pairs = [], []
+    rows, pairs, kept = [], [], []  # kept: every scored answer, for predictions.jsonl
+
+    def keep(task, row_name, predictions):
+        kept.extend({"task": task, "row": row_name, **{k: r[k] for k in ("index", "extracted", "gold", "correct")}}
+                    for r in predictions)
+
     for task, result in zip(args.tasks, report["adapters"]):
         gated = gate(old, task, adapters[task], work, args.limit)
         reference = evaluate_piece(new, task, work / task / "fine_tune_n" / "adapter", work / task / "eval_ftn", args.limit)
+        teacher = evaluate_piece(old, task, adapters[task], work / task / "eval_fto", args.limit)["predictions"]
+        reference["agreement"] = agreement(teacher, reference["predictions"])
+        keep(task, "fine_tune_o on old", teacher)
+        keep(task, "no adapter on old", evaluate_piece(old, task, None, work / task / "eval_none_old", args.limit)["predictions"])
+        keep(task, "fine_tune_n", reference["predictions"])
         rungs = {}
         for rung in result["rungs"]:
             name = rung["rung"]
             scored = evaluate_piece(new, task, Path(rung["adapter"]), work / task / "eval" / name.split(" ")[-1].strip("()"),
                                     args.limit)
             rungs[name] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
-                           "accuracy": scored["accuracy"], "predictions": scored["predictions"]}
+                           "accuracy": scored["accuracy"], "agreement": agreement(teacher, scored["predictions"]),
+                           "predictions": scored["predictions"]}
+            keep(task, name, scored["predictions"])
             if gated["passed"]:
-                pairs.append((rung["kl"], rung["top1"], scored["accuracy"]))
+                pairs.append((rung["kl"], rung["top1"], scored["accuracy"], rungs[name]["agreement"]))
         ftn_fidelity = reference_fidelity(old, new, adapters[task], work / task)
         if gated["passed"]:
-            pairs.append((ftn_fidelity["kl"], ftn_fidelity["top1"], reference["accuracy"]))
+            pairs.append((ftn_fidelity["kl"], ftn_fidelity["top1"], reference["accuracy"], reference["agreement"]))
         copy_acc, ftn_acc = rungs["copy"]["accuracy"], reference["accuracy"]
         gap = ftn_acc - copy_acc
         training_free = min((r for r in rungs if r.startswith("training-free")), key=lambda r: rungs[r]["kl"])
@@ -230,6 +256,7 @@ def main() -> None:
             chosen[measure] = passing[0] if passing else "retrain"
         row = {"task": task, "gate": gated, "fine_tune_o_on_old": gated["fine_tune_o_on_old"],
                "fine_tune_n": ftn_acc, "fine_tune_n_fidelity": ftn_fidelity,
+               "fine_tune_n_agreement": reference["agreement"],
                "train_seconds": seconds.get(f"{task}/fine_tune_o"), "chosen": chosen,
                "best_training_free": training_free, "rungs": {}}
         for name, rung in rungs.items():
@@ -238,14 +265,19 @@ def main() -> None:
                 "gap_recovered": (rung["accuracy"] - copy_acc) / gap if gap > 0 else None,
                 "minus_fine_tune_n": paired}
         rows.append(row)
-    kl, top1, acc = zip(*pairs) if pairs else ((), (), ())
+    kl, top1, acc, agree = zip(*pairs) if pairs else ((), (), (), ())
+    enough = len(pairs) > 2
     results = {"old": str(old_path), "new": args.new, "steps": args.steps, "limit": args.limit,
                "thresholds": thresholds, "tasks": rows, "pairs": len(pairs),
-               "spearman_kl_accuracy": spearman(kl, acc) if len(pairs) > 2 else None,
-               "spearman_top1_accuracy": spearman(top1, acc) if len(pairs) > 2 else None}
+               "spearman_kl_accuracy": spearman(kl, acc) if enough else None,
+               "spearman_top1_accuracy": spearman(top1, acc) if enough else None,
+               "spearman_kl_agreement": spearman(kl, agree) if enough else None,
+               "spearman_top1_agreement": spearman(top1, agree) if enough else None}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "results.md").write_text(format_results(results), encoding="utf-8")
+    (args.out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
+                                                encoding="utf-8")
     for name in ("report.md", "report.json", "report.png"):
         if (work / "migrate" / name).is_file():
             shutil.copy(work / "migrate" / name, args.out / name)
@@ -260,31 +292,37 @@ def format_results(results: dict) -> str:
              "items for every row; accuracy = exact match. Fidelity (KL, top-1 agreement with old base + adapter) on "
              "the held-out half of the adapter's stored training prompts (the other half seeds distillation). Gap "
              "recovered = (rung - copy) / (Fine-tune_n - copy). Paired difference vs Fine-tune_n: McNemar exact p and "
-             "the bootstrap 95% CI.", "",
-             "| task | row | accuracy | KL (fidelity) | top-1 | gap recovered | vs Fine-tune_n [95% CI], p | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "the bootstrap 95% CI. Answers as teacher: the share of the items on which the row gives Fine-tune_o's answer on "
+             "the old base, right or wrong (what a fidelity measure estimates).", "",
+             "| task | row | accuracy | answers as teacher | KL (fidelity) | top-1 | gap recovered | "
+             "vs Fine-tune_n [95% CI], p | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in results["tasks"]:
         task, g = row["task"], row["gate"]
-        lines.append(f"| {task} | no adapter on old | {100 * g['no_adapter_on_old']:.1f} | - | - | - | - | - |")
-        lines.append(f"| {task} | Fine-tune_o on old | {100 * row['fine_tune_o_on_old']:.1f} | - | - | - | - | "
+        lines.append(f"| {task} | no adapter on old | {100 * g['no_adapter_on_old']:.1f} | - | - | - | - | - | - |")
+        lines.append(f"| {task} | Fine-tune_o on old (teacher) | {100 * row['fine_tune_o_on_old']:.1f} | 100 | - | - | - "
+                     "| - | "
                      f"{row['train_seconds'] or '-'} |")
         for name, rung in row["rungs"].items():
             d = rung["minus_fine_tune_n"]
             gap = "-" if rung["gap_recovered"] is None else f"{100 * rung['gap_recovered']:.0f}%"
-            lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {rung['kl']:.3f} | {rung['top1']:.3f} | "
+            lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {100 * rung['agreement']:.1f} | "
+                         f"{rung['kl']:.3f} | {rung['top1']:.3f} | "
                          f"{gap} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
                          f"p {d['p_mcnemar']:.3g} | {rung['seconds']} |")
         f = row["fine_tune_n_fidelity"]
-        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | {f['kl']:.3f} | {f['top1']:.3f} | "
-                     "100% | - | - |")
+        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | {100 * row['fine_tune_n_agreement']:.1f} "
+                     f"| {f['kl']:.3f} | {f['top1']:.3f} | 100% | - | - |")
         lines.append(f"| {task} | *chosen at KL <= {t['kl']} / top-1 >= {t['top1']}* | {row['chosen']['kl']} / "
-                     f"{row['chosen']['top1']} | | | | | |")
+                     f"{row['chosen']['top1']} | | | | | | |")
     lines += ["", "Gate (did Fine-tune_o learn its task?): " + "; ".join(
         format_gate(row["task"], row["gate"]) for row in results["tasks"]), ""]
     if results["spearman_kl_accuracy"] is not None:
         lines += [f"Spearman rank correlation with accuracy over {results['pairs']} (adapter, rung or Fine-tune_n) "
                   f"pairs of the adapters that passed the gate: KL {results['spearman_kl_accuracy']:.2f} (negative = "
-                  f"lower KL, higher accuracy), top-1 {results['spearman_top1_accuracy']:.2f} (positive = better).", ""]
+                  f"lower KL, higher accuracy), top-1 {results['spearman_top1_accuracy']:.2f} (positive = better); with "
+                  f"the share of answers as the teacher's: KL {results['spearman_kl_agreement']:.2f}, top-1 "
+                  f"{results['spearman_top1_agreement']:.2f}.", ""]
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@ the copied one, measured by the label-free fidelity on the task's prompts.
 
 A random tiny base writes token soup as "synthetic prompts", so here the seed instructions (which the
 distillation set includes, as Trans-LoRA's does) carry the task; whether synthetic prompts alone carry over
-to real task prompts is a property of real models (issue 14's SmolLM2 run)."""
+to real task prompts is a property of real models (issue 14's SmolLM2 run). The first test measures fidelity on
+the seed prompts themselves (in sample: the distillation mechanism); migrate judges on a held-out half of the
+probes (tests/test_migrate.py)."""
 
 import json
 import logging

@@ -84,7 +84,9 @@ def test_fleet_gets_a_rung_each_and_the_report(fleet, tiny_model_dir, tmp_path, 
                         (tmp_path / "out" / name / "distill" / "synthetic.jsonl").read_text().splitlines()}
         assert {row["instruction"] for row in stored[:24][1::2]} <= distilled_on  # the seeds are training data
         assert not distilled_on & probes  # the fidelity probes are not
-    assert "| math | migrated | distill |" in (tmp_path / "out" / "report.md").read_text()
+    table = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("|")]
+    assert "| math | migrated | distill |" in "\n".join(table)
+    assert len({line.count("|") for line in table}) == 1  # header, rule and rows have the same columns
     assert (tmp_path / "out" / "report.png").stat().st_size > 1000
     assert "incompatible" in capsys.readouterr().out
 

@@ -25,6 +25,9 @@ examples:
   # adapters trained elsewhere carry no probe prompts: give task instructions, one per line
   python -m jtranspeft.migrate --adapters peft_adapters/* --old-base models/Qwen2-7B --new-base models/Qwen2.5-7B \\
       --prompts probes.txt --threshold 0.1 --no-distill --out migrated/
+  # judge by top-1 agreement with the teacher (distilled adapters are over-confident, which KL punishes)
+  python -m jtranspeft.migrate --adapters runs/*/adapter --old-base smollm2 --new-base new_base/ \\
+      --accept top1 --threshold 0.8 --out migrated/
 """
 
 
