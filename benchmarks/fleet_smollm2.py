@@ -38,8 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-from jtranspeft.migration.migrate import ACCEPT
-
 RECIPE = Path(__file__).parents[1] / "configs" / "experiments" / "chain_sum_lora.yaml"
 TASKS = {  # name: (rg_kwargs, data.max_length, buckets); prompts need a third of max_length for distillation
     "chain_sum": ({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, 64, [48, 64]),
@@ -112,11 +110,11 @@ def reference_fidelity(old, new, adapter: Path, work: Path) -> dict:
     """Fidelity of Fine-tune_n (re-tuned on the new base) to the teacher, on migrate's held-out probe half."""
     from jtranspeft.checkpoints.peft_format import load_peft
     from jtranspeft.migration.fidelity import fidelity
-    from jtranspeft.migration.migrate import MigrateConfig, probe_rows
+    from jtranspeft.migration.migrate import MigrateConfig, probe_halves
 
     cached = work / "fine_tune_n" / "fidelity.json"
     if not cached.is_file():
-        probes = probe_rows(adapter, None, "alpaca", old.tokenizer, MigrateConfig().probe_limit)[0::2]
+        probes, _ = probe_halves(adapter, None, "alpaca", old.tokenizer, MigrateConfig().probe_limit)
         scores = fidelity(old, load_peft(adapter, old), new, load_peft(work / "fine_tune_n" / "adapter", new),
                           [p["prompt"] for p in probes], max_new_tokens=MigrateConfig().fidelity_tokens)
         cached.write_text(json.dumps(scores, indent=1) + "\n")
@@ -162,9 +160,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
     parser.add_argument("--distill-steps", type=int, default=100)
-    parser.add_argument("--kl-threshold", type=float, default=ACCEPT["kl"][1], help="for the 'chosen at KL' column")
-    parser.add_argument("--top1-threshold", type=float, default=ACCEPT["top1"][1],
-                        help="for the 'chosen at top-1' column")
+    parser.add_argument("--kl-threshold", type=float, help="for the 'chosen at KL' column (default: migrate's)")
+    parser.add_argument("--top1-threshold", type=float, help="for the 'chosen at top-1' column (default: migrate's)")
     parser.add_argument("--report", action="store_true",
                         help="table the adapters migrate has finished so far (evaluating their rungs), nothing else")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fleet_smollm2")
@@ -176,7 +173,8 @@ def main() -> None:
     from jtranspeft.migration.migrate import MigrateConfig, migrate
 
     work = args.work
-    thresholds = {"kl": args.kl_threshold, "top1": args.top1_threshold}
+    rules = {m: MigrateConfig(accept=m, threshold=t) for m, t in (("kl", args.kl_threshold),
+                                                                   ("top1", args.top1_threshold))}
     old_path = resolve_model_path(args.old)
     if old_path.suffix == ".gguf":  # the distillation and the trainer read it either way; convert once for speed
         converted = work / "old_base"
@@ -191,6 +189,7 @@ def main() -> None:
             (work / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
 
     adapters = {}
+    old = jt.load_base(old_path) if args.gate else None
     gates = json.loads((args.out / "gates.json").read_text()) if (args.out / "gates.json").is_file() else {}
     for task in args.tasks:
         if args.report:
@@ -199,7 +198,7 @@ def main() -> None:
         adapters[task], spent = train_piece(task, str(old_path), work / task / "fine_tune_o", args.steps)
         note(f"{task}/fine_tune_o", spent)
         if args.gate:
-            gates[task] = gate(jt.load_base(old_path), task, adapters[task], work, args.limit)
+            gates[task] = gate(old, task, adapters[task], work, args.limit)
             print(format_gate(task, gates[task]), flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
@@ -250,8 +249,7 @@ def main() -> None:
         gap = ftn_acc - copy_acc
         training_free = min((r for r in rungs if r.startswith("training-free")), key=lambda r: rungs[r]["kl"])
         chosen = {}
-        for measure, threshold in thresholds.items():
-            rule = MigrateConfig(accept=measure, threshold=threshold)
+        for measure, rule in rules.items():
             passing = [r for r in RUNGS if r in rungs and rule.passes(rungs[r])]
             chosen[measure] = passing[0] if passing else "retrain"
         row = {"task": task, "gate": gated, "fine_tune_o_on_old": gated["fine_tune_o_on_old"],
@@ -268,7 +266,7 @@ def main() -> None:
     kl, top1, acc, agree = zip(*pairs) if pairs else ((), (), (), ())
     enough = len(pairs) > 2
     results = {"old": str(old_path), "new": args.new, "steps": args.steps, "limit": args.limit,
-               "thresholds": thresholds, "tasks": rows, "pairs": len(pairs),
+               "thresholds": {m: rule.threshold for m, rule in rules.items()}, "tasks": rows, "pairs": len(pairs),
                "spearman_kl_accuracy": spearman(kl, acc) if enough else None,
                "spearman_top1_accuracy": spearman(top1, acc) if enough else None,
                "spearman_kl_agreement": spearman(kl, agree) if enough else None,

@@ -124,6 +124,10 @@ def test_bad_fleet_inputs_are_clear_errors(fleet, tiny_model_dir, tmp_path, caps
     assert main(["--adapters", str(root / "math"), "--threshold", "-1"] + base) == 2
     assert main(["--adapters", str(root / "math"), "--accept", "top1", "--threshold", "1.5"] + base) == 2
     assert "threshold for top1 must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["--adapters", str(root / "math"), "--methods", "reuse"] + base) == 2
+    assert "the training-free rung takes project and/or rescale" in capsys.readouterr().err
+    assert main(["--adapters", str(root / "math"), "--distill-steps", "0"] + base) == 2
+    assert "distill_steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_finished_result_of_another_adapter_with_the_same_name_is_not_reused(fleet, tiny_model_dir, tmp_path,

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fidelity measure that decides: mean KL to the teacher (at or below the threshold) or "
                         f"top-1 agreement with it (at or above) (default {d.accept})")
     p.add_argument("--threshold", type=float,
-                   help="the measure's threshold (default: " + ", ".join(f"{k} {v[1]}" for k, v in ACCEPT.items())
+                   help="the measure's threshold (default: " + ", ".join(f"{k} {v[2]}" for k, v in ACCEPT.items())
                         + ")")
     p.add_argument("--methods", nargs="+", default=list(d.methods), help="training-free methods tried")
     p.add_argument("--no-distill", action="store_true", help="stop after the training-free rung")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 # copy 0.780 / 0.47 (7.1%). Over a fleet of three (benchmarks/fleet_smollm2.py, docs/migrate.md) KL <= 0.2 made
 # the better decision on every adapter; top-1 >= 0.75 accepted rungs that give the teacher's answer on < 50% of
 # items. KL can wrong a distilled adapter, which is more confident than its teacher: hence the option.
-ACCEPT = {"kl": ("KL <=", 0.2, ">= 0 (nats per token)"), "top1": ("top-1 >=", 0.75, "in [0, 1]")}
+ACCEPT = {"kl": ("KL", True, 0.2, math.inf), "top1": ("top-1", False, 0.75, 1.0)}  # label, lower is better,
+# default threshold, largest valid threshold (the smallest is 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,26 +63,44 @@ class MigrateConfig:
     def __post_init__(self):
         if self.accept not in ACCEPT:
             raise InputError(f"accept must be one of {sorted(ACCEPT)}, got {self.accept!r}")
+        _, _, default, largest = ACCEPT[self.accept]
         if self.threshold is None:
-            object.__setattr__(self, "threshold", ACCEPT[self.accept][1])
-        if not (self.threshold >= 0 and (self.accept == "kl" or self.threshold <= 1)):
-            raise InputError(f"threshold for {self.accept} must be {ACCEPT[self.accept][2]}, got {self.threshold}")
-
-    def passes(self, rung: dict) -> bool:
-        """Whether a scored rung reaches the threshold."""
-        if self.accept == "kl":
-            return rung["kl"] <= self.threshold
-        return rung[self.accept] >= self.threshold
-
-    def better(self, rung: dict, than: dict) -> bool:
-        """Whether ``rung`` is strictly more faithful than ``than`` by the acceptance measure."""
-        return rung["kl"] < than["kl"] if self.accept == "kl" else rung[self.accept] > than[self.accept]
+            object.__setattr__(self, "threshold", default)
+        if not 0 <= self.threshold <= largest:
+            raise InputError(f"threshold for {self.accept} must be in [0, {largest:g}], got {self.threshold}")
         unknown = [m for m in self.methods if m not in METHODS or m == "reuse"]
         if unknown:
             raise InputError(f"methods {unknown}: the training-free rung takes project and/or rescale")
         for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def badness(self, value: float) -> float:
+        """``value`` of the acceptance measure turned so that lower is better (top-1 is negated)."""
+        return value if ACCEPT[self.accept][1] else -value
+
+    def passes(self, rung: dict) -> bool:
+        """Whether a scored rung reaches the threshold (KL at or below it, top-1 at or above it)."""
+        return self.badness(rung[self.accept]) <= self.badness(self.threshold)
+
+    def better(self, rung: dict, than: dict) -> bool:
+        """Whether ``rung`` is strictly more faithful than ``than`` by the acceptance measure."""
+        return self.badness(rung[self.accept]) < self.badness(than[self.accept])
+
+    def rule(self) -> str:
+        """The acceptance rule in words, e.g. "KL <= 0.2"."""
+        label, lower, _, _ = ACCEPT[self.accept]
+        return f"{label} {'<=' if lower else '>='} {self.threshold}"
+
+
+def probe_halves(adapter: Path, prompts: Sequence[str] | None, template: str, tokenizer,
+                 limit: int) -> tuple[list[dict], list[dict]]:
+    """(fidelity probes, distillation seeds): the `probe_rows` split in two disjoint halves, alternate rows."""
+    rows = probe_rows(adapter, prompts, template, tokenizer, limit)
+    if len(rows) < 2:
+        raise InputError(f"{adapter}: {len(rows)} probe prompt; at least 2 are needed (half measure fidelity, half "
+                         "seed distillation)")
+    return rows[0::2], rows[1::2]
 
 
 def probe_rows(adapter: Path, prompts: Sequence[str] | None, template: str, tokenizer, limit: int) -> list[dict]:
@@ -154,11 +174,8 @@ class _Ladder:
             self.teacher = result.source_lora
             recorded = read_metadata(self.adapter).get("config") or {}
             self.template = recorded.get("data", {}).get("template", "alpaca")
-            rows = probe_rows(self.adapter, self.prompts, self.template, self.old.tokenizer, self.cfg.probe_limit)
-            if len(rows) < 2:
-                raise InputError(f"{self.adapter}: {len(rows)} probe prompt; at least 2 are needed (half measure "
-                                 "fidelity, half seed distillation)")
-            self.probes, self.seeds = rows[0::2], rows[1::2]
+            self.probes, self.seeds = probe_halves(self.adapter, self.prompts, self.template, self.old.tokenizer,
+                                                   self.cfg.probe_limit)
         directory = self.out / "candidates" / ("copy" if method == "reuse" else method)
         if not (directory / "adapter_config.json").is_file():
             write_transfer(result, self.new, out=directory)
@@ -239,12 +256,18 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
     return report
 
 
+def _config_of(report: dict) -> MigrateConfig:
+    """The `MigrateConfig` a report was made with (reports written before ``accept`` existed used KL)."""
+    fields = {f.name for f in dataclasses.fields(MigrateConfig)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in report["config"].items() if k in fields}
+    return MigrateConfig(**saved)
+
+
 def format_report(report: dict) -> str:
     """Markdown: one row per adapter (status, chosen rung, KL of copy and of the best rung, cost)."""
     lines = ["# Migration report", "",
              f"old base `{report['old_base']}` -> new base `{report['new_base']}`; fidelity threshold "
-             f"{ACCEPT[report['config'].get('accept', 'kl')][0]} {report['config']['threshold']} (teacher = old base "
-             "+ adapter; KL in nats per token).", "",
+             f"{_config_of(report).rule()} (teacher = old base + adapter; KL in nats per token).", "",
              "| adapter | status | chosen rung | KL copy | top-1 copy | best rung | KL best | top-1 best | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["adapters"]:
@@ -267,10 +290,10 @@ def plot_report(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measure = report["config"].get("accept", "kl")
-    sign = 1 if measure == "kl" else -1  # worst first
+    config = _config_of(report)
+    measure = config.accept
     rows = sorted((r for r in report["adapters"] if r["status"] != "incompatible"),
-                  key=lambda r: -sign * r["best"][measure])
+                  key=lambda r: -config.badness(r["best"][measure]))  # worst first
     fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * max(len(rows), 1)))
     ys = range(len(rows))
     ax.barh([y + 0.2 for y in ys], [r["rungs"][0][measure] for r in rows], height=0.4, label="copy",
