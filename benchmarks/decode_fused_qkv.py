@@ -1,0 +1,70 @@
+"""Batch-1 decode step time with q/k/v base kernels fused into one matrix product or kept apart, paired.
+
+The host's memory bandwidth is shared and drifts by +-20% from minute to minute, so the two layouts are timed
+alternately (the order flipping every round) and compared round by round: a decode step's time is
+(a 64-new-token `jt.generate_ids` call - a 1-new-token call) / 63 on SmolLM2-135M in float32.
+
+    HF_HUB_OFFLINE=1 python benchmarks/decode_fused_qkv.py --rounds 16    # prints, writes results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jtranspeft as jt
+import jtranspeft.inference.generate as generation
+from jtranspeft.checkpoints.assets import smollm2_gguf_path
+from jtranspeft.models.base import bind_for_decoding
+
+NEW_TOKENS = 64
+
+
+def step_ms(base, ids, fuse_qkv: bool) -> float:
+    """One round: ms per decode step of greedy generation with the given q/k/v layout."""
+    generation.bind_for_decoding = functools.partial(bind_for_decoding, fuse_qkv=fuse_qkv)
+    seconds = {}
+    for n in (1, NEW_TOKENS):
+        start = time.perf_counter()
+        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=1)
+        seconds[n] = time.perf_counter() - start
+    return (seconds[NEW_TOKENS] - seconds[1]) / (NEW_TOKENS - 1) * 1e3
+
+
+def main() -> None:
+    """Alternate the two layouts for ``--rounds`` rounds; print medians and the paired difference."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_fused_qkv.json"))
+    args = parser.parse_args()
+    base = jt.load_base(smollm2_gguf_path(), dtype="float32")
+    ids = [base.tokenizer("The capital of France is")["input_ids"]]
+    layouts = {"fused": True, "separate": False}
+    for fuse in layouts.values():  # compile both, warm up
+        step_ms(base, ids, fuse), step_ms(base, ids, fuse)
+    ms = {name: [] for name in layouts}
+    for r in range(args.rounds):
+        for name in (list(layouts) if r % 2 == 0 else list(layouts)[::-1]):
+            ms[name].append(step_ms(base, ids, layouts[name]))
+    fused, separate = np.asarray(ms["fused"]), np.asarray(ms["separate"])
+    saved = separate - fused
+    summary = {"fused_median_ms": float(np.median(fused)), "separate_median_ms": float(np.median(separate)),
+               "paired_saving_median_ms": float(np.median(saved)), "fused_faster_rounds": int((saved > 0).sum()),
+               "rounds": args.rounds}
+    print(f"ms per decode step, median of {args.rounds} rounds: fused {summary['fused_median_ms']:.2f}, separate "
+          f"{summary['separate_median_ms']:.2f}; paired saving {summary['paired_saving_median_ms']:.2f} ms, "
+          f"fused faster in {summary['fused_faster_rounds']} of {args.rounds} rounds")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": "SmolLM2-135M float32, batch 1", "new_tokens": NEW_TOKENS, **summary,
+                               "per_round_ms": ms}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
