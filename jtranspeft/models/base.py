@@ -128,7 +128,7 @@ def bind_for_decoding(base: Base, lora: Adapter | None = None, fuse_qkv: bool | 
     The split copies the weights once, here (call it outside jit, once per generation); each decode step then
     reads the arrays in place instead of slicing every layer out of the stacks. The q/k/v base kernels are
     joined into one (`jtranspeft.models.decoder.fuse_qkv`: one matrix product per step instead of three, about
-    10% of a batch-1 step on CPU) unless the adapter needs them apart (DoRA, sparse) or ``fuse_qkv`` is False
+    7% of a batch-1 step on CPU) unless the adapter needs them apart (DoRA, sparse) or ``fuse_qkv`` is False
     (None: fuse when the adapter allows it). Same numbers as `apply_cached`.
     """
     if fuse_qkv and not _plain_lora_on_qkv(lora):

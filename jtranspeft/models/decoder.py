@@ -103,6 +103,18 @@ def _stream_key(key_of_layer, stream: int):
     return None if key_of_layer is None else jax.random.fold_in(key_of_layer, stream)
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv(layers: dict) -> dict:
+    """Layer params with self_attn's q/k/v kernels [..., d, out] (and biases) joined into one ``qkv_proj``
+    [..., d, q + 2 kv] along the output axis, the layout `Attention` reads with ``fused_qkv``."""
+    attn = dict(layers["self_attn"])
+    parts = [attn.pop(name) for name in QKV]
+    attn["qkv_proj"] = {key: jnp.concatenate([part[key] for part in parts], axis=-1) for key in parts[0]}
+    return {**layers, "self_attn": attn}
+
+
 class Attention(_LayerSettings):
     """Self-attention with GQA/MQA, optional q/k/v bias and per-head q/k RMSNorm (qwen3).
 
@@ -125,8 +137,8 @@ class Attention(_LayerSettings):
         if self.fused_qkv:  # base weights in one product, then each module's LoRA branch
             qkv_btx = self.proj("qkv_proj", sum(sizes.values()), spec.qkv_bias)(x_btd, layer_idx)
             q_btx, k_btx, v_btx = jnp.split(qkv_btx, [spec.q_size, spec.q_size + spec.kv_size], axis=-1)
-            q_btx, k_btx, v_btx = (base + project(name, base_weights=False)
-                                   for base, name in zip((q_btx, k_btx, v_btx), sizes))
+            q_btx, k_btx, v_btx = (part + project(name, base_weights=False)
+                                   for part, name in zip((q_btx, k_btx, v_btx), sizes))
         else:
             q_btx, k_btx, v_btx = (project(name) for name in sizes)
         q_bthe = q_btx.reshape(b, t, spec.num_heads, spec.head_dim)
@@ -144,18 +156,6 @@ class Attention(_LayerSettings):
         o_key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
         return self.proj("o_proj", spec.hidden_size, spec.o_bias)(
             out_btx, layer_idx, o_key, extras.adapter_ids_b), kv_cache
-
-
-QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def fuse_qkv(layers: dict) -> dict:
-    """Layer params with self_attn's q/k/v kernels [..., d, out] (and biases) joined into one ``qkv_proj``
-    [..., d, q + 2 kv] along the output axis, the layout `Attention` reads with ``fused_qkv``."""
-    attn = dict(layers["self_attn"])
-    parts = [attn.pop(name) for name in QKV]
-    attn["qkv_proj"] = {key: jnp.concatenate([part[key] for part in parts], axis=-1) for key in parts[0]}
-    return {**layers, "self_attn": attn}
 
 
 class Mlp(_LayerSettings):
@@ -244,6 +244,8 @@ class Decoder(_LayerSettings):
         ``p_scale`` multiplies every Trans-PEFT probability (its warm-up).
         """
         spec, t = self.spec, input_ids_bt.shape[1]
+        if self.fused_qkv and self.stacked:
+            raise ValueError("fused_qkv needs the per-layer params of stacked=False (bind_for_decoding)")
         spec.check_seq_len(t if cache is None else cache.max_len)
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
