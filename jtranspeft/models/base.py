@@ -131,10 +131,11 @@ def bind_for_decoding(base: Base, lora: Adapter | None = None, fuse_qkv: bool | 
     7% of a batch-1 step on CPU) unless the adapter needs them apart (DoRA, sparse) or ``fuse_qkv`` is False
     (None: fuse when the adapter allows it). Same numbers as `apply_cached`.
     """
-    if fuse_qkv and not _plain_lora_on_qkv(lora):
+    fusable = _plain_lora_on_qkv(lora)
+    if fuse_qkv and not fusable:
         raise ValueError("fuse_qkv=True: this adapter (DoRA or sparse on q/k/v) needs their kernels apart")
-    fused = _plain_lora_on_qkv(lora) if fuse_qkv is None else fuse_qkv
-    return _bind(base, lora, FfnPerturbation(), False, stacked=False, fused_qkv=fused)
+    return _bind(base, lora, FfnPerturbation(), False, stacked=False,
+                 fused_qkv=fusable if fuse_qkv is None else fuse_qkv)
 
 
 def forward_cached(module: Decoder, variables: dict, input_ids, cache: KVCache, attention_mask=None,

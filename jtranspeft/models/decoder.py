@@ -271,7 +271,8 @@ class Decoder(_LayerSettings):
 
         training = rng is not None
         settings = dict(spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
-                        lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training)
+                        lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training,
+                        fused_qkv=self.fused_qkv)
         rng = rng if training else jax.random.key(0)
         extras = _Extras(adapter_ids_b, None if cache is None else cache.index, p_scale)
         kv_cache = None if cache is None else (cache.keys, cache.values)
@@ -282,7 +283,6 @@ class Decoder(_LayerSettings):
             x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
                                      kv_cache)
         else:  # one module per layer over separate weight and cache arrays: nothing is sliced or restacked
-            settings["fused_qkv"] = self.fused_qkv
             keys, values = (list(kv_cache[0]), list(kv_cache[1])) if kv_cache is not None else (None, None)
             for i in range(spec.num_layers):
                 layer_kv = None if kv_cache is None else (keys[i], values[i])
