@@ -20,6 +20,7 @@ setup(
         "transformers>=4.56",
         "datasets>=3.0",
         "safetensors>=0.5",
+        "tokenizers>=0.21",
         "gguf>=0.17",
         "sentencepiece",
         "jinja2",

@@ -3,8 +3,8 @@
 Each measurement runs in a fresh process (imports are timed apart from the load) and reports wall seconds
 and the process's peak RSS:
 
-- ``jtranspeft``: `jt.load_base(path)` (weights dequantised to float32 + tokenizer), with a warm tokenizer
-  cache (the usual case) and, once, with a cold one (the first load of a file on a machine);
+- ``jtranspeft``: `jt.load_base(path)` (weights dequantised to float32 + the tokenizer built from the
+  file's metadata; nothing is cached between processes);
 - ``gguf package``: `gguf.GGUFReader` plus `gguf.quants.dequantize` of every tensor to float32 (no
   tokenizer, no transposes): the floor a Python reader of this file sits on;
 - ``transformers``: `AutoModelForCausalLM.from_pretrained(gguf_file=...)` + `AutoTokenizer` (float32).
@@ -24,7 +24,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +77,8 @@ def main() -> None:
     path = smollm2_gguf_path()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = {}
-    with tempfile.TemporaryDirectory() as cold_cache:
-        cold = {**env, "JTRANSPEFT_CACHE": cold_cache}
-        results["jtranspeft (cold tokenizer cache)"] = [measure("jtranspeft", path, cold)]
-        for case in CASES:
-            results[case] = [measure(case, path, cold) for _ in range(args.rounds)]
+    for case in CASES:
+        results[case] = [measure(case, path, env) for _ in range(args.rounds)]
     summary = {name: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
                for name, runs in results.items()}
     weights_mb = 134_515_008 * 4 / 2**20  # SmolLM2-135M parameters in float32

@@ -212,23 +212,76 @@ def test_fast_dequantization_is_bit_identical_to_the_gguf_package(smollm2_path):
     assert seen == set(_FAST_DEQUANTIZE)  # the file exercises both fast paths
 
 
-def test_cached_tokenizer_behaves_as_the_freshly_built_one(smollm2_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("JTRANSPEFT_CACHE", str(tmp_path))
-    built = load_gguf_tokenizer(smollm2_path)  # builds and caches
-    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
-    cached = load_gguf_tokenizer(smollm2_path)  # reads the cache
-    texts = ["The capital of France is", "  leading spaces\tand tabs\n", "émigré 東京 🙂", "<|im_start|>user\nhi",
-             "1234567 + 89 = ?"]
-    for text in texts:
-        for special in (True, False):
-            assert cached.encode(text, add_special_tokens=special) == built.encode(text, add_special_tokens=special)
-        assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
-    assert cached.all_special_tokens == built.all_special_tokens
-    assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (
-        built.bos_token_id, built.eos_token_id, built.pad_token_id)
-    chat = [{"role": "user", "content": "What is 2 + 3?"}]
-    assert cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
-        built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+def _tokenizer_probe_texts(n: int = 3000) -> list[str]:
+    """Seeded strings that exercise a byte-level tokenizer: reasoning-gym prompts, prose, code, numbers,
+    every kind of white space, accents, CJK, emoji, stray bytes of the byte alphabet and special tokens."""
+    import random
+
+    import reasoning_gym
+
+    rng = random.Random(0)
+    texts = [item["question"] for task in ("chain_sum", "family_relationships", "gsm_symbolic")
+             for item in reasoning_gym.create_dataset(task, size=200, seed=1)]
+    pieces = ["The", " capital", " of", "France", "  ", "\t", "\n", "\r\n", " \n\n ", "1234567", "3.14", "-42",
+              "don't", "I'LL", "we've", "émigré", "東京", "🙂", "naïve", "Ġ", "Ċ", "<|im_start|>", "<|im_end|>",
+              "<|endoftext|>", "<reponame>", "def f(x):\n    return x**2", "{\"a\": [1, 2]}", "    ", "!!!", "\u00a0",
+              "\u200b", "ß", "Ω", "\\", "$$", "a_b-c", "https://example.org/x?y=1"]
+    while len(texts) < n:
+        texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+    return texts
+
+
+def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2_path):
+    """Ours (built with `tokenizers`, no PyTorch) against transformers' tokenizer of the same GGUF (which
+    needs PyTorch): ids with and without special tokens, decoding, special tokens, chat template."""
+    ours = load_gguf_tokenizer(smollm2_path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    texts = _tokenizer_probe_texts()
+    assert len(texts) >= 3000
+    for special in (True, False):
+        assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]
+    ids = ref(texts)["input_ids"]
+    assert ours.batch_decode(ids) == ref.batch_decode(ids)
+    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
+    assert ours.all_special_tokens == ref.all_special_tokens
+    assert len(ours) == len(ref)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == (getattr(ref, name), getattr(ref, f"{name}_id"))
+    for chat in ([{"role": "user", "content": "What is 2 + 3?"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": texts[7]}]):
+        for prompt in (True, False):
+            assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt) == \
+                ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+            assert ours.apply_chat_template(chat, add_generation_prompt=prompt) == \
+                ref.apply_chat_template(chat, add_generation_prompt=prompt)
+
+
+def test_tokenizer_is_built_without_pytorch(smollm2_path):
+    """The main job's path: building the GGUF tokenizer imports no torch (run in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from jtranspeft.checkpoints.gguf import load_gguf_tokenizer; "
+            f"t = load_gguf_tokenizer({str(smollm2_path)!r}); "
+            "assert t.encode('The capital of France is', add_special_tokens=False) == [504, 3575, 282, 4649, 314]; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_unknown_pre_tokenizer_is_a_clear_error(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("mystery-bpe")
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_token_merges(["a b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"t\.gguf.*tokenizer\.ggml\.pre.*mystery-bpe"):
+        load_gguf_tokenizer(tmp_path / "t.gguf")
 
 
 @pytest.mark.parametrize("cut", [3, 10, 30, 200, -5])

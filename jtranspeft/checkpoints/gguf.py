@@ -7,8 +7,8 @@ a GGUF file (llama.cpp's format) into exactly those two things, so one loading p
 - `read_gguf_config(path)`: the `llama.*` metadata as an HF `LlamaConfig` dict.
 - `iter_gguf_tensors(path)`: (HF name, float32 array in torch layout), one tensor at a time,
   dequantised with `gguf.quants.dequantize`. Names go through the one table `GGUF_TO_HF_NAMES`.
-- `load_gguf_tokenizer(path)`: the transformers tokenizer built from the `tokenizer.ggml.*` keys, cached
-  on disk keyed by a hash of the file's metadata (building it takes seconds; reading the cache does not).
+- `load_gguf_tokenizer(path)`: the transformers fast tokenizer the `tokenizer.ggml.*` keys describe, built
+  with the `tokenizers` library (byte-level BPE; no PyTorch, no cache, a fraction of a second).
 
 The file itself is read by `GgufFile`: our own parser of the GGUF v2/v3 layout (header, metadata, tensor
 table), every read bounds-checked, so a truncated or corrupt file is a `FileFormatError` naming the file
@@ -27,8 +27,8 @@ the file and the offending key or tensor: we never guess.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import logging
+import functools
+import importlib.util
 import mmap
 import os
 import re
@@ -41,9 +41,6 @@ import gguf
 import numpy as np
 
 from jtranspeft.utils.errors import FileFormatError
-from jtranspeft.utils.files import atomic_directory
-
-logger = logging.getLogger(__name__)
 
 # GGUF architectures read with the llama layout. llama.cpp writes Mistral-7B-style models as
 # "llama" too; its "mistral3"/"mistral4" are different architectures and are rejected.
@@ -170,13 +167,11 @@ class GgufFile:
         if n_tensors > size or n_kv > size:
             raise self._error(f"header claims {n_tensors} tensors and {n_kv} metadata keys")
         self.metadata, self.value_types = {}, {}
-        start = self._pos
         for _ in range(n_kv):
             key, kind = self._string(), self._take("<I")
             if key in self.metadata:
                 raise self._error(f"metadata key {key!r} appears twice")
             self.metadata[key], self.value_types[key] = self._value(kind), kind
-        self.metadata_bytes = self._buf[start:self._pos]
         table = []
         for _ in range(n_tensors):
             name, n_dims = self._string(), self._take("<I")
@@ -392,39 +387,102 @@ def gguf_tensors(file: GgufFile, config: dict[str, Any]) -> Iterator[tuple[str, 
         yield hf_name, array
 
 
+# The pre-tokenizer splits of the byte-level vocabularies we build (``tokenizer.ggml.pre``). GPT-2's own split is
+# the ByteLevel pre-tokenizer's built-in regex (None here); the others are the regexes these families' merges
+# were learned on, as published in their tokenizer.json files.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+BYTE_LEVEL_SPLITS = {"default": None, "gpt2": None, "smollm": None,
+                     "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                     "qwen2": _QWEN2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
 def load_gguf_tokenizer(path: str | Path, file: GgufFile | None = None):
-    """Returns the transformers tokenizer that transformers builds from the GGUF's `tokenizer.ggml.*` keys.
+    """The tokenizer a GGUF's ``tokenizer.ggml.*`` keys describe, as a transformers fast tokenizer.
 
-    The built tokenizer is cached in ``$JTRANSPEFT_CACHE/tokenizers/<key>`` (default ``~/.cache/jtranspeft``),
-    the key a hash of the file's metadata and the transformers version, so later loads read it back in a
-    fraction of a second. Never runs remote code. A failure to build is a `FileFormatError` naming the file.
+    Byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2": SmolLM2, Llama 3, Qwen2) are built here
+    with the `tokenizers` library in a fraction of a second and without PyTorch (`byte_level_tokenizer`);
+    tests/test_gguf.py checks them against transformers' own GGUF tokenizer on thousands of strings. Other
+    vocabularies (sentencepiece "llama") go through transformers' GGUF reader, which imports PyTorch: without
+    it that is a `FileFormatError` saying so. Never runs remote code.
     """
-    import transformers
-
     path = Path(path)
     if file is None:
         with GgufFile(path) as opened:
             return load_gguf_tokenizer(path, opened)
-    digest = hashlib.blake2b(bytes(file.metadata_bytes), digest_size=16)
-    digest.update(transformers.__version__.encode())
-    cached = _cache_dir() / "tokenizers" / digest.hexdigest()
-    if (cached / "tokenizer.json").is_file():  # what AutoTokenizer built, read back without its class look-up
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(cached), trust_remote_code=False)
+    kind = file.metadata.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        return byte_level_tokenizer(file)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as err:
-        raise FileFormatError(path, f"could not build a tokenizer from the GGUF metadata ({err})") from err
-    try:
-        with atomic_directory(cached) as tmp:
-            tokenizer.save_pretrained(str(tmp))
-    except OSError as err:  # an unwritable cache costs time on the next load, nothing else
-        logger.warning("could not cache the tokenizer of %s in %s: %s", path, cached, err)
-    return tokenizer
+        needs = " (transformers builds this kind of tokenizer only with PyTorch installed: pip install torch)" \
+            if importlib.util.find_spec("torch") is None else ""
+        raise FileFormatError(path, f"could not build a tokenizer from the GGUF metadata "
+                                    f"(tokenizer.ggml.model={kind!r}){needs}: {err}") from err
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("JTRANSPEFT_CACHE") or Path.home() / ".cache" / "jtranspeft")
+def byte_level_tokenizer(file: GgufFile):
+    """A byte-level BPE tokenizer from an open GGUF's metadata: vocabulary, merges, split, special tokens.
+
+    Control tokens (type 3) become special tokens, user-defined ones (type 4) added tokens, both matched
+    whole; bos / eos / unk / pad come from their ``*_token_id`` keys, the chat template from
+    ``tokenizer.chat_template``, and ``tokenizer.ggml.add_bos_token`` decides whether BOS is prepended.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    meta = file.metadata
+
+    def key(name, default=None):
+        return meta.get(f"tokenizer.ggml.{name}", default)
+
+    pre = key("pre", "default")
+    if pre not in BYTE_LEVEL_SPLITS:
+        raise FileFormatError(file.path, f"is {pre!r}, a pre-tokenizer this loader does not know "
+                                         f"(known: {sorted(BYTE_LEVEL_SPLITS)})", "key 'tokenizer.ggml.pre'")
+    tokens, merges = list(key("tokens") or ()), key("merges")
+    if not tokens or merges is None:
+        raise FileFormatError(file.path, "needs tokenizer.ggml.tokens and tokenizer.ggml.merges",
+                              "byte-level tokenizer")
+    spelling = _byte_spelling()
+    alphabet = set(spelling.values())
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    model = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    tokenizer = Tokenizer(model)
+    split = BYTE_LEVEL_SPLITS[pre]
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if split is None \
+        else pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    types = key("token_type")
+    types = [1] * len(tokens) if types is None else [int(t) for t in types]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                  for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    named = {name: tokens[i] for name, i in (("bos_token", key("bos_token_id")), ("eos_token", key("eos_token_id")),
+                                             ("unk_token", key("unknown_token_id")),
+                                             ("pad_token", key("padding_token_id")))
+             if i is not None and 0 <= int(i) < len(tokens)}
+    add_bos = bool(key("add_bos_token", False)) and "bos_token" in named
+    if add_bos:
+        bos = named["bos_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=meta.get("tokenizer.chat_template"),
+                                   add_bos_token=add_bos, **named)
+
+
+@functools.cache
+def _byte_spelling() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 byte values (printable Latin-1 as itself, the rest shifted past 255)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
