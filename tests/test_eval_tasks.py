@@ -1,10 +1,12 @@
 """Eval-set loaders and the task registry (jtranspeft.eval.tasks), on small fixture files."""
 
 import json
+import re
 
 import pytest
 
 from jtranspeft.eval import tasks
+from jtranspeft.utils.errors import InputError
 
 
 def _write_jsonl(path, rows):
@@ -125,3 +127,24 @@ def test_reasoning_gym_tasks():
         spec.load()
     with pytest.raises(ValueError, match="unknown reasoning-gym dataset"):
         tasks.get_task("rg:no_such_dataset")
+
+
+@pytest.mark.parametrize("typo, suggestion", [
+    ("rg:chain_summ", "rg:chain_sum"),
+    ("reasoning_gym:chain_sum2", "rg:chain_sum"),  # training's spelling of a reasoning-gym source
+    ("chain_sum", "rg:chain_sum"),
+    ("gsm8kk", "gsm8k"),
+    ("winogrand", "winogrande"),
+])
+def test_a_task_typo_gets_the_nearest_name(typo, suggestion):
+    with pytest.raises(InputError, match=re.escape(f"unknown task {typo!r}") + ".*"
+                       + re.escape(f"; did you mean {suggestion!r}?")):
+        tasks.get_task(typo)
+
+
+def test_a_reasoning_gym_source_typo_gets_the_nearest_name():
+    from jtranspeft.data.config import DataConfig
+    from jtranspeft.data.sources import load_records
+
+    with pytest.raises(InputError, match=r"unknown reasoning-gym task 'chain_summ'; did you mean 'chain_sum'\?"):
+        load_records(DataConfig(source="reasoning_gym:chain_summ"))

@@ -124,3 +124,38 @@ def test_cli_choice_and_perplexity_on_a_tiny_model(tiny_model_dir, tmp_path):
     result = json.loads((tmp_path / "ppl" / "results.json").read_text())
     assert result["perplexity"] > 1 and result["tokens"] > 10
     assert jax.numpy.isfinite(result["nll"])
+
+
+def test_a_failed_evaluation_leaves_no_output_directory(tmp_path, capsys):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be. " * 4)
+    for what in (["--task", "rg:basic_arithmetic", "--limit", "2"], ["--perplexity", str(text)]):
+        assert main(["--base", str(not_a_model), *what, "--out", str(tmp_path / "evals" / "first")]) == 2
+        assert "not_a_model" in capsys.readouterr().err
+        assert not (tmp_path / "evals").exists()  # nor the parent the output directory needed
+    kept = tmp_path / "kept"  # a directory that was there before (a resumed evaluation's) stays
+    kept.mkdir()
+    assert main(["--base", str(not_a_model), "--perplexity", str(text), "--out", str(kept)]) == 2
+    assert kept.is_dir()
+
+
+def test_an_evaluation_failing_while_scoring_removes_its_settings_and_directory(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"question": "Pick a colour", "choices": ["red", "green"], "answer": 1}) + "\n")
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("jtranspeft.eval.evaluate._score_by_loglik", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        jt.evaluate(str(tiny_model_dir), jt.EvalConfig(task="choice", data=str(data)), out=tmp_path / "mc")
+    assert not (tmp_path / "mc").exists()
+
+
+def test_a_task_typo_exits_2_suggesting_the_nearest_task(tmp_path, capsys):
+    assert main(["--base", str(tmp_path), "--task", "rg:chain_summ"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown task 'rg:chain_summ': unknown reasoning-gym dataset; "
+                                              "did you mean 'rg:chain_sum'?")

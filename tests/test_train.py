@@ -312,3 +312,15 @@ def test_changing_max_steps_resumes_only_when_the_schedule_does_not_span_the_run
     assert digest(schedule="constant", warmup_ratio=0.1, max_steps=100) != \
         digest(schedule="constant", warmup_ratio=0.1, max_steps=150)
     assert digest(schedule="linear", max_steps=100) == digest(schedule="linear", max_steps=100, progress="false")
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, tiny_model_dir, tiny_task_file):
+    """The documented resume, run once more after the last step: summary.json keeps the finished run's figures."""
+    recipe = _config_file(tmp_path, tiny_model_dir, tiny_task_file, train={"max_steps": 6})
+    assert train(load_config(RunConfig, [recipe]))["resumed_from"] == 0
+    summary_file = tmp_path / "run" / "summary.json"
+    finished = json.loads(summary_file.read_text())
+    for key in ("first_loss", "last_loss", "tokens_per_s", "step_s"):
+        assert finished[key] is not None, key
+    assert train(load_config(RunConfig, [recipe])) == finished
+    assert json.loads(summary_file.read_text()) == finished

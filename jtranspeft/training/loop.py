@@ -11,7 +11,8 @@ number of steps, the batch of each step, the extra fields of a metrics row, and 
 - resuming: the newest complete checkpoint is restored; it must come from the same config (a digest of
   every setting that changes what is trained, `config_digest`), else the run stops (exit status 2) and
   leaves the directory as it was. The data order and randomness are functions of the step, so a resumed
-  run ends with the same result as an uninterrupted one;
+  run ends with the same result as an uninterrupted one. Rerunning a finished run (its last checkpoint and
+  ``summary.json`` written) changes nothing and returns that summary;
 - checkpoints every ``checkpoint.every`` steps and at the last step; SIGTERM (preemption) writes one and
   stops with status 143; a non-finite loss or gradient stops with status 1, keeping the last good one;
 - tokens/s, model TFLOP/s and MFU (`jtranspeft.training.flops`) leave out every step whose batch shape
@@ -42,6 +43,7 @@ from jtranspeft.training.sharding import place
 from jtranspeft.training.step import StepShardings, TrainState, lr_schedule
 from jtranspeft.utils.config_io import to_dict, to_yaml
 from jtranspeft.utils.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_SIGTERM, RunStopped
+from jtranspeft.utils.files import new_directories, remove_unused
 from jtranspeft.utils.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ class RunLock:
     """
 
     def __init__(self, cfg):
-        self.created = not epath.Path(cfg.output_dir).exists()
+        self.created = [] if "://" in str(cfg.output_dir) else new_directories(cfg.output_dir)
         self.out, self.file = output_dir(cfg), None
         out = self.out
         if "://" in str(out) or jax.process_index() != 0:
@@ -158,10 +160,8 @@ class RunLock:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
-        if exc_type is not None and self.created and "://" not in str(self.out) and jax.process_index() == 0:
-            (self.out / ".lock").unlink(missing_ok=True)  # a run that failed before writing anything
-            if not any(self.out.iterdir()):  # leaves no trace
-                self.out.rmdir()
+        if exc_type is not None and jax.process_index() == 0:
+            remove_unused(self.created, (".lock",))  # a run that failed before writing anything leaves no trace
 
 
 def _write_fault(what: str, step: int, err: OSError) -> RunStopped:
@@ -200,6 +200,12 @@ def _resume(job: Job, checkpoints: Checkpoints, digest: str) -> TrainState:
     return state
 
 
+def _finished_summary(out: epath.Path, step: int, steps: int) -> dict | None:
+    """The summary of a run already at its last step whose summary (written last, after the export) exists."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if step == steps and path.exists() else None
+
+
 def launch(cfg, make_job: Callable[[Any], Job]) -> dict:
     """What a job's entry point does: join the multi-host runtime, claim the run directory (`RunLock`, before
     anything is loaded), build the job with ``make_job(cfg)`` and `run` it; returns the summary."""
@@ -210,13 +216,17 @@ def launch(cfg, make_job: Callable[[Any], Job]) -> dict:
 
 def run(job: Job, out: epath.Path) -> dict:
     """Run (or resume) a job to its last step in ``out`` (locked by `RunLock`); returns the summary also
-    written to ``summary.json``."""
+    written to ``summary.json`` (a finished run's own, untouched, when it is run again)."""
     cfg, started, is_main = job.cfg, time.perf_counter(), jax.process_index() == 0
     checkpoints, log, sigterm, bar = None, None, None, None
     try:
         checkpoints = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
         digest = config_digest(cfg)
         state = _resume(job, checkpoints, digest)
+        finished = _finished_summary(out, int(state.step), job.steps)
+        if finished is not None:
+            logger.info("%s: %s already finished its %d steps; its summary.json is kept", job.name, out, job.steps)
+            return finished
         if is_main:  # after the resume check, so a refused resume leaves the run's config as it was
             (out / "config.yaml").write_text(to_yaml(cfg))
             log = MetricsLog(out, cfg.train.tensorboard)

@@ -443,6 +443,12 @@ def _unknown_paths(values: dict, cls: type, prefix: _KeyPath = ()) -> list[_KeyP
     return unknown
 
 
+def did_you_mean(name: str, choices) -> str:
+    """``"; did you mean 'x'?"`` naming the choice nearest ``name`` (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def load_config(root_type: type[T], files: Sequence[str | Path], overrides: Sequence[str] = ()) -> T:
     """Build a ``root_type`` instance from YAML ``files`` (later ones win) and ``key=value`` ``overrides``.
 
@@ -471,8 +477,7 @@ def load_config(root_type: type[T], files: Sequence[str | Path], overrides: Sequ
         lines = []
         for path in unknown:
             line = f"unknown key {_dotted(path)!r} ({sources[path]})"
-            close = difflib.get_close_matches(_dotted(path), valid_keys, n=1)
-            lines.append(line + (f"; did you mean {close[0]!r}?" if close else ""))
+            lines.append(line + did_you_mean(_dotted(path), valid_keys))
         raise ConfigError("\n".join(lines))
     return _Builder(sources).build(root_type, tree, ())
 

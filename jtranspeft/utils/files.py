@@ -7,18 +7,22 @@
   writes to a local temporary directory, then copies the files up.
 - `write_text_atomic`: one file written to a temporary sibling and renamed over the target, so a file whose
   presence marks finished work (``results.json``, ``result.json``) is never seen half-written;
+- `output_directory`: a job's output directory, created for the job and removed again (with the parents it
+  created) when the job fails before leaving anything worth keeping there; `new_directories` and
+  `remove_unused` are its two halves, for a job that holds the directory longer than one block;
 - `json_ready`: NaN and infinities -> None, so reports stay valid JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 class atomic_directory:
@@ -80,6 +84,41 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def new_directories(path: str | Path) -> list[Path]:
+    """The directories that creating ``path`` (with its parents) would create, innermost first."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_unused(created: list[Path], scratch: tuple[str, ...] = ()) -> None:
+    """Undo `new_directories`' ``created`` after a failure: delete the ``scratch`` files (a lock, a settings
+    record) of the innermost, then each directory left empty; a directory holding anything else is kept."""
+    if created:
+        for name in scratch:
+            (created[0] / name).unlink(missing_ok=True)
+    for directory in created:
+        if not directory.is_dir() or any(directory.iterdir()):
+            return
+        directory.rmdir()
+
+
+@contextlib.contextmanager
+def output_directory(path: str | Path | None, scratch: tuple[str, ...] = ()) -> Iterator[Path | None]:
+    """Create the directory ``path`` (and its parents) for the block and yield it; when the block raises,
+    remove what this call created unless it holds files other than ``scratch`` (partial work a rerun resumes
+    from). A directory that existed before is never touched. ``None`` yields None (no output)."""
+    if path is None:
+        yield None
+        return
+    created = new_directories(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        yield Path(path)
+    except BaseException:
+        remove_unused(created, scratch)
+        raise
 
 
 def json_ready(value):
