@@ -1,6 +1,12 @@
 """jtranspeft: transferable parameter-efficient fine-tuning of LLMs in JAX/Flax."""
 
+import runpy
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the tool names, read from their one list without importing jtranspeft (or JAX)
+TOOLS = runpy.run_path(str(Path(__file__).parent / "jtranspeft" / "cli" / "tools.py"))["TOOLS"]
 
 setup(
     name="jtranspeft",
@@ -40,7 +46,6 @@ setup(
         "test": ["pytest", "hypothesis", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6"],
     },
     entry_points={
-        "console_scripts": [f"jtranspeft-{tool}=jtranspeft.cli.{tool}:main"
-                            for tool in ("train", "evolve", "transfer", "evaluate", "analyze", "experiment", "migrate")],
+        "console_scripts": [f"jtranspeft-{tool}=jtranspeft.cli.{tool}:main" for tool in TOOLS],
     },
 )

@@ -31,12 +31,15 @@ The jobs, each also a CLI (``python -m jtranspeft.<job>`` or ``jtranspeft-<job>`
     results = jt.run_experiment(experiment_config)      # the four-setting Trans-PEFT table
 
 Names are imported on first use (PEP 562), so ``import jtranspeft`` and every CLI's ``--help`` stay fast and
-do not load JAX.
+do not load JAX. A public name always means the library function: importing the ``python -m`` entry module
+of the same name (``import jtranspeft.train``) does not rebind it to that module (`_Package`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 # public name -> the module defining it
 _EXPORTS = {
@@ -98,3 +101,17 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """This package's module type. Importing a submodule sets it as an attribute of its package, which would
+    shadow the public function of the same name (``jtranspeft.train``, the entry module of
+    ``python -m jtranspeft.train``); a module assigned to a public name is not kept."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,8 +1,11 @@
 """``python -m jtranspeft.analyze``: runs `jtranspeft.cli.analyze`.
 
-Imported, this module calls like the library function `jtranspeft.analyze` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (`jtranspeft.analyze` stays the library function, see `jtranspeft.__init__`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.analyze import main
+
+    sys.exit(main())

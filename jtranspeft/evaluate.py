@@ -1,8 +1,11 @@
 """``python -m jtranspeft.evaluate``: runs `jtranspeft.cli.evaluate`.
 
-Imported, this module calls like the library function `jtranspeft.evaluate` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (`jtranspeft.evaluate` stays the library function, see `jtranspeft.__init__`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.evaluate import main
+
+    sys.exit(main())

@@ -1,8 +1,11 @@
 """``python -m jtranspeft.evolve``: runs `jtranspeft.cli.evolve`.
 
-Imported, this module calls like the library function `jtranspeft.evolve` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (`jtranspeft.evolve` stays the library function, see `jtranspeft.__init__`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.evolve import main
+
+    sys.exit(main())

@@ -1,8 +1,11 @@
 """``python -m jtranspeft.experiment``: runs `jtranspeft.cli.experiment`.
 
-Imported, this module calls like the library function `jtranspeft.run_experiment` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (the library function is `jtranspeft.run_experiment`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.experiment import main
+
+    sys.exit(main())

@@ -1,8 +1,11 @@
 """``python -m jtranspeft.migrate``: runs `jtranspeft.cli.migrate`.
 
-Imported, this module calls like the library function `jtranspeft.migrate` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (`jtranspeft.migrate` stays the library function, see `jtranspeft.__init__`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.migrate import main
+
+    sys.exit(main())

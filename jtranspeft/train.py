@@ -1,8 +1,11 @@
 """``python -m jtranspeft.train``: runs `jtranspeft.cli.train`.
 
-Imported, this module calls like the library function `jtranspeft.train` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (`jtranspeft.train` stays the library function, see `jtranspeft.__init__`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.train import main
+
+    sys.exit(main())

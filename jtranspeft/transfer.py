@@ -1,8 +1,11 @@
 """``python -m jtranspeft.transfer``: runs `jtranspeft.cli.transfer`.
 
-Imported, this module calls like the library function `jtranspeft.transfer` (see `jtranspeft.cli.common.shim`).
+Imported, it runs nothing (`jtranspeft.transfer` stays the library function, see `jtranspeft.__init__`).
 """
 
-from jtranspeft.cli.common import shim
+if __name__ == "__main__":
+    import sys
 
-shim(__name__)
+    from jtranspeft.cli.transfer import main
+
+    sys.exit(main())

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jtranspeft as jt
-from jtranspeft.checkpoints.state import Checkpoints
 from jtranspeft.training.sharding import MeshConfig, make_mesh, place
+from jtranspeft.training.state import Checkpoints
 from jtranspeft.training.config import TrainConfig
 from jtranspeft.training.step import TrainState, make_optimizer, make_step, step_shardings
 

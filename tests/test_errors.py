@@ -1,6 +1,7 @@
 """Bad inputs give clear errors that name the file, field, tensor or shape; nothing loads silently."""
 
 import json
+import re
 
 import jax
 import pytest
@@ -88,6 +89,11 @@ def adapter_dir(llama_dir, tmp_path_factory):
     base = jt.load_base(llama_dir)
     lora = jt.init_lora(base, jt.LoraConfig(r=4, targets=("q_proj", "v_proj")), jax.random.key(0))
     return jt.save_peft(lora, tmp_path_factory.mktemp("adapter"), base=base)
+
+
+def test_a_missing_adapter_directory_is_said_not_to_exist(llama_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nothing'}: does not exist")):
+        jt.load_peft(tmp_path / "nothing", jt.load_base(llama_dir))
 
 
 def test_adapter_for_a_different_hidden_size(adapter_dir, tmp_path):

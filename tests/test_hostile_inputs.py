@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jtranspeft as jt
-from jtranspeft.checkpoints.peft_format import read_adapter_config
+from jtranspeft.checkpoints.lora_format import read_adapter_config
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from jtranspeft.cli import evaluate as evaluate_cli
 from jtranspeft.cli import train as train_cli
@@ -296,7 +296,7 @@ def test_resuming_with_fewer_steps_than_checkpointed_is_refused(tmp_path, recipe
 
 def test_a_full_disk_stops_the_run_and_a_rerun_ends_equal_to_an_uninterrupted_one(tmp_path, recipe, capsys,
                                                                                  monkeypatch):
-    from jtranspeft.checkpoints.state import Checkpoints
+    from jtranspeft.training.state import Checkpoints
 
     real_save = Checkpoints.save
 
@@ -329,6 +329,16 @@ def test_evaluate_refuses_unknown_generator_arguments_before_loading(tmp_path, t
     argv = ["--base", str(tiny_model_dir), "--task", "rg:chain_sum", "--rg-kwargs", '{"bogus": 1}',
             "--limit", "2", "--out", str(tmp_path / "eval")]
     _expect_clear_error(capsys, tmp_path, (evaluate_cli.main, argv), 2, ["bogus", "--rg-kwargs"])
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "transfer"])
+def test_a_missing_adapter_path_is_said_not_to_exist(tmp_path, tiny_model_dir, capsys, tool):
+    missing = tmp_path / "no" / "such"
+    argv = {"evaluate": (evaluate_cli.main, ["--base", str(tiny_model_dir), "--adapter", str(missing), "--task",
+                                             "rg:chain_sum", "--limit", "2", "--out", str(tmp_path / "eval")]),
+            "transfer": (transfer_cli.main, ["--adapter", str(missing), "--new-base", str(tiny_model_dir), "--out",
+                                             str(tmp_path / "out"), "--quiet"])}[tool]
+    _expect_clear_error(capsys, tmp_path, argv, 2, [f"{missing}: does not exist"])
 
 
 def test_killed_evaluation_resumes_from_its_predictions(tmp_path, tiny_model_dir):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from jtranspeft.cli.tools import TOOLS  # the one list of tools (setup.py's console scripts read it too)
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "jtranspeft"
 CORE = ("utils", "models", "peft", "checkpoints", "data")
@@ -32,7 +34,6 @@ MAY_IMPORT = {
     "cli": {"utils", "models", "peft", "checkpoints", "data", "inference", "training", "eval", "migration",
             "analysis"},
 }
-TOOLS = ("train", "evolve", "transfer", "evaluate", "analyze", "experiment", "migrate")
 
 
 def _modules():
@@ -64,6 +65,28 @@ def _imports(name: str, path: Path) -> list[str]:
 def _folder_of(module: str) -> str | None:
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else None
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: the jtranspeft modules it imports}, counting imports inside functions."""
+    names = {name for name, _, _ in _modules()}
+    return {name: {t for t in _imports(name, path) if t in names and t != name} for name, _, path in _modules()}
+
+
+def _cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """The shortest import chain from ``start`` back to itself (breadth first), or None."""
+    parent, queue = {start: None}, [start]
+    for module in queue:
+        for target in sorted(graph[module]):
+            if target == start:
+                chain = [module]
+                while parent[chain[-1]] is not None:
+                    chain.append(parent[chain[-1]])
+                return chain[::-1] + [start]
+            if target not in parent:
+                parent[target] = module
+                queue.append(target)
+    return None
 
 
 def test_every_folder_is_in_the_table():
@@ -99,6 +122,13 @@ def test_only_the_cli_and_the_entry_shims_import_cli_modules():
     assert top_level == shims  # the top of the package holds the public API and the python -m entries only
 
 
+def test_no_import_cycles():
+    graph = _import_graph()
+    chains = [_cycle_through(graph, name) for name in sorted(graph)]
+    cycles = {frozenset(chain): " -> ".join(chain) for chain in chains if chain}
+    assert not cycles, "import cycles (imports inside functions count):\n" + "\n".join(cycles.values())
+
+
 def _run_python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -128,17 +158,39 @@ def test_python_dash_m_and_console_scripts_reach_the_same_main(tool):
     assert done.returncode == 0 and "examples" in done.stdout, done.stderr[-2000:]
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get(f"jtranspeft-{tool}") == f"jtranspeft.cli.{tool}:main"
+    assert done.stdout.startswith(f"usage: python -m jtranspeft.{tool} ")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_console_script_names_itself_in_its_usage(tool, tmp_path):
+    script = tmp_path / f"jtranspeft-{tool}"  # what pip writes for the entry point
+    script.write_text(f"import sys\nfrom jtranspeft.cli.{tool} import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"usage: jtranspeft-{tool} ")
 
 
 def test_the_public_api_resolves_and_jobs_stay_callable_after_their_shim_is_imported():
     import jtranspeft as jt
 
+    for tool in TOOLS:
+        importlib.import_module(f"jtranspeft.{tool}")  # an entry module: it does not rebind jt.<tool>
     for name in jt.__all__:
         assert getattr(jt, name) is not None, name
     from jtranspeft.training.finetune import train
 
-    importlib.import_module("jtranspeft.train")  # binds jt.train to the entry module...
-    assert jt.train is sys.modules["jtranspeft.train"] and callable(jt.train)  # ...which forwards to the function
+    assert jt.train is train
     with pytest.raises(TypeError, match="RunConfig|positional|cfg"):
         jt.train()  # reached train(cfg): a missing argument, not "module object is not callable"
     assert train.__module__ == "jtranspeft.training.finetune"
+
+
+def test_every_peft_family_has_its_file_format():
+    from jtranspeft.checkpoints.peft_format import FORMATS
+    from jtranspeft.peft.family import FAMILIES
+
+    assert set(FORMATS) == set(FAMILIES)
+    for name, form in FORMATS.items():
+        assert all(callable(getattr(form, part, None)) for part in ("save", "load", "layout")), name

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from jtranspeft.analysis import SECTIONS
-from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
+from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging, usage_name
 
 EXAMPLES = """python -m jtranspeft.analyze --old smollm2 --new runs/evolve/smollm2_uniform/base \\
     --adapter runs/quickstart/adapter --out runs/analysis/uniform
@@ -22,7 +22,7 @@ python -m jtranspeft.analyze --old old_dir --new new_dir --data items.jsonl --te
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m jtranspeft.analyze", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=usage_name("analyze"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Where does a base update differ, and which part of it costs an adapter its task score?",
         epilog="sections: drift (weights), activations (prompts), attribution (component swaps), sensitivity\n"
                "(per-layer FFN drop + masking). See docs/research.md.\n\nexamples:\n"

@@ -1,4 +1,4 @@
-"""What every jtranspeft CLI shares: logging flags, the exit-code convention, and the ``python -m`` shims.
+"""What every jtranspeft CLI shares: logging flags, the exit-code convention, the usage name.
 
 A CLI module parses its arguments, configures logging (`setup_logging`: ``--quiet`` shows only warnings and
 errors and hides progress bars, ``--verbose`` adds debug messages), calls ONE library function with typed
@@ -14,8 +14,8 @@ import functools
 import json
 import logging
 import sys
-import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from jtranspeft.utils.config_io import parse_cli
 from jtranspeft.utils.errors import EXIT_BAD_INPUT, RunStopped
@@ -104,36 +104,8 @@ def cli_main(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-# The tools: ``python -m jtranspeft.<tool>`` / ``jtranspeft-<tool>`` -> jtranspeft.cli.<tool>.main, and the
-# library function of the same name ("module:function").
-TOOLS = {
-    "train": "jtranspeft.training.finetune:train",
-    "evolve": "jtranspeft.training.evolve:evolve",
-    "transfer": "jtranspeft.migration.transfer:transfer",
-    "evaluate": "jtranspeft.eval.evaluate:evaluate",
-    "analyze": "jtranspeft.analysis.analyze:analyze",
-    "experiment": "jtranspeft.analysis.experiment:run_experiment",
-    "migrate": "jtranspeft.migration.migrate:migrate",
-}
-
-
-def shim(module_name: str) -> None:
-    """The body of a ``jtranspeft/<tool>.py`` entry module: run the tool's CLI when executed with
-    ``python -m``; when imported, make the module callable as the library function.
-
-    ``import jtranspeft.train`` binds the attribute ``jtranspeft.train`` to that module, shadowing the
-    function `jtranspeft.train`; calling the module forwards to the function, so ``jt.train(config)`` works
-    either way.
-    """
-    import importlib
-
-    if module_name == "__main__":
-        tool = sys.modules["__main__"].__spec__.name.rsplit(".", 1)[-1]
-        sys.exit(importlib.import_module(f"jtranspeft.cli.{tool}").main())
-    target, function = TOOLS[module_name.rsplit(".", 1)[-1]].split(":")
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return getattr(importlib.import_module(target), function)(*args, **kwargs)
-
-    sys.modules[module_name].__class__ = _CallableModule
+def usage_name(tool: str) -> str:
+    """The command the user typed to run ``tool``, for its usage line: the console script's name
+    (``jtranspeft-train``) when run as one, else ``python -m jtranspeft.train``."""
+    script = f"jtranspeft-{tool}"
+    return script if Path(sys.argv[0]).stem == script else f"python -m jtranspeft.{tool}"

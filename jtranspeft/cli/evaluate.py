@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
+from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging, usage_name
 
 EXAMPLES = """examples:
   # reasoning-gym task, generated offline (200 items unless --limit)
@@ -30,7 +30,7 @@ EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (see --help)."""
-    parser = argparse.ArgumentParser(prog="python -m jtranspeft.evaluate", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=usage_name("evaluate"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True,
                         help='base model: HF checkpoint directory, .gguf file, hub id or "smollm2"')

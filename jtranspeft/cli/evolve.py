@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jtranspeft.cli.common import cli_main, run_config_job
+from jtranspeft.cli.common import cli_main, run_config_job, usage_name
 
 EXAMPLES = """python -m jtranspeft.evolve --config configs/evolve/smollm2_uniform.yaml
 python -m jtranspeft.evolve --config configs/evolve/smollm2_ffn.yaml output_dir=runs/ffn_lr3 train.lr=3e-4
@@ -31,7 +31,7 @@ def interpolate_main(argv) -> int:
 
     from jtranspeft.cli.common import add_logging_flags, setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m jtranspeft.evolve interpolate", epilog=INTERPOLATE_EXAMPLES,
+    parser = argparse.ArgumentParser(prog=usage_name("evolve") + " interpolate", epilog=INTERPOLATE_EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Interpolate (or extrapolate) between an old and an updated base "
                                                  "without training: one saved base per lambda.")
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["interpolate"]:
         return interpolate_main(argv[1:])
-    return run_config_job(argv, prog="python -m jtranspeft.evolve", examples=EXAMPLES,
+    return run_config_job(argv, prog=usage_name("evolve"), examples=EXAMPLES,
                           description="Continued pre-training of a base model (all weights, per-group learning "
                                       "rates) to make an updated base.",
                           config="jtranspeft.training.config:EvolveConfig", job="jtranspeft.training.evolve:evolve")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jtranspeft.cli.common import cli_main, parse_config_cli
+from jtranspeft.cli.common import cli_main, parse_config_cli, usage_name
 
 EXAMPLES = """python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml
 python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml seeds=[0] eval.limit=100
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         args, "Run the four-setting Trans-PEFT experiment (docs/method.md section 1; gates and paired "
               "statistics: docs/experiment.md). --readme FILE also rewrites FILE's block between "
               "<!-- experiment: NAME --> and <!-- /experiment: NAME --> (NAME: output_dir's last part).",
-        EXAMPLES.splitlines(), prog="python -m jtranspeft.experiment",
+        EXAMPLES.splitlines(), prog=usage_name("experiment"),
         switches={"--report": "write the tables from the pieces finished so far; train and score nothing"})
     from jtranspeft.analysis.experiment import ExperimentConfig, format_results, run_experiment, update_readme
     from jtranspeft.utils.config_io import load_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
+from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging, usage_name
 from jtranspeft.utils.errors import EXIT_INCOMPATIBLE, EXIT_RETRAIN
 
 EPILOG = f"""exit status:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = MigrateConfig()
     p = argparse.ArgumentParser(
-        prog="python -m jtranspeft.migrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog=usage_name("migrate"), formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Migrate a fleet of LoRA adapters to an updated base, each by the cheapest rung of copy -> "
                     "training-free (project, rescale) -> Trans-LoRA distillation whose label-free fidelity "
                     "(KL or top-1 agreement with old base + adapter) reaches the threshold. See docs/migrate.md.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jtranspeft.cli.common import cli_main, run_config_job
+from jtranspeft.cli.common import cli_main, run_config_job, usage_name
 
 EXAMPLES = """python -m jtranspeft.train --config configs/quickstart.yaml
 python -m jtranspeft.train --config configs/quickstart.yaml output_dir=runs/q2 train.max_steps=20
@@ -26,7 +26,7 @@ python -m jtranspeft.train --config configs/quickstart.yaml peft=bottleneck bott
 @cli_main
 def main(argv=None) -> int:
     """CLI entry point; returns the process exit status (see `jtranspeft.utils.errors`)."""
-    return run_config_job(argv, prog="python -m jtranspeft.train", examples=EXAMPLES,
+    return run_config_job(argv, prog=usage_name("train"), examples=EXAMPLES,
                           description="Train a transferable (Trans-PEFT) LoRA adapter.",
                           config="jtranspeft.training.config:RunConfig", job="jtranspeft.training.finetune:train")
 

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging
+from jtranspeft.cli.common import add_logging_flags, cli_main, setup_logging, usage_name
 from jtranspeft.migration import DORA_MAGNITUDE, METHODS
 from jtranspeft.utils.errors import EXIT_INCOMPATIBLE
 
@@ -86,7 +86,7 @@ def read_prompts(path: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m jtranspeft.transfer``."""
     p = argparse.ArgumentParser(
-        prog="python -m jtranspeft.transfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog=usage_name("transfer"), formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Move a LoRA adapter (HF PEFT format) onto an updated base: verdict, moved adapter, "
                     "optional merged checkpoint and drift report. See docs/transfer.md.")
     p.add_argument("--adapter", required=True, help="HF PEFT adapter directory (from jtranspeft or peft)")

@@ -207,13 +207,14 @@ def _write_json(path: Path, value) -> None:
 def _prepare(base, adapter, merge: bool, dtype: str) -> tuple[Any, Any, dict]:
     """(base, adapter or None, settings): loads what is given as paths, merges when asked."""
     from jtranspeft.checkpoints.loading import load_base
-    from jtranspeft.checkpoints.peft_format import is_adapter_dir, load_peft
+    from jtranspeft.checkpoints.adapter_files import check_adapter_dir
+    from jtranspeft.checkpoints.peft_format import load_peft
     from jtranspeft.peft.family import merge_adapter
 
     if merge and adapter is None:
         raise InputError("merge needs an adapter")
-    if isinstance(adapter, (str, Path)) and not is_adapter_dir(adapter):
-        raise InputError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json or rosa.json)")
+    if isinstance(adapter, (str, Path)):
+        check_adapter_dir(adapter)
     name = str(base) if isinstance(base, (str, Path)) else base.source
     if isinstance(base, (str, Path)):
         base = load_base(base, dtype=dtype)

@@ -40,19 +40,17 @@ import numpy as np
 
 from jtranspeft.checkpoints.fingerprint import base_fingerprint, describe, fingerprint_differences, kernel_norms
 from jtranspeft.checkpoints.loading import save_base
-from jtranspeft.checkpoints.peft_format import (CONFIG_FILE, WEIGHTS_FILE, load_peft, modules_named, peft_key,
-                                                read_metadata, save_peft, split_peft_key)
-from jtranspeft.checkpoints.family_formats import bottleneck_key, shira_key
+from jtranspeft.checkpoints.adapter_files import (CONFIG_FILE, WEIGHTS_FILE, bottleneck_key, check_adapter_dir,
+                                                  modules_named, peft_key, shira_key, split_peft_key)
+from jtranspeft.checkpoints.peft_format import adapter_layout, load_peft, read_metadata, save_peft
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
 from jtranspeft.models.base import Base
 from jtranspeft.models.params import base_kernel
 from jtranspeft.models.spec import MODULE_BLOCK, PROJECTION, TARGET_MODULES, WIDTHS, ModelSpec, hf_module_name, \
     parse_hf_module_name
 from jtranspeft.peft.family import ADAPTER_TYPES, family_of, merge_adapter
-from jtranspeft.peft.bottleneck import Bottleneck
-from jtranspeft.peft.rosa import ROSA_FILE, Rosa
-from jtranspeft.peft.shira import Shira
-from jtranspeft.peft.lora import Lora, layer_ranks
+from jtranspeft.peft.rosa import ROSA_FILE
+from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.moves import dora_column_scales, project_lora, remap_layers, renorm_magnitudes, rescale_lora
 from jtranspeft.migration import DORA_MAGNITUDE, METHODS
 from jtranspeft.utils.files import atomic_directory
@@ -110,6 +108,7 @@ class _AdapterLayout:
 
 
 def _layout_from_dir(directory: Path) -> _AdapterLayout:
+    check_adapter_dir(directory)
     if (directory / ROSA_FILE).is_file():  # RoSA: its low-rank and sparse parts, each a PEFT directory
         low, sparse = _layout_from_dir(directory / "lora"), _layout_from_dir(directory / "sparse")
         return _AdapterLayout({**low.shapes, **sparse.shapes}, low.foreign + sparse.foreign, low.metadata)
@@ -147,30 +146,7 @@ def _layout_from_dir(directory: Path) -> _AdapterLayout:
 
 
 def _layout_from_lora(lora, metadata: dict | None) -> _AdapterLayout:
-    shapes = {}
-    if isinstance(lora, Bottleneck):
-        for placement in lora.config.placement:
-            down = lora.params["layers"][f"adapter_{placement}"]["down"]
-            shapes.update({(f"adapter_{placement}", layer, part): shape for layer in range(lora.num_layers)
-                           for part, shape in (("down", down.shape[1:][::-1]), ("up", down.shape[1:]))})
-        return _AdapterLayout(shapes, [], dict(metadata or {}))
-    if isinstance(lora, Rosa):
-        low, sparse = _layout_from_lora(lora.lora, metadata), _layout_from_lora(lora.sparse, metadata)
-        return _AdapterLayout({**low.shapes, **sparse.shapes}, [], dict(metadata or {}))
-    if isinstance(lora, Shira):
-        for module in lora.modules():
-            d_in, d_out = lora.kernel_shape(module)
-            shapes.update({(module, layer, "i"): (d_out, d_in) for layer in range(lora.num_layers)})
-        return _AdapterLayout(shapes, [], dict(metadata or {}))
-    for module in lora.modules():
-        a_lir, b_lro = lora.factors(module)
-        for layer, rank in enumerate(layer_ranks(lora.config, module, lora.num_layers)):
-            if rank:
-                shapes[(module, layer, "A")] = (rank, a_lir.shape[1])
-                shapes[(module, layer, "B")] = (b_lro.shape[2], rank)
-                if lora.config.use_dora:
-                    shapes[(module, layer, "m")] = (b_lro.shape[2],)
-    return _AdapterLayout(shapes, [], dict(metadata or {}))
+    return _AdapterLayout(adapter_layout(lora), [], dict(metadata or {}))
 
 
 def _shape_reasons(layout: _AdapterLayout, new_base: Base, layer_map: dict[int, int] | None) -> list[str]:

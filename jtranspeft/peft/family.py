@@ -2,8 +2,9 @@
 
 Every family's adapter is a frozen dataclass pytree whose ``params`` go into the decoder's ``"lora"``
 collection, read per projection by `jtranspeft.models.layers.Projection`; the trainer differentiates only the
-floating-point leaves (a SHiRA support is integer and stays fixed), so one training loop, one merge path,
-one file reader (`jtranspeft.checkpoints.peft_format`) and one generation path serve them all.
+floating-point leaves (a SHiRA support is integer and stays fixed), so one training loop, one merge path and
+one generation path serve them all. Each family's files are read and written by its format module,
+``jtranspeft.checkpoints.peft_format.FORMATS[family.name]`` (checkpoints imports peft, not the reverse).
 
 ==========  =====================================  ================================  ===============  ===========
 family      params per adapted module              forward                           file             transfer

@@ -35,11 +35,11 @@ import jax
 import numpy as np
 from etils import epath
 
-from jtranspeft.checkpoints.state import Checkpoints
 from jtranspeft.training.config import DistributedConfig
 from jtranspeft.training.flops import peak_flops_per_device, throughput_metrics
 from jtranspeft.training.metrics import MetricsLog
 from jtranspeft.training.sharding import place
+from jtranspeft.training.state import Checkpoints
 from jtranspeft.training.step import StepShardings, TrainState, lr_schedule
 from jtranspeft.utils.config_io import to_dict, to_yaml
 from jtranspeft.utils.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_SIGTERM, RunStopped
