@@ -85,8 +85,8 @@ _EXPORTS = {
     "AnalyzeConfig": "jtranspeft.analysis.analyze",
     "analyze": "jtranspeft.analysis.analyze",
     "drift_report": "jtranspeft.analysis.drift",
-    "ExperimentConfig": "jtranspeft.analysis.experiment",
-    "run_experiment": "jtranspeft.analysis.experiment",
+    "ExperimentConfig": "jtranspeft.experiments.runner",
+    "run_experiment": "jtranspeft.experiments.runner",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations  # like the real config modules: hints are strings until resolved
 
+import copy
 import dataclasses
 import os
 import subprocess
@@ -195,6 +196,27 @@ def test_all_keys_lists_dotted_leaves():
     assert "lora" not in keys and "eval" not in keys
 
 
+def test_a_mapping_layer_equals_the_same_yaml_layer(tmp_path, base):
+    recipe = write(tmp_path, "recipe.yaml", "lora:\n  rank: 16\n  targets: [q_proj]\ntrain:\n  seed: 3\n"
+                                            "eval:\n  every: 5\nshape: [2, b]\n")
+    layer = {"lora": {"rank": 16, "targets": ["q_proj"]}, "train": {"seed": 3}, "eval": {"every": 5},
+             "shape": [2, "b"]}
+    kept = copy.deepcopy(layer)
+    assert load_config(Root, [base, layer]) == load_config(Root, [base, recipe])
+    assert layer == kept  # the caller's mapping is not changed
+    only_mappings = load_config(Root, [{"model": "tiny-llama"}, {"train": {"max_steps": 100, "learning_rate": 2e-4}},
+                                       layer])
+    assert only_mappings == load_config(Root, [base, recipe])
+
+
+def test_overrides_as_a_mapping_equal_the_same_text(base):
+    text = ["train.max_steps=10", "lora.targets=[q_proj, k_proj]", "train.seed=", "eval.every=3", "lora.rank=4"]
+    mapping = {"train.max_steps": 10, "lora.targets": ("q_proj", "k_proj"), "train.seed": None, "eval.every": 3,
+               "lora": {"rank": 4}}
+    assert load_config(Root, [base], mapping) == load_config(Root, [base], text)
+    assert load_config(Root, [base], {"eval": None}).eval is None
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -244,6 +266,22 @@ def test_unknown_key_in_file_suggests_nearest(tmp_path, base):
     recipe = write(tmp_path, "recipe.yaml", "train:\n  max_step: 10\n")
     message = error_of(Root, [base, recipe])
     assert message == f"unknown key 'train.max_step' (in {recipe}); did you mean 'train.max_steps'?"
+
+
+def test_unknown_key_in_a_mapping_suggests_nearest(base):
+    message = error_of(Root, [base, {"train": {"max_step": 10}}])
+    assert message == "unknown key 'train.max_step' (in mapping layer 2); did you mean 'train.max_steps'?"
+    message = error_of(Root, [base], {"lora.rnak": 4})
+    assert message == "unknown key 'lora.rnak' (in the overrides); did you mean 'lora.rank'?"
+
+
+def test_wrong_values_and_keys_of_mappings_are_named(base):
+    message = error_of(Root, [base, {"train": {"max_steps": "ten"}}])
+    assert "'train.max_steps' (in mapping layer 2)" in message and "expected int, got str 'ten'" in message
+    message = error_of(Root, [base], {"train.remat": 1})
+    assert "'train.remat' (in the overrides)" in message and "expected bool, got int 1" in message
+    for key in ("train..max_steps", "", 3):
+        assert repr(key) in error_of(Root, [base], {key: 1}) and "not a dotted key" in error_of(Root, [base], {key: 1})
 
 
 def test_unknown_keys_all_reported_including_sections_and_overrides(tmp_path, base):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jtranspeft.analysis.experiment import ExperimentConfig
+from jtranspeft.experiments.runner import ExperimentConfig
 from jtranspeft.training.config import EvolveConfig, RunConfig, TrainConfig
 from jtranspeft.utils.config_io import all_keys, load_config, read_yaml, to_dict
 

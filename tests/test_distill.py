@@ -12,14 +12,17 @@ import logging
 
 import jax
 import pytest
+import yaml
 
 import jtranspeft as jt
 from jtranspeft.data.prompts import alpaca_prompt
-from jtranspeft.migration.distill import distill_transfer, synthesize_prompts
+from jtranspeft.data.config import DataConfig
+from jtranspeft.migration.distill import distill_transfer, student_config, synthesize_prompts
 from jtranspeft.migration.fidelity import fidelity
-from jtranspeft.training.config import RunConfig
-from jtranspeft.training.finetune import train
-from jtranspeft.utils.config_io import load_config
+from jtranspeft.peft.transpeft import TransPeftConfig
+from jtranspeft.training.config import ModelConfig, RunConfig
+from jtranspeft.training.finetune import base_differences, base_settings, train
+from jtranspeft.utils.config_io import load_config, to_dict
 from jtranspeft.utils.errors import InputError
 from test_train import _config_file
 
@@ -58,8 +61,39 @@ def test_distillation_brings_the_adapter_closer_to_the_teacher(tmp_path, pair, t
     copied_kl, distilled_kl = copied["kl"], got["kl"]
     assert distilled_kl < 0.5 * copied_kl, (distilled_kl, copied_kl)  # measured here: 0.070 vs 0.235
     assert got["top1"] >= copied["top1"] and got["exact"] >= copied["exact"]
-    cfg = json.loads((tmp_path / "d" / "distill_config.json").read_text())
-    assert cfg["init_adapter"] == str(adapter) and cfg["model"]["path"] == str(new_dir) and cfg["transpeft"] == {}
+    cfg = yaml.safe_load((tmp_path / "d" / "train" / "config.yaml").read_text())  # the student run's own record
+    assert cfg["init_adapter"] == str(adapter) and cfg["model"]["path"] == str(new_dir)
+    assert cfg["transpeft"] == to_dict(TransPeftConfig())  # no Trans-PEFT perturbation
+    assert not list((tmp_path / "d").glob("*.json"))  # no config written to be read back
+
+
+def test_the_student_config_is_the_recorded_one_with_the_students_settings(tmp_path, tiny_model_dir):
+    """The recorded run config (LoRA, optimiser, model, data template and lengths) under the student's new base,
+    synthetic data, budget and seed; the teacher's Trans-PEFT perturbation and data source are dropped."""
+    teacher = load_config(RunConfig, [{
+        "model": {"path": "old", "dtype": "bfloat16", "remat": True},
+        "lora": {"r": 4, "alpha": 8.0, "targets": ["q_proj", "o_proj"]},
+        "transpeft": {"p_mask": 0.2, "p_drop": 0.3},
+        "data": {"source": "teacher.jsonl", "template": "chat", "max_length": 96, "buckets": [48, 96],
+                 "probe_prompts": 3, "seed": 7},
+        "train": {"lr": 5e-4, "batch_size": 4, "max_steps": 500, "seed": 9}}])
+    recorded = {**to_dict(teacher), "retired": {"by": "an older jtranspeft"}}  # an unknown section: left out
+    synthetic = tmp_path / "synthetic.jsonl"
+    cfg = student_config(recorded, {"path": "new"}, synthetic, tmp_path / "train", steps=20, seed=1,
+                         init_adapter="moved")
+    assert cfg.transpeft == TransPeftConfig() and cfg.lora == teacher.lora and cfg.peft == teacher.peft
+    assert cfg.model == ModelConfig(path="new", dtype="bfloat16", remat=True)
+    assert (cfg.data.source, cfg.data.format, cfg.data.seed, cfg.data.probe_prompts) == \
+        (str(synthetic), "alpaca", 1, DataConfig().probe_prompts)
+    assert (cfg.data.template, cfg.data.max_length, cfg.data.buckets) == ("chat", 96, (48, 96))
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.max_steps, cfg.train.seed, cfg.train.progress) == \
+        (5e-4, 4, 20, 1, False)
+    assert (cfg.output_dir, cfg.init_adapter) == (str(tmp_path / "train"), "moved")
+    assert student_config(recorded, {"path": "new"}, synthetic, tmp_path, steps=20, seed=1, lr=1e-3).train.lr == 1e-3
+    base = jt.load_base(tiny_model_dir)
+    held = student_config(recorded, base_settings(base), synthetic, tmp_path, steps=20, seed=1)
+    assert held.model == ModelConfig(path=str(tiny_model_dir), dtype="float32", compute_dtype=None, remat=True)
+    assert base_differences(held.model, base) == [] and held.init_adapter is None
 
 
 def test_synthesis_and_init_errors(pair, tiny_model_dir, tmp_path):

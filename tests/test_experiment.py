@@ -12,7 +12,7 @@ import yaml
 
 import jtranspeft as jt
 from jtranspeft.utils.config_io import load_config
-from jtranspeft.analysis.experiment import ExperimentConfig
+from jtranspeft.experiments.runner import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_bad_experiment_configs_name_the_field(tmp_path, bases):
 def test_gates_run_before_any_trans_peft_row_and_stop_a_failing_update(tmp_path, bases):
     """A damage threshold no tiny update can meet: both candidates fail (b), no row is trained, and the
     report says which gate failed by how much; with the gates opened the smallest lambda is chosen."""
-    from jtranspeft.analysis.experiment import run_experiment
+    from jtranspeft.experiments.runner import run_experiment
 
     path = _experiment_file(tmp_path, *bases, new_bases={}, seeds=[0], fine_tune_n_seeds=None, projection=False,
                             rows={"drop": {"transpeft.p_drop": 0.5}}, no_adapter=False,
@@ -156,7 +156,7 @@ def test_gates_run_before_any_trans_peft_row_and_stop_a_failing_update(tmp_path,
         ("Fine-tune_o", "old"), ("Direct Transfer", "lambda_0.5"), ("Fine-tune_n", "lambda_0.5"),
         ("Trans-PEFT [drop]", "old"), ("Trans-PEFT [drop]", "lambda_0.5")}
     assert results["gates"]["scores"]["0.5"]["ffn_share"] is not None
-    from jtranspeft.analysis.experiment import update_readme
+    from jtranspeft.experiments.report import update_readme
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- experiment: exp -->\nold table\n<!-- /experiment: exp -->\nafter\n")

@@ -31,8 +31,10 @@ MAY_IMPORT = {
     "eval": {"utils", "models", "peft", "checkpoints", "data", "inference"},
     "migration": {"utils", "models", "peft", "checkpoints", "data", "inference", "training", "eval"},
     "analysis": {"utils", "models", "peft", "checkpoints", "data", "inference", "training", "eval", "migration"},
+    "experiments": {"utils", "models", "peft", "checkpoints", "data", "inference", "training", "eval", "migration",
+                    "analysis"},
     "cli": {"utils", "models", "peft", "checkpoints", "data", "inference", "training", "eval", "migration",
-            "analysis"},
+            "analysis", "experiments"},
 }
 
 

@@ -324,3 +324,40 @@ def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, tiny_model_dir, ti
         assert finished[key] is not None, key
     assert train(load_config(RunConfig, [recipe])) == finished
     assert json.loads(summary_file.read_text()) == finished
+
+
+def test_a_loaded_base_trains_the_same_adapter_without_loading_it_again(tmp_path, tiny_model_dir, tiny_task_file,
+                                                                         monkeypatch):
+    """train(cfg, base=loaded) equals train(cfg): tensors, fingerprint, recorded config; load_base is not called."""
+    import dataclasses
+
+    import jtranspeft.training.finetune as finetune
+    from jtranspeft.utils.errors import InputError
+
+    cfg = load_config(RunConfig, [_config_file(tmp_path, tiny_model_dir, tiny_task_file)], {"train.max_steps": 3})
+    train(cfg)
+    base, half = jt.load_base(tiny_model_dir), jt.load_base(tiny_model_dir, dtype="bfloat16")
+    embedding = np.array(base.params["embed_tokens"]["embedding"])
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("load_base called for a base the caller holds")
+
+    monkeypatch.setattr(finetune, "load_base", no_second_load)
+    held = dataclasses.replace(cfg, output_dir=str(tmp_path / "held"))
+    train(held, base=base)
+    assert _adapter_tensors(tmp_path / "run").keys() == _adapter_tensors(tmp_path / "held").keys()
+    for key, value in _adapter_tensors(tmp_path / "run").items():
+        np.testing.assert_array_equal(value, _adapter_tensors(tmp_path / "held")[key], err_msg=key)
+    loaded, given = (jt.read_metadata(tmp_path / run / "adapter") for run in ("run", "held"))
+    assert given["base_fingerprint"] == loaded["base_fingerprint"]
+    assert given["config"] == {**loaded["config"], "output_dir": held.output_dir}
+    assert [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())
+            for run in ("run", "held")] == 2 * [json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())]
+    np.testing.assert_array_equal(base.params["embed_tokens"]["embedding"], embedding)  # the caller's base is unchanged
+
+    # a base other than the one the config names is refused before any step (the adapter would record a lie)
+    for other, words in ((half, "dtype float32 \\(config\\) vs bfloat16 \\(given base\\)"),
+                         (base.replace(source=str(tmp_path)), "path .* \\(config\\) vs .* \\(given base\\)")):
+        with pytest.raises(InputError, match=words):
+            train(dataclasses.replace(cfg, output_dir=str(tmp_path / "other")), base=other)
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()

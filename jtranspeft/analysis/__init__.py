@@ -1,5 +1,5 @@
-"""Research measurements and the experiment runner: drift, activations, attribution, sensitivity, `analyze`,
-and the four-setting Trans-PEFT experiment.
+"""Research measurements: drift, activations, attribution, sensitivity, `analyze`, gates and paired statistics
+(the four-setting experiment that uses them: `jtranspeft.experiments`).
 
 This file stays free of heavy imports: the CLI reads `SECTIONS` for its ``--help`` without loading JAX.
 """

@@ -1,7 +1,7 @@
 """``python -m jtranspeft.experiment --config FILE [key=value ...] [--report]``: the four-setting experiment.
 
-Builds the `ExperimentConfig` and calls `jtranspeft.run_experiment` (`jtranspeft.analysis.experiment`);
-prints the results tables.
+Builds the `ExperimentConfig` and calls `jtranspeft.run_experiment` (`jtranspeft.experiments.runner`);
+prints the results tables (`jtranspeft.experiments.report`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
               "<!-- experiment: NAME --> and <!-- /experiment: NAME --> (NAME: output_dir's last part).",
         EXAMPLES.splitlines(), prog=usage_name("experiment"),
         switches={"--report": "write the tables from the pieces finished so far; train and score nothing"})
-    from jtranspeft.analysis.experiment import ExperimentConfig, format_results, run_experiment, update_readme
+    from jtranspeft.experiments.report import format_results, update_readme
+    from jtranspeft.experiments.runner import ExperimentConfig, run_experiment
     from jtranspeft.utils.config_io import load_config
 
     cfg = load_config(ExperimentConfig, [config_path], overrides)

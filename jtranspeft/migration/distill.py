@@ -8,7 +8,9 @@ from synthetic prompts answered by the old one, without the original training da
 3. `distill_transfer`: a LoRA with the adapter's own settings is trained on the new base on those (prompt,
    teacher answer) pairs by the ordinary training job (`jtranspeft.training.finetune.train`: loss on the
    teacher's tokens), starting from the moved adapter (``init="moved"``) or from peft's initialisation
-   (``init="scratch"``).
+   (``init="scratch"``). Its `RunConfig` is built from two mappings (`student_config`): the adapter's
+   recorded training config, then the student's own settings; the run directory keeps the resolved
+   ``config.yaml`` as every training run does.
 
 The synthetic set drops empty and duplicate prompts. With ``discriminator=True`` it is also filtered as the
 paper does: the OLD base writes as many synthetic prompts as there are seeds, a small LoRA discriminator on the
@@ -99,9 +101,9 @@ def teacher_records(base, lora, instructions: Sequence[str], template: str = "al
 def train_discriminator(old_base, real: Sequence[str], fake: Sequence[str], out: str | Path, *, steps: int = 60,
                         seed: int = 0) -> Path:
     """A LoRA (q, v; r 8) on ``old_base`` trained to answer "yes" to real prompts and "no" to synthetic ones,
-    by the ordinary training job; returns its adapter directory (``out/train/adapter``)."""
+    by the ordinary training job on the loaded ``old_base``; returns its adapter directory (``out/train/adapter``)."""
     from jtranspeft.training.config import RunConfig
-    from jtranspeft.training.finetune import train
+    from jtranspeft.training.finetune import base_settings, train
     from jtranspeft.utils.config_io import load_config
 
     out = Path(out)
@@ -109,14 +111,13 @@ def train_discriminator(old_base, real: Sequence[str], fake: Sequence[str], out:
     rows = [{"instruction": DISCRIMINATOR_QUESTION + p, "output": label}
             for prompts, label in ((real, "yes"), (fake, "no")) for p in prompts]
     write_text_atomic(out / "labelled.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    cfg = {"output_dir": str(out / "train"), "model": {"path": str(old_base.source)},
-           "lora": {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]},
-           "data": {"source": str(out / "labelled.jsonl"), "max_length": 192, "buckets": [96, 192],
-                    "seed": seed, "probe_prompts": 0},
-           "train": {"batch_size": min(8, len(rows)), "max_steps": steps, "lr": 1e-3, "warmup_steps": 2,
-                     "seed": seed, "progress": False}, "checkpoint": {"every": steps}}
-    (out / "discriminator_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    train(load_config(RunConfig, [out / "discriminator_config.json"]))
+    settings = {"output_dir": str(out / "train"), "model": base_settings(old_base),
+                "lora": {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]},
+                "data": {"source": str(out / "labelled.jsonl"), "max_length": 192, "buckets": [96, 192],
+                         "seed": seed, "probe_prompts": 0},
+                "train": {"batch_size": min(8, len(rows)), "max_steps": steps, "lr": 1e-3, "warmup_steps": 2,
+                          "seed": seed, "progress": False}, "checkpoint": {"every": steps}}
+    train(load_config(RunConfig, [settings]), base=old_base)
     return out / "train" / "adapter"
 
 
@@ -157,27 +158,30 @@ def filter_synthetic(old_base, seeds: Sequence[str], synthetic: Sequence[str], o
     return kept
 
 
-def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, seeds: Sequence[str],
+def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[str],
                      out: str | Path, *, samples: int = 250, steps: int = 100, init: str = "moved",
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = ()) -> dict:
-    """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on the base at
-    ``new_base_path``; returns {"adapter", "synthetic", "records", "summary"}.
+    """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on ``new_base``; returns
+    {"adapter", "synthetic", "records", "summary"}.
+
+    ``new_base``: the loaded new base (a `Base`: it writes the synthetic prompts and is trained on as it is,
+    its source and dtypes are the run's model section), or its path (loaded once, with the storage and compute
+    dtypes the adapter was trained with, and only when something is left to do).
 
     ``init`` "moved" starts from ``moved`` (a PEFT adapter for the new base, e.g. the copied one; default:
     ``adapter`` itself) and "scratch" from peft's initialisation. ``discriminator`` filters the synthetic
     prompts with a real-vs-synthetic LoRA on the old base (module docstring). ``held_out``: instructions that
-    will measure the result (fidelity probes); they may not be seeds and no synthetic prompt equals one. The adapter's recorded training config
-    gives LoRA settings, template and optimiser (``lr`` overrides); Trans-PEFT perturbations are off. Files:
-    ``out/synthetic.jsonl`` (the teacher-answered prompts) and the training run in ``out/train``. A rerun
+    will measure the result (fidelity probes); they may not be seeds and no synthetic prompt equals one. The
+    adapter's recorded training config gives LoRA settings, template and optimiser (``lr`` overrides;
+    `student_config`); Trans-PEFT perturbations are off. Files: ``out/synthetic.jsonl`` (the teacher-answered
+    prompts) and the training run in ``out/train`` (with its resolved ``config.yaml``). A rerun
     reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
     most ``max_new_tokens`` tokens each, and at most a third of the adapter's ``data.max_length``.
     """
-    from jtranspeft.checkpoints.loading import load_base
     from jtranspeft.checkpoints.peft_format import load_peft, read_metadata
-    from jtranspeft.training.config import RunConfig
-    from jtranspeft.training.finetune import train
-    from jtranspeft.utils.config_io import load_config
+    from jtranspeft.models.base import Base
+    from jtranspeft.training.finetune import base_settings, load_model, train
 
     overlap = {s.strip() for s in seeds} & {h.strip() for h in held_out}
     if overlap:
@@ -195,11 +199,15 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
     template = recorded.get("data", {}).get("template", "alpaca")
     # prompt and answer must fit the adapter's max_length beside the template: a third of it each at most
     max_new_tokens = min(max_new_tokens, max(4, int(recorded.get("data", {}).get("max_length", 512)) // 3))
+    held = new_base if isinstance(new_base, Base) else None
+    cfg = student_config(recorded, {"path": str(new_base)} if held is None else base_settings(held), synthetic,
+                         out / "train", steps=steps, seed=seed, lr=lr,
+                         init_adapter=str(moved or adapter) if init == "moved" else None)
     if not synthetic.is_file():
-        new_base = load_base(new_base_path)
-        instructions = synthesize_prompts(new_base, seeds, samples, seed=seed, max_new_tokens=max_new_tokens,
+        if held is None:
+            held = load_model(cfg.model)
+        instructions = synthesize_prompts(held, seeds, samples, seed=seed, max_new_tokens=max_new_tokens,
                                           exclude=held_out)
-        del new_base
         seeds = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
         if discriminator:
             instructions = filter_synthetic(old_base, seeds, instructions, out, seed=seed,
@@ -208,28 +216,26 @@ def distill_transfer(old_base, adapter: str | Path, new_base_path: str | Path, s
                                   max_new_tokens=max_new_tokens)
         write_text_atomic(synthetic, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     records = synthetic.read_text(encoding="utf-8").count("\n")
-    cfg = load_config(RunConfig, [_distill_config(recorded, out, new_base_path, synthetic, steps, seed, lr,
-                                                   str(moved or adapter) if init == "moved" else None)])
-    summary = train(cfg)
+    summary = train(cfg, base=held)
     return {"adapter": str(out / "train" / "adapter"), "synthetic": str(synthetic), "records": records,
             "summary": summary}
 
 
-def _distill_config(recorded: dict, out: Path, new_base_path, synthetic: Path, steps: int, seed: int,
-                    lr: float | None, init_adapter: str | None) -> Path:
-    """The distillation run's config file: the adapter's recorded run config with the new base, the synthetic
-    data (its template, length and loss settings kept), no Trans-PEFT perturbation and the given budget."""
+def student_config(recorded: dict, model: dict, synthetic: Path, output_dir: Path, *, steps: int, seed: int,
+                   lr: float | None = None, init_adapter: str | None = None):
+    """The distillation run's `RunConfig`, from two mappings: the adapter's ``recorded`` run config (its LoRA,
+    optimiser, model and mesh settings; of its data section the template, length and loss settings; not its
+    Trans-PEFT section, so the perturbations are off), then the student's own: ``model`` over the recorded one
+    (the new base), the ``synthetic`` data, the budget and seed, ``lr`` when given, ``init_adapter``."""
     from jtranspeft.training.config import RunConfig
+    from jtranspeft.utils.config_io import load_config
 
-    cfg = {k: v for k, v in recorded.items() if k in {f.name for f in dataclasses.fields(RunConfig)}}
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"transpeft"}
     kept_data = ("template", "loss_on", "max_length", "buckets", "add_eos")
-    cfg["data"] = {k: v for k, v in cfg.get("data", {}).items() if k in kept_data}
-    cfg["data"].update(source=str(synthetic), format="alpaca", seed=seed)
-    cfg["transpeft"] = {}
-    cfg["model"] = {**cfg.get("model", {}), "path": str(new_base_path)}
-    cfg["train"] = {**cfg.get("train", {}), "max_steps": steps, "seed": seed, "progress": False,
-                    **({"lr": lr} if lr is not None else {})}
-    cfg.update(output_dir=str(out / "train"), init_adapter=init_adapter)
-    path = out / "distill_config.json"
-    path.write_text(json.dumps(cfg, indent=1) + "\n")
-    return path
+    teacher = {k: v for k, v in recorded.items() if k in fields}
+    teacher["data"] = {k: v for k, v in recorded.get("data", {}).items() if k in kept_data}
+    student = {"output_dir": str(output_dir), "init_adapter": init_adapter, "model": model,
+               "data": {"source": str(synthetic), "format": "alpaca", "seed": seed},
+               "train": {"max_steps": steps, "seed": seed, "progress": False,
+                         **({"lr": lr} if lr is not None else {})}}
+    return load_config(RunConfig, [teacher, student])

@@ -198,7 +198,7 @@ class _Ladder:
                 best = rung if cfg.better(rung, best) else best
         if not cfg.passes(best) and cfg.distill:
             started = time.perf_counter()
-            made = distill_transfer(self.old, self.adapter, self.new_path, [p["instruction"] for p in self.seeds],
+            made = distill_transfer(self.old, self.adapter, self.new, [p["instruction"] for p in self.seeds],
                                     self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
                                     moved=best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
                                     held_out=[p["instruction"] for p in self.probes])

@@ -28,6 +28,7 @@ import optax
 
 from jtranspeft.checkpoints.loading import save_base
 from jtranspeft.data.corpus import PackedCorpus, check_sources, pack_corpus
+from jtranspeft.models.base import Base
 from jtranspeft.models.params import group_labels, interpolate_params, merge_trees, split_by_group
 from jtranspeft.training import loop
 from jtranspeft.training.config import EvolveConfig, GroupLrConfig, TrainConfig
@@ -66,19 +67,20 @@ def total_steps(cfg: EvolveConfig, corpus: PackedCorpus) -> int:
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * corpus.n_tokens / per_step))
 
 
-def evolve(cfg: EvolveConfig) -> dict:
+def evolve(cfg: EvolveConfig, base: Base | None = None) -> dict:
     """Run (or resume) continued pre-training; returns the summary also written to ``summary.json``.
 
-    Every process of a multi-host run calls this; process 0 writes the run directory's files.
+    ``base``: the loaded base of ``cfg.model``, when the caller holds it already (`load_model`; it is not
+    changed). Every process of a multi-host run calls this; process 0 writes the run directory's files.
     """
-    return loop.launch(cfg, _job)
+    return loop.launch(cfg, lambda cfg: _job(cfg, base))
 
 
-def _job(cfg: EvolveConfig) -> loop.Job:
+def _job(cfg: EvolveConfig, base: Base | None) -> loop.Job:
     """The continued pre-training job of ``cfg`` for the shared loop."""
     check_sources(cfg.corpus.sources)  # a missing package fails before the model loads
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
-    base = load_model(cfg.model)
+    base = load_model(cfg.model, base)
     corpus, corpus_stats = pack_corpus(cfg.corpus.sources, base.tokenizer, cfg.corpus.seq_len,
                                        cfg.train.batch_size, cfg.train.seed)
     steps = total_steps(cfg, corpus)

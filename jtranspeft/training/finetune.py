@@ -1,6 +1,7 @@
 """Adapter / Trans-PEFT fine-tuning of a frozen base: `train(config)` (CLI: ``python -m jtranspeft.train``).
 
-The job: load the base (`jtranspeft.checkpoints.loading`) and its tokenizer, turn the data source into
+The job: load the base (`jtranspeft.checkpoints.loading`) and its tokenizer (or take the `Base` the caller
+already holds, `load_model`), turn the data source into
 tokenised, loss-masked, length-bucketed batches (`jtranspeft.data`), initialise the adapter of the run's
 PEFT family (``peft``: LoRA / DoRA as peft does, or SHiRA; `jtranspeft.peft.family`),
 place base, adapter and optimizer state on the mesh (`jtranspeft.training.sharding`), compile the LoRA step
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.checkpoints.loading import load_base
+from jtranspeft.checkpoints.loading import load_base, resolve_model_path
 from jtranspeft.checkpoints.peft_format import PROBES_FILE, load_peft, save_peft
 from jtranspeft.data.batches import Batcher, tokenize
 from jtranspeft.data.sources import load_records
@@ -39,9 +41,33 @@ from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_directory
 
 
-def load_model(cfg: ModelConfig) -> Base:
-    """The frozen base of a run, with its tokenizer (a tokenizer is required for training)."""
-    base = load_base(cfg.path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
+def base_settings(base: Base) -> dict:
+    """The ``model`` settings that describe a loaded ``base``: its checkpoint, storage and compute dtype."""
+    return {"path": base.source, "dtype": str(base.param_dtype), "compute_dtype": base.compute_dtype}
+
+
+def base_differences(cfg: ModelConfig, base: Base) -> list[str]:
+    """How ``base`` differs from the base ``cfg`` describes (`base_settings`); empty when it is that base."""
+    held = base_settings(base)
+    differ = [f"{key} {getattr(cfg, key)} (config) vs {held[key]} (given base)" for key in ("dtype", "compute_dtype")
+              if getattr(cfg, key) != held[key]]
+    if base.source is None or Path(base.source).resolve() != resolve_model_path(cfg.path).resolve():
+        differ.insert(0, f"path {cfg.path} (config) vs {base.source} (given base)")
+    return differ
+
+
+def load_model(cfg: ModelConfig, base: Base | None = None) -> Base:
+    """The frozen base of a run, with its tokenizer (a tokenizer is required for training).
+
+    ``base``: one the caller already holds, used instead of loading ``cfg.path`` again. It must be the base
+    ``cfg`` describes (`base_differences`: same checkpoint, storage and compute dtype; build ``cfg.model``
+    from `base_settings` to make sure), so that the run's recorded config, its resume digest and the adapter's
+    fingerprint and metadata all name the base it trained on; any difference is an InputError.
+    """
+    if base is None:
+        base = load_base(cfg.path, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
+    elif differ := base_differences(cfg, base):
+        raise InputError("the given base is not the model section's: " + "; ".join(differ))
     if base.tokenizer is None:
         raise InputError(f"model.path={cfg.path}: no tokenizer files found next to the weights")
     return base
@@ -140,19 +166,20 @@ def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batcher.n_batches_per_epoch))
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, base: Base | None = None) -> dict:
     """Run (or resume) a LoRA training run; returns the summary also written to ``summary.json``.
 
-    Every process of a multi-host run calls this; process 0 writes the run directory's files. Raises
-    `jtranspeft.utils.errors.RunStopped` (with the CLI's exit status) when the run stops early.
+    ``base``: the loaded base of ``cfg.model``, when the caller holds it already (`load_model`; it is not
+    changed). Every process of a multi-host run calls this; process 0 writes the run directory's files.
+    Raises `jtranspeft.utils.errors.RunStopped` (with the CLI's exit status) when the run stops early.
     """
-    return loop.launch(cfg, _job)
+    return loop.launch(cfg, lambda cfg: _job(cfg, base))
 
 
-def _job(cfg: RunConfig) -> loop.Job:
+def _job(cfg: RunConfig, base: Base | None) -> loop.Job:
     """The LoRA training job of ``cfg`` for the shared loop (model, data, state, step, export)."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
-    base = load_model(cfg.model)
+    base = load_model(cfg.model, base)
     batcher, data_stats, probes = prepare_batches(cfg, base.tokenizer)
     steps = total_steps(cfg, batcher)
     transpeft = cfg.transpeft.resolve(base.spec.num_layers)  # per-layer options checked against the model

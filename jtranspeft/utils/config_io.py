@@ -1,4 +1,4 @@
-"""Typed configuration: YAML files plus ``key=value`` overrides, built into a tree of dataclasses.
+"""Typed configuration: YAML files (or mappings) plus overrides, built into a tree of dataclasses.
 
 Every jtranspeft setting lives in a (frozen) dataclass -- ``DataConfig``, ``LoraConfig``,
 ``TrainConfig`` ... -- nested under one root dataclass, and the type hints are the schema; this module
@@ -6,9 +6,11 @@ knows nothing about the fields themselves. `load_config` reads YAML files in ord
 ``configs/base.yaml`` with every default, then a small recipe), deep-merges them mapping by mapping
 (scalars and lists are replaced whole), applies command-line overrides with dotted keys
 (``train.max_steps=10``, ``lora.targets=[q_proj,v_proj]``), then builds the dataclass tree, checking
-every value against its type hint. Nothing is coerced silently: a wrong type, an unknown key (with a
-"did you mean" suggestion), a missing required field or a failing ``__post_init__`` is a
-`ConfigError` naming the dotted key and, when known, the file or command line it came from.
+every value against its type hint. Code that already holds the data passes it as it is: a mapping in place
+of a file (``{"train": {"max_steps": 10}}``) and overrides as a mapping of dotted keys to values
+(``{"train.max_steps": 10}``), checked exactly like text. Nothing is coerced silently: a wrong type, an
+unknown key (with a "did you mean" suggestion), a missing required field or a failing ``__post_init__`` is a
+`ConfigError` naming the dotted key and, when known, the file, mapping or command line it came from.
 `to_dict` / `dump_yaml` write the resolved config back out (it loads to an equal object), and
 `parse_cli` gives every CLI the same ``--config FILE key=value ...`` shape (`jtranspeft.cli.common.cli_main`
 turns a `ConfigError` into ``error: <message>`` and exit status 2).
@@ -45,7 +47,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -66,6 +68,7 @@ __all__ = [
 T = TypeVar("T")
 DEFAULTS_KEY = "defaults"  # top-level key of a recipe naming its base file
 COMMAND_LINE = "on the command line"
+OVERRIDES = "in the overrides"  # the source of overrides given as a mapping
 _NoneType = type(None)
 _KeyPath = tuple  # ("train", "max_steps") or ("lora", "targets", 1)
 
@@ -189,19 +192,38 @@ def _merge(tree: dict, layer: dict, source: str, sources: dict[_KeyPath, str], p
             tree[key] = value
 
 
-def _parse_override(text: str) -> dict:
-    """``"train.max_steps=10"`` -> ``{"train": {"max_steps": 10}}``; the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    parts = key.split(".")
-    if not sep or not all(part and part == part.strip() for part in parts):
-        raise ConfigError(f"override {text!r} is not key=value with a dotted key, e.g. train.max_steps=10")
-    try:
-        value = yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+def _nest(key: Any, value: Any) -> dict | None:
+    """``("train.max_steps", 10)`` -> ``{"train": {"max_steps": 10}}``; None when ``key`` is not a dotted key."""
+    parts = key.split(".") if isinstance(key, str) else [""]
+    if not all(part and part == part.strip() for part in parts):
+        return None
     for part in reversed(parts):
         value = {part: value}
     return value
+
+
+def _parse_override(text: str) -> dict:
+    """``"train.max_steps=10"`` -> ``{"train": {"max_steps": 10}}``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or _nest(key, raw) is None:
+        raise ConfigError(f"override {text!r} is not key=value with a dotted key, e.g. train.max_steps=10")
+    try:
+        return _nest(key, yaml.load(raw, Loader=_Loader))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _override_layers(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, dict]]:
+    """(source, mapping) of each override: ``key=value`` text, or one item of a mapping {dotted key: value}."""
+    if not isinstance(overrides, Mapping):
+        return [(COMMAND_LINE, _parse_override(text)) for text in overrides]
+    layers = []
+    for key, value in overrides.items():
+        nested = _nest(key, value)
+        if nested is None:
+            raise ConfigError(f"override key {key!r} is not a dotted key, e.g. train.max_steps")
+        layers.append((OVERRIDES, nested))
+    return layers
 
 
 # --------------------------------------------------------------------------- the schema: type hints
@@ -449,11 +471,14 @@ def did_you_mean(name: str, choices) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def load_config(root_type: type[T], files: Sequence[str | Path], overrides: Sequence[str] = ()) -> T:
-    """Build a ``root_type`` instance from YAML ``files`` (later ones win) and ``key=value`` ``overrides``.
+def load_config(root_type: type[T], files: Sequence[str | Path | Mapping[str, Any]],
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> T:
+    """Build a ``root_type`` instance from YAML ``files`` (later ones win) and ``overrides``.
 
-    Files are deep-merged in order (each may name its own base with a top-level ``defaults:``), then
-    each override (``train.max_steps=10``, value parsed as YAML, ``key=`` means null) is merged on top.
+    Files are deep-merged in order (each may name its own base with a top-level ``defaults:``); a mapping in
+    ``files`` is a layer as a file's top level would be (no ``defaults:``). Then each override is merged on
+    top: ``key=value`` text (``train.max_steps=10``, value parsed as YAML, ``key=`` means null), or, when
+    ``overrides`` is a mapping, each of its {dotted key: value} items with the value taken as it is.
     Unset fields keep their dataclass defaults. Raises `ConfigError` for unreadable files, YAML syntax
     errors, unknown keys (all of them, each with a suggestion), values of the wrong type, missing
     required keys and ``ValueError`` from a dataclass ``__post_init__``.
@@ -466,11 +491,14 @@ def load_config(root_type: type[T], files: Sequence[str | Path], overrides: Sequ
 
     tree: dict = {}
     sources: dict[_KeyPath, str] = {}
-    for file in files:
-        for source, layer in _read_with_defaults(Path(file)):
-            _merge(tree, layer, source, sources)
-    for text in overrides:
-        _merge(tree, _parse_override(text), COMMAND_LINE, sources)
+    layers = []
+    for number, file in enumerate(files, 1):
+        if isinstance(file, Mapping):
+            layers.append((f"in mapping layer {number}", dict(file)))
+        else:
+            layers += _read_with_defaults(Path(file))
+    for source, layer in layers + _override_layers(overrides):
+        _merge(tree, layer, source, sources)
 
     unknown = _unknown_paths(tree, root_type)
     if unknown:
