@@ -118,6 +118,9 @@ def test_bad_fleet_inputs_are_clear_errors(fleet, tiny_model_dir, tmp_path, caps
     root, new_dir = fleet
     base = ["--old-base", str(tiny_model_dir), "--new-base", str(new_dir), "--out", str(tmp_path / "o"), "--quiet"]
     assert main(["--adapters", str(tmp_path / "nothing")] + base) == 2
+    assert f"{tmp_path / 'nothing'}: does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--adapters", str(tmp_path / "empty")] + base) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
     assert main(["--adapters", str(root / "noprobes")] + base) == 2
     assert "no probe_prompts.jsonl" in capsys.readouterr().err

@@ -218,10 +218,26 @@ def test_bad_config_exits_non_zero_naming_the_key_or_file(tmp_path, tiny_model_d
     assert words in capsys.readouterr().err
 
 
-def test_quickstart_runs_and_its_adapter_loads_in_peft(tmp_path, smollm2_base, smollm2_reference):
+def test_quickstart_runs_and_its_adapter_loads_in_peft(tmp_path, smollm2_base, smollm2_reference, capsys):
     out = tmp_path / "quickstart"
     assert main(["--config", str(REPO / "configs" / "quickstart.yaml"), f"output_dir={out}",
                  "train.max_steps=2", "train.progress=false", "data.train_size=64"]) == 0
+    # the run ends with its next step: evaluate commands for the adapter and the bare base on the eval split
+    # the training data was kept apart from (same task, generator arguments, seed, template, size)
+    import shlex
+
+    from jtranspeft.cli.evaluate import build_parser
+
+    printed = [shlex.split(line.strip()) for line in capsys.readouterr().err.splitlines()
+               if line.strip().startswith("python -m jtranspeft.evaluate")]
+    assert len(printed) == 2
+    quickstart = jt.load_config(jt.RunConfig, [REPO / "configs" / "quickstart.yaml"])
+    (with_adapter, bare) = [build_parser().parse_args(words[3:]) for words in printed]
+    assert with_adapter.adapter == str(out / "adapter") and bare.adapter is None
+    for args in (with_adapter, bare):
+        assert (args.base, args.task, args.rg_kwargs, args.seed, args.limit, args.template) == (
+            quickstart.model.path, "rg:chain_sum", quickstart.data.rg_kwargs, quickstart.data.seed,
+            quickstart.data.eval_size, quickstart.data.template)
     lora = jt.load_peft(out / "adapter", smollm2_base)
     assert np.abs(np.asarray(lora.factors("q_proj")[1])).max() > 0  # trained, not the zero init
     model = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2_reference), out / "adapter").eval()

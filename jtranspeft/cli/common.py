@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,9 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     """Log ``jtranspeft`` messages to stderr: INFO by default, WARNING with ``quiet`` (which also hides
     progress bars, `jtranspeft.utils.progress`), DEBUG with ``verbose``."""
+    # transformers' advice "PyTorch was not found. Models won't be available" is for its own models; jtranspeft
+    # uses only its tokenizers and configs, so the advice would only mislead (set before transformers loads).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logger = logging.getLogger("jtranspeft")
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
@@ -69,10 +73,11 @@ def parse_config_cli(argv: Sequence[str] | None, description: str, examples: Seq
 
 
 def run_config_job(argv: Sequence[str] | None, *, prog: str, description: str, examples: str, config: str,
-                   job: str) -> int:
+                   job: str, then: Callable[[object, dict], None] | None = None) -> int:
     """A config-driven job's CLI: parse ``--config FILE key=value ...``, build the typed config, run the job,
-    print its summary as JSON. ``config`` / ``job`` are "module:name" of the config class and the function,
-    imported only after the arguments are parsed (``--help`` stays fast)."""
+    print its summary as JSON, then call ``then(config, summary)`` if given (e.g. to print the next step).
+    ``config`` / ``job`` are "module:name" of the config class and the function, imported only after the
+    arguments are parsed (``--help`` stays fast)."""
     import importlib
 
     from jtranspeft.utils.config_io import load_config
@@ -80,8 +85,11 @@ def run_config_job(argv: Sequence[str] | None, *, prog: str, description: str, e
     config_path, overrides, _ = parse_config_cli(argv, description, examples.splitlines(), prog)
     (config_module, config_name), (job_module, job_name) = config.split(":"), job.split(":")
     config_type = getattr(importlib.import_module(config_module), config_name)
-    summary = getattr(importlib.import_module(job_module), job_name)(load_config(config_type, [config_path], overrides))
+    cfg = load_config(config_type, [config_path], overrides)
+    summary = getattr(importlib.import_module(job_module), job_name)(cfg)
     print(json.dumps(summary, indent=2))
+    if then is not None:
+        then(cfg, summary)
     return 0
 
 

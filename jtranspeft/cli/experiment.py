@@ -19,8 +19,8 @@ python -m jtranspeft.experiment --config configs/experiments/smollm2_families.ya
 # rerun the same command to continue: finished pieces are kept, a killed training run resumes
 # tables from the pieces finished so far, running nothing:
 python -m jtranspeft.experiment --config configs/experiments/smollm2_chain_sum.yaml --report
-# ... and rewrite the README block <!-- experiment: smollm2_update_proof --> from results.json:
-python -m jtranspeft.experiment --config configs/experiments/smollm2_update_proof.yaml --report --readme README.md"""
+# ... and rewrite the block <!-- experiment: smollm2_update_proof --> of docs/experiments.md from results.json:
+python -m jtranspeft.experiment --config configs/experiments/smollm2_update_proof.yaml --report --readme docs/experiments.md"""
 
 
 @cli_main

@@ -2,12 +2,16 @@
 
 Calls `jtranspeft.train` (`jtranspeft.training.finetune`) with the `RunConfig` built from the files and
 overrides; the run directory and resuming are described in `jtranspeft.training.loop`. Prints the run's
-summary as JSON.
+summary as JSON, then (on stderr) the next step: the evaluate commands that score the new adapter and the bare
+base on the same held-out items.
 """
 
 from __future__ import annotations
 
 import sys
+
+import json
+import shlex
 
 from jtranspeft.cli.common import cli_main, run_config_job, usage_name
 
@@ -28,7 +32,38 @@ def main(argv=None) -> int:
     """CLI entry point; returns the process exit status (see `jtranspeft.utils.errors`)."""
     return run_config_job(argv, prog=usage_name("train"), examples=EXAMPLES,
                           description="Train a transferable (Trans-PEFT) LoRA adapter.",
-                          config="jtranspeft.training.config:RunConfig", job="jtranspeft.training.finetune:train")
+                          config="jtranspeft.training.config:RunConfig", job="jtranspeft.training.finetune:train",
+                          then=print_next_step)
+
+
+def next_step(cfg, adapter: str) -> list[str]:
+    """The commands that score a finished run's adapter, and the bare base, on the held-out items of its data.
+
+    For a reasoning-gym source these are the eval split the training data was kept apart from (same task,
+    generator arguments, seed and template; as many items as ``data.eval_size``); for other sources, a
+    template command to fill in with the task's test file.
+    """
+    data = cfg.data
+    if not data.source.startswith("reasoning_gym:"):
+        return [f"python -m jtranspeft.evaluate --base {shlex.quote(cfg.model.path)} --adapter {shlex.quote(adapter)} "
+                f"--task TASK --data TEST_FILE --template {data.template} --out {shlex.quote(cfg.output_dir + '/eval')}"]
+    from jtranspeft.data.config import RG_DEFAULT_EVAL_SIZE
+
+    task = data.source.split(":", 1)[1]
+    common = (f"--task rg:{task} --rg-kwargs {shlex.quote(json.dumps(data.rg_kwargs, separators=(',', ':')))} "
+              f"--seed {data.seed} --limit {data.eval_size or RG_DEFAULT_EVAL_SIZE} --template {data.template} "
+              f"--max-new-tokens {data.max_length} --batch-size 64")
+    return [f"python -m jtranspeft.evaluate --base {shlex.quote(cfg.model.path)} --adapter {shlex.quote(adapter)} "
+            f"{common} --out {shlex.quote(cfg.output_dir + '/eval')}",
+            f"python -m jtranspeft.evaluate --base {shlex.quote(cfg.model.path)} {common} "
+            f"--out {shlex.quote(cfg.output_dir + '/eval_base')}"]
+
+
+def print_next_step(cfg, summary) -> None:
+    """Print `next_step` on stderr after a run that ended with an adapter."""
+    if summary.get("adapter"):
+        print("\nnext: score the adapter, then the bare base, on the held-out items:\n  "
+              + "\n  ".join(next_step(cfg, summary["adapter"])), file=sys.stderr)
 
 
 if __name__ == "__main__":

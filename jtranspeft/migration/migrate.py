@@ -140,8 +140,8 @@ def _names(adapters: Sequence[Path]) -> list[str]:
 class _Ladder:
     """The rungs for one adapter, each timed and scored by fidelity against the teacher."""
 
-    def __init__(self, cfg: MigrateConfig, old, new, new_path, adapter: Path, out: Path, prompts):
-        self.cfg, self.old, self.new, self.new_path, self.adapter, self.out = cfg, old, new, new_path, adapter, out
+    def __init__(self, cfg: MigrateConfig, old, new, adapter: Path, out: Path, prompts):
+        self.cfg, self.old, self.new, self.adapter, self.out = cfg, old, new, adapter, out
         self.prompts, self.rungs, self.teacher, self.template = prompts, [], None, "alpaca"
         self.probes, self.seeds = None, None  # fidelity probes and distillation seeds: disjoint halves
         self.reasons: list[str] = []
@@ -215,13 +215,11 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
     """Migrate every adapter (module docstring); returns the fleet report (also ``out/report.json``)."""
     import shutil
 
+    from jtranspeft.checkpoints.adapter_files import check_adapter_dir
     from jtranspeft.checkpoints.loading import load_base
     from jtranspeft.utils.progress import progress_bar
 
-    adapters = [Path(a) for a in adapters]
-    for adapter in adapters:
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    adapters = [check_adapter_dir(a) for a in adapters]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old, new = load_base(old_base), load_base(new_base)
@@ -239,7 +237,7 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
             continue
         target.mkdir(exist_ok=True)
         started = time.perf_counter()
-        result = _Ladder(config, old, new, new_base, adapter, target, prompts).run()
+        result = _Ladder(config, old, new, adapter, target, prompts).run()
         if result["status"] == "migrated":
             final = target / "adapter"
             if final.exists():
