@@ -7,9 +7,11 @@ from synthetic prompts answered by the old one, without the original training da
    prompt template (`teacher_records`);
 3. `distill_transfer`: a LoRA with the adapter's own settings is trained on the new base on those (prompt,
    teacher answer) pairs by the ordinary training job (`jtranspeft.training.finetune.train`: loss on the
-   teacher's tokens), starting from the moved adapter (``init="moved"``) or from peft's initialisation
-   (``init="scratch"``). Its `RunConfig` is built from two mappings (`student_config`): the adapter's
-   recorded training config, then the student's own settings; the run directory keeps the resolved
+   teacher's tokens; with ``loss="logits"`` or ``"mix"``, on the teacher's next-token distributions at the same
+   positions, the teacher running beside the student in the train step: `DistillConfig`), starting from the
+   moved adapter (``init="moved"``) or from peft's initialisation (``init="scratch"``). Its `RunConfig` is
+   built from two mappings (`student_config`): the adapter's recorded training config, then the student's own
+   settings; the run directory keeps the resolved
    ``config.yaml`` as every training run does.
 
 The synthetic set drops empty and duplicate prompts. With ``discriminator=True`` it is also filtered as the
@@ -161,6 +163,7 @@ def filter_synthetic(old_base, seeds: Sequence[str], synthetic: Sequence[str], o
 def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[str],
                      out: str | Path, *, samples: int = 250, steps: int = 100, init: str = "moved",
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
+                     loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = ()) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on ``new_base``; returns
     {"adapter", "synthetic", "records", "summary"}.
@@ -178,6 +181,11 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     prompts) and the training run in ``out/train`` (with its resolved ``config.yaml``). A rerun
     reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
     most ``max_new_tokens`` tokens each, and at most a third of the adapter's ``data.max_length``.
+
+    ``loss`` (`jtranspeft.training.config.DistillConfig`): "tokens" trains on the teacher's answer tokens;
+    "logits" on T^2 KL(teacher || student) of the next-token distributions at every answer position (T =
+    ``temperature``), the teacher (``old_base`` + ``adapter``) running beside the student in each train step;
+    "mix" on ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
     """
     from jtranspeft.checkpoints.peft_format import load_peft, read_metadata
     from jtranspeft.models.base import Base
@@ -202,7 +210,10 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     held = new_base if isinstance(new_base, Base) else None
     cfg = student_config(recorded, {"path": str(new_base)} if held is None else base_settings(held), synthetic,
                          out / "train", steps=steps, seed=seed, lr=lr,
-                         init_adapter=str(moved or adapter) if init == "moved" else None)
+                         init_adapter=str(moved or adapter) if init == "moved" else None,
+                         distill={"loss": loss, "temperature": temperature, "token_weight": token_weight,
+                                  **({"teacher_model": base_settings(old_base), "teacher_adapter": str(adapter)}
+                                     if loss != "tokens" else {})})
     if not synthetic.is_file():
         if held is None:
             held = load_model(cfg.model)
@@ -216,26 +227,27 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                                   max_new_tokens=max_new_tokens)
         write_text_atomic(synthetic, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     records = synthetic.read_text(encoding="utf-8").count("\n")
-    summary = train(cfg, base=held)
+    summary = train(cfg, base=held, teacher=old_base)
     return {"adapter": str(out / "train" / "adapter"), "synthetic": str(synthetic), "records": records,
             "summary": summary}
 
 
 def student_config(recorded: dict, model: dict, synthetic: Path, output_dir: Path, *, steps: int, seed: int,
-                   lr: float | None = None, init_adapter: str | None = None):
+                   lr: float | None = None, init_adapter: str | None = None, distill: dict | None = None):
     """The distillation run's `RunConfig`, from two mappings: the adapter's ``recorded`` run config (its LoRA,
     optimiser, model and mesh settings; of its data section the template, length and loss settings; not its
-    Trans-PEFT section, so the perturbations are off), then the student's own: ``model`` over the recorded one
-    (the new base), the ``synthetic`` data, the budget and seed, ``lr`` when given, ``init_adapter``."""
+    Trans-PEFT section, so the perturbations are off, nor its distill section), then the student's own:
+    ``model`` over the recorded one (the new base), the ``synthetic`` data, the budget and seed, ``lr`` when
+    given, ``init_adapter``, the ``distill`` section (loss and teacher) when given."""
     from jtranspeft.training.config import RunConfig
     from jtranspeft.utils.config_io import load_config
 
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"transpeft"}
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"transpeft", "distill"}
     kept_data = ("template", "loss_on", "max_length", "buckets", "add_eos")
     teacher = {k: v for k, v in recorded.items() if k in fields}
     teacher["data"] = {k: v for k, v in recorded.get("data", {}).items() if k in kept_data}
     student = {"output_dir": str(output_dir), "init_adapter": init_adapter, "model": model,
                "data": {"source": str(synthetic), "format": "alpaca", "seed": seed},
                "train": {"max_steps": steps, "seed": seed, "progress": False,
-                         **({"lr": lr} if lr is not None else {})}}
+                         **({"lr": lr} if lr is not None else {})}, **({"distill": distill} if distill else {})}
     return load_config(RunConfig, [teacher, student])

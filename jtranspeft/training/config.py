@@ -104,6 +104,32 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """What the loss learns from at each target token: the data's token (``tokens``, ordinary training), a
+    teacher's next-token distribution on the same sequence (``logits``: T^2 KL(teacher_T || student_T), both
+    softened by ``temperature`` T), or ``mix``: ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
+    The teacher, ``teacher_model`` + ``teacher_adapter``, runs frozen beside the student in the train step
+    (`jtranspeft.training.step.make_step`); distillation onto a new base sets it (`jtranspeft.migration.distill`)."""
+
+    loss: Literal["tokens", "logits", "mix"] = "tokens"
+    temperature: float = 1.0
+    token_weight: float = 0.5  # mix only: the cross entropy's share of the loss
+    teacher_model: ModelConfig | None = None
+    teacher_adapter: str | None = None
+
+    def __post_init__(self):
+        check_range("temperature", self.temperature, above=0)
+        check_range("token_weight", self.token_weight, minimum=0, maximum=1)
+        if self.loss != "tokens" and (self.teacher_model is None or not self.teacher_adapter):
+            raise ValueError(f"loss {self.loss!r} needs a teacher: set teacher_model and teacher_adapter")
+
+    def weights(self) -> tuple[float, float]:
+        """(weight of the token cross entropy, weight of the temperature-scaled KL) in the loss."""
+        token = {"tokens": 1.0, "logits": 0.0, "mix": self.token_weight}[self.loss]
+        return token, 1.0 - token
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -121,6 +147,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def __post_init__(self):
         if self.peft not in FAMILY_NAMES:

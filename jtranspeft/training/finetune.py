@@ -5,7 +5,8 @@ already holds, `load_model`), turn the data source into
 tokenised, loss-masked, length-bucketed batches (`jtranspeft.data`), initialise the adapter of the run's
 PEFT family (``peft``: LoRA / DoRA as peft does, or SHiRA; `jtranspeft.peft.family`),
 place base, adapter and optimizer state on the mesh (`jtranspeft.training.sharding`), compile the LoRA step
-(`jtranspeft.training.step.make_step`, with the Trans-PEFT perturbations resolved for the model's depth) and
+(`jtranspeft.training.step.make_step`, with the Trans-PEFT perturbations resolved for the model's depth; under a
+``distill`` loss that reads a teacher, with the teacher's base and adapter placed beside the base) and
 hand it all to the shared loop (`jtranspeft.training.loop`). The run directory ends with ``adapter/`` in HF
 PEFT format (its metadata records the config and the base's fingerprint) beside the loop's files; every
 ``metrics.jsonl`` row carries model TFLOP/s and, on a device of known peak, MFU (`jtranspeft.training.flops`).
@@ -34,8 +35,9 @@ from jtranspeft.training import loop
 from jtranspeft.training.config import ModelConfig, RunConfig
 from jtranspeft.training.flops import lora_train_flops_per_token
 from jtranspeft.training.sharding import make_mesh, place
-from jtranspeft.training.step import (TrainState, make_optimizer, make_step, max_targets_of, step_shardings, token_loss,
-                                     trainable)
+from jtranspeft.training.sharding import tree_shardings
+from jtranspeft.training.step import (TrainState, base_shardings, make_optimizer, make_step, max_targets_of,
+                                     step_shardings, token_loss, trainable)
 from jtranspeft.utils.config_io import to_dict
 from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_directory
@@ -166,17 +168,30 @@ def total_steps(cfg: RunConfig, batcher: Batcher) -> int:
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batcher.n_batches_per_epoch))
 
 
-def train(cfg: RunConfig, base: Base | None = None) -> dict:
+def train(cfg: RunConfig, base: Base | None = None, teacher: Base | None = None) -> dict:
     """Run (or resume) a LoRA training run; returns the summary also written to ``summary.json``.
 
     ``base``: the loaded base of ``cfg.model``, when the caller holds it already (`load_model`; it is not
-    changed). Every process of a multi-host run calls this; process 0 writes the run directory's files.
+    changed); ``teacher``: likewise the loaded ``cfg.distill.teacher_model`` (read only when the distill loss
+    uses a teacher). Every process of a multi-host run calls this; process 0 writes the run directory's files.
     Raises `jtranspeft.utils.errors.RunStopped` (with the CLI's exit status) when the run stops early.
     """
-    return loop.launch(cfg, lambda cfg: _job(cfg, base))
+    return loop.launch(cfg, lambda cfg: _job(cfg, base, teacher))
 
 
-def _job(cfg: RunConfig, base: Base | None) -> loop.Job:
+def load_teacher(cfg: RunConfig, base: Base, teacher: Base | None = None) -> tuple[Base, Any] | None:
+    """(teacher base, teacher adapter) of a run whose distill loss reads a teacher, else None. The teacher
+    reads the student's token ids, so its vocabulary must be the student base's."""
+    if not cfg.distill.weights()[1]:
+        return None
+    teacher = load_model(cfg.distill.teacher_model, teacher)
+    if teacher.spec.vocab_size != base.spec.vocab_size:
+        raise InputError(f"distill.teacher_model={cfg.distill.teacher_model.path}: vocabulary of "
+                         f"{teacher.spec.vocab_size} tokens, the base's has {base.spec.vocab_size}")
+    return teacher, load_peft(cfg.distill.teacher_adapter, teacher)
+
+
+def _job(cfg: RunConfig, base: Base | None, teacher: Base | None = None) -> loop.Job:
     """The LoRA training job of ``cfg`` for the shared loop (model, data, state, step, export)."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
     base = load_model(cfg.model, base)
@@ -190,8 +205,13 @@ def _job(cfg: RunConfig, base: Base | None) -> loop.Job:
     state = TrainState(lora, optimizer.init(trainable(lora)), jnp.asarray(0, jnp.int32))
     shardings = step_shardings(mesh, rules, base, state, optimizer)
     base, state = place(base, shardings.base), place(state, shardings.state)
+    frozen, taught = base, load_teacher(cfg, base, teacher)
+    if taught is not None:  # the teacher's base and adapter are frozen inputs of the step, placed like the base
+        teacher_sh = (base_shardings(mesh, rules, taught[0]), tree_shardings(taught[1], mesh, rules))
+        shardings = shardings._replace(base=(shardings.base, *teacher_sh))
+        frozen = (base, *place(taught, teacher_sh))
     step_fn = make_step(optimizer, transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings,
-                        max_targets_of(batcher.examples))
+                        max_targets_of(batcher.examples), cfg.distill)
 
     def row_extras(step, batch, metrics):
         return {"target_tokens": int(metrics["tokens"]), "seq_len": batch["input_ids"].shape[1]}
@@ -209,7 +229,7 @@ def _job(cfg: RunConfig, base: Base | None) -> loop.Job:
         return {"adapter": str(out / "adapter")}
 
     return loop.Job(
-        name="train", cfg=cfg, state=state, frozen=base, step_fn=step_fn, shardings=shardings, steps=steps,
+        name="train", cfg=cfg, state=state, frozen=frozen, step_fn=step_fn, shardings=shardings, steps=steps,
         batch_at=batcher.batch_at, export=export, row_extras=row_extras,
         flops_per_token=flops_per_token if cfg.peft == "lora" else None,  # counted for LoRA only
         summary_extras={"data": data_stats})

@@ -10,7 +10,10 @@ Two steps are built on it:
 - `make_step`, adapter / Trans-PEFT fine-tuning: ``state.params`` is an adapter of any PEFT family
   (`jtranspeft.peft.family`: a `Lora`, DoRA included, or a `Shira`), ``frozen`` the base. The
   randomness of a micro-batch (LoRA dropout, Trans-PEFT masks and drops) comes from
-  ``fold_in(fold_in(key(seed), step), micro)``: reproducible, and the same on every replica;
+  ``fold_in(fold_in(key(seed), step), micro)``: reproducible, and the same on every replica. Under a
+  logit-distillation config (`DistillConfig` loss ``logits`` / ``mix``) ``frozen`` is (base, teacher base,
+  teacher adapter): the teacher reads the same batch in one more forward pass, without gradient or
+  randomness, and the loss compares its next-token distributions with the student's (`distill_loss`);
 - `make_full_step`, continued pre-training: ``state.params`` holds the trained base tensors (a subset of
   the params tree), ``frozen`` the base holding the others; the loss covers every token.
 """
@@ -28,7 +31,7 @@ from jtranspeft.models.base import Base, apply
 from jtranspeft.models.params import merge_trees
 from jtranspeft.models.perturb import FfnPerturbation
 from jtranspeft.peft.transpeft import TransPeftConfig, warmup_scale
-from jtranspeft.training.config import TrainConfig
+from jtranspeft.training.config import DistillConfig, TrainConfig
 
 
 class TrainState(NamedTuple):
@@ -67,6 +70,21 @@ def target_positions(loss_mask_bt, k: int):
     return pos_bk, valid_bk
 
 
+def target_logits(base: Base, lora: Any, batch: dict, max_targets: int | None = None, **kwargs):
+    """(logits [B, K, vocab] at the positions that predict a target, their target tokens [B, K], weights [B, K]:
+    1 for a real target, 0 for padding). With ``max_targets`` (at least the most target tokens of any row, below
+    T - 1) the LM head runs only at those K = ``max_targets`` positions: for response-only losses most of the
+    vocabulary projection is skipped; otherwise K = T - 1 and the weights are ``loss_mask[:, 1:]``.
+    ``kwargs`` go to `apply` (rng, transpeft, remat, transpeft_scale)."""
+    ids_bt = batch["input_ids"]
+    if max_targets is None or max_targets >= ids_bt.shape[1] - 1:
+        logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], **kwargs)
+        return logits_btv[:, :-1], ids_bt[:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+    pos_bk, valid_bk = target_positions(batch["loss_mask"], max_targets)
+    logits_bkv = apply(base, ids_bt, lora, batch["attention_mask"], logits_at=pos_bk, **kwargs)
+    return logits_bkv, jnp.take_along_axis(ids_bt, pos_bk + 1, axis=1), valid_bk.astype(jnp.float32)
+
+
 def next_token_nll(logits_btv, batch: dict):
     """(sum of NLL of the targets t (loss_mask[t] = 1) given positions < t, their count) from full logits."""
     nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], batch["input_ids"][:, 1:])
@@ -84,20 +102,29 @@ def token_kl(reference_logits_btv, logits_btv, mask_bt):
 
 def token_loss(base: Base, lora: Any, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
                max_targets: int | None = None, transpeft_scale=1.0):
-    """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets.
-
-    With ``max_targets`` (at least the most target tokens of any row) the LM head runs only at the
-    positions that predict a target: for response-only losses most of the vocabulary projection is skipped.
-    """
-    ids_bt = batch["input_ids"]
-    kwargs = dict(rng=rng, transpeft=transpeft, remat=remat, transpeft_scale=transpeft_scale)
-    if max_targets is None or max_targets >= ids_bt.shape[1] - 1:
-        return next_token_nll(apply(base, ids_bt, lora, batch["attention_mask"], **kwargs), batch)
-    pos_bk, valid_bk = target_positions(batch["loss_mask"], max_targets)
-    logits_bkv = apply(base, ids_bt, lora, batch["attention_mask"], logits_at=pos_bk, **kwargs)
-    labels_bk = jnp.take_along_axis(ids_bt, pos_bk + 1, axis=1)
+    """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets;
+    ``max_targets``: see `target_logits`."""
+    logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, rng=rng, transpeft=transpeft,
+                                                     remat=remat, transpeft_scale=transpeft_scale)
     nll_bk = optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
-    return jnp.sum(jnp.where(valid_bk, nll_bk, 0.0)), jnp.sum(valid_bk.astype(jnp.float32))
+    return jnp.sum(nll_bk * weight_bk), jnp.sum(weight_bk)
+
+
+def distill_loss(base: Base, lora: Any, teacher: tuple[Base, Any], batch: dict, distill: DistillConfig, rng,
+                 transpeft: FfnPerturbation, remat: bool = False, max_targets: int | None = None, transpeft_scale=1.0):
+    """(token-summed loss, number of target tokens) of a student (``base`` + ``lora``) taught by ``teacher``
+    (base, adapter) on the same batch: per target position, ``w_tokens`` * NLL of the data's token +
+    ``w_kl`` * T^2 KL(softmax(teacher / T) || softmax(student / T)), weights and T from ``distill``
+    (`DistillConfig.weights`). The teacher runs deterministically, at the same positions, without gradient."""
+    logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, rng=rng, transpeft=transpeft,
+                                                     remat=remat, transpeft_scale=transpeft_scale)
+    teacher_bkv = jax.lax.stop_gradient(target_logits(*teacher, batch, max_targets)[0])
+    w_tokens, w_kl = distill.weights()
+    t = distill.temperature
+    loss = w_kl * t * t * token_kl(teacher_bkv / t, logits_bkv / t, weight_bk)
+    if w_tokens:
+        loss += w_tokens * jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk) * weight_bk)
+    return loss, jnp.sum(weight_bk)
 
 
 def max_targets_of(examples, granularity: int = 8) -> int:
@@ -176,13 +203,20 @@ def compile_step(micro_loss, optimizer: optax.GradientTransformation, grad_accum
 
 
 def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfig, grad_accum: int, seed: int,
-              remat: bool = False, shardings: "StepShardings | None" = None, max_targets: int | None = None):
-    """The LoRA / Trans-PEFT step ``(state, base, batch) -> (state, metrics)``; ``max_targets``: see `token_loss`."""
+              remat: bool = False, shardings: "StepShardings | None" = None, max_targets: int | None = None,
+              distill: DistillConfig | None = None):
+    """The LoRA / Trans-PEFT step ``(state, base, batch) -> (state, metrics)``; ``max_targets``: see
+    `target_logits`. With a ``distill`` config whose loss reads a teacher (`DistillConfig.weights`: a KL weight
+    above 0) the step is ``(state, (base, teacher base, teacher adapter), batch)`` and the loss `distill_loss`."""
     base_key = jax.random.key(seed)
+    taught = distill is not None and distill.weights()[1] > 0
 
-    def micro_loss(lora, base, mb, step, index):
+    def micro_loss(lora, frozen, mb, step, index):
         key = jax.random.fold_in(jax.random.fold_in(base_key, step), index)
-        return token_loss(base, lora, mb, key, transpeft, remat, max_targets, warmup_scale(step, transpeft))
+        settings = (key, transpeft, remat, max_targets, warmup_scale(step, transpeft))
+        if taught:
+            return distill_loss(frozen[0], lora, frozen[1:], mb, distill, *settings)
+        return token_loss(frozen, lora, mb, *settings)
 
     return compile_step(micro_loss, optimizer, grad_accum, shardings)
 
@@ -236,6 +270,12 @@ def step_shardings(mesh, rules: dict, base: Base, state: TrainState, optimizer) 
     params_sh = tree_shardings(params, mesh, rules)  # an adapter of any family, or a dict of base tensors
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = opt_state_shardings(optimizer, state.opt_state, trainable(params_sh, params), mesh)
-    return StepShardings(state=TrainState(params_sh, opt_sh, replicated),
-                         base=base.replace(params=tree_shardings(base.params, mesh, rules)),
+    return StepShardings(state=TrainState(params_sh, opt_sh, replicated), base=base_shardings(mesh, rules, base),
                          batch=batch_sharding(mesh, rules), replicated=replicated)
+
+
+def base_shardings(mesh, rules: dict, base: Base) -> Base:
+    """``base`` holding the shardings of its frozen params (by the logical-axis rules of their paths)."""
+    from jtranspeft.training.sharding import tree_shardings
+
+    return base.replace(params=tree_shardings(base.params, mesh, rules))
