@@ -13,9 +13,11 @@ from pathlib import Path
 import jax
 import pytest
 import transformers
+import yaml
 
 import jtranspeft as jt
 from jtranspeft.cli.migrate import main
+from jtranspeft.migration.distill import FOREIGN_DEFAULTS
 from jtranspeft.training.config import RunConfig
 from jtranspeft.training.finetune import train
 from jtranspeft.utils.config_io import load_config
@@ -146,3 +148,74 @@ def test_a_finished_result_of_another_adapter_with_the_same_name_is_not_reused(f
     assert main(args) == 2
     err = capsys.readouterr().err
     assert str(out / "math" / "result.json") in err and str(elsewhere) in err
+
+
+@pytest.fixture(scope="module")
+def peft_fleet(pair, tmp_path_factory, tiny_model_dir):  # noqa: F811
+    """Two adapters made by PyTorch + peft on the tiny base (no jtranspeft metadata, no stored probes, no recorded
+    training config): a LoRA and a DoRA, each with a random non-zero B (peft starts B at 0), and a prompts file."""
+    import peft
+    import torch
+
+    root = tmp_path_factory.mktemp("peft_fleet")
+    settings = {"lora": dict(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
+                "dora": dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             use_dora=True)}
+    for name, kwargs in settings.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+        torch.manual_seed(len(name))
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.copy_(0.3 * torch.randn_like(p))
+        model.save_pretrained(root / name)
+    things = ("sky", "grass", "snow", "coal", "blood", "sun")
+    (root / "probes.txt").write_text("".join(f"What colour is the {t}?\nName the colour of the {t}.\n" for t in things))
+    return root, pair[1]
+
+
+def test_adapters_made_by_peft_climb_the_whole_ladder(peft_fleet, tiny_model_dir, tmp_path):
+    """No recorded training config: the student's LoRA settings come from adapter_config.json, the rest from the
+    documented defaults and the command line; threshold KL 0 makes every rung run (and the status "retrain")."""
+    root, new_dir = peft_fleet
+    out = tmp_path / "out"
+    args = ["--adapters", str(root / "lora"), str(root / "dora"), "--old-base", str(tiny_model_dir),
+            "--new-base", str(new_dir), "--out", str(out), "--prompts", str(root / "probes.txt"), "--threshold", "0",
+            "--distill-samples", "4", "--distill-steps", "3", "--distill-batch-size", "4", "--distill-max-length", "48",
+            "--template", "plain", "--quiet"]
+    assert main(args) == 4  # nothing reaches KL 0: retrain, per the epilog
+    report = json.loads((out / "report.json").read_text())
+    new = jt.load_base(new_dir)
+    for result, name in zip(report["adapters"], ("lora", "dora")):
+        assert result["status"] == "retrain" and result["probe_prompts"] == result["seed_prompts"] == 6
+        assert [r["rung"] for r in result["rungs"]] == ["copy", "training-free (project)", "training-free (rescale)",
+                                                       "distill"]
+        distilled = result["rungs"][-1]["adapter"]  # report.json names the distilled adapter
+        assert distilled == str(out / name / "distill" / "train" / "adapter")
+        teacher = json.loads((root / name / "adapter_config.json").read_text())
+        student = jt.load_peft(distilled, new).config
+        assert (student.r, student.alpha, set(student.targets), student.use_dora) == \
+            (teacher["r"], teacher["lora_alpha"], set(teacher["target_modules"]), teacher.get("use_dora", False))
+        run = yaml.safe_load((out / name / "distill" / "train" / "config.yaml").read_text())
+        assert run["lora"]["dropout"] == teacher["lora_dropout"] and run["data"]["template"] == "plain"
+        assert (run["train"]["lr"], run["train"]["batch_size"], run["data"]["max_length"]) == \
+            (FOREIGN_DEFAULTS["train"]["lr"], 4, 48)
+        assert run["data"]["buckets"] == [48]  # the defaults' buckets above --distill-max-length are dropped
+
+
+def test_bad_prompt_files_are_clear_errors(fleet, tiny_model_dir, tmp_path, capsys):
+    root, new_dir = fleet
+    base = ["--adapters", str(root / "noprobes"), "--old-base", str(tiny_model_dir), "--new-base", str(new_dir),
+            "--out", str(tmp_path / "o"), "--quiet"]
+    files = {"one.txt": "What colour is the sky?\n", "blank.txt": "\n  \n\n",
+             "long.txt": "What colour is the sky?\n\n" + " ".join(["sky"] * 2100) + "\n"}
+    expected = {"one.txt": ": only 1 distinct prompt ({path}, line 1); at least 2 are needed",
+                "blank.txt": ": no prompts (every line is blank)",
+                "long.txt": ", line 3: 2100 tokens, longer than the old base's context (2048 tokens"}
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(base + ["--prompts", str(path)]) == 2, name
+        assert f"{path}{expected[name].format(path=path)}" in capsys.readouterr().err, name
+    assert not (tmp_path / "o" / "noprobes").exists()  # caught before any adapter was started

@@ -14,7 +14,8 @@ from jtranspeft.utils.errors import EXIT_INCOMPATIBLE, EXIT_RETRAIN
 
 EPILOG = f"""exit status:
   0  every compatible adapter migrated (some rung reached the threshold)
-  2  bad input (a missing adapter directory, an unreadable base, no probe prompts for an adapter)
+  2  bad input (a missing adapter directory, an unreadable base, no probe prompts for an adapter, a --prompts
+     file with fewer than 2 distinct lines or a line longer than the old base's context)
   3  some adapter is incompatible with the new base (reported, nothing written for it)
   {EXIT_RETRAIN}  no incompatible adapter, but some need retraining (no rung reached the threshold)
   (3 wins over {EXIT_RETRAIN}); rerun the same command after a kill: finished adapters are skipped
@@ -25,6 +26,9 @@ examples:
   # adapters trained elsewhere carry no probe prompts: give task instructions, one per line
   python -m jtranspeft.migrate --adapters peft_adapters/* --old-base models/Qwen2-7B --new-base models/Qwen2.5-7B \\
       --prompts probes.txt --threshold 0.1 --no-distill --out migrated/
+  # ... and distil them too: LoRA settings from adapter_config.json, the rest defaults (docs/migrate.md)
+  python -m jtranspeft.migrate --adapters peft_adapters/* --old-base models/Qwen2-7B --new-base models/Qwen2.5-7B \\
+      --prompts probes.txt --template chat --distill-lr 2e-4 --distill-batch-size 4 --out migrated/
   # judge by top-1 agreement with the teacher (distilled adapters are over-confident, which KL punishes)
   python -m jtranspeft.migrate --adapters runs/*/adapter --old-base smollm2 --new-base new_base/ \\
       --accept top1 --threshold 0.8 --out migrated/
@@ -33,6 +37,8 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m jtranspeft.migrate``."""
+    from jtranspeft.data.config import TEMPLATES
+    from jtranspeft.migration.distill import FOREIGN_DEFAULTS
     from jtranspeft.migration.migrate import ACCEPT, MigrateConfig
 
     d = MigrateConfig()
@@ -45,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--old-base", required=True, help="the base the adapters were trained on ('smollm2', HF dir, .gguf)")
     p.add_argument("--new-base", required=True, help="the updated base (HF dir or .gguf)")
     p.add_argument("--out", required=True, help="output directory (report.md/.json/.png, one folder per adapter)")
-    p.add_argument("--prompts", help="probe instructions (.txt: one per line) for adapters without stored ones")
+    p.add_argument("--prompts", help="probe instructions (.txt: one per line; at least 2 distinct) for adapters "
+                                     "without stored ones")
     p.add_argument("--accept", choices=sorted(ACCEPT), default=d.accept,
                    help="the fidelity measure that decides: mean KL to the teacher (at or below the threshold) or "
                         f"top-1 agreement with it (at or above) (default {d.accept})")
@@ -57,7 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-samples", type=int, default=d.distill_samples,
                    help="synthetic prompts for distillation")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="distillation training steps")
-    p.add_argument("--distill-lr", type=float, help="distillation learning rate (default: the adapter's own)")
+    p.add_argument("--distill-lr", type=float,
+                   help="distillation learning rate (default: the adapter's own; made elsewhere: "
+                        f"{FOREIGN_DEFAULTS['train']['lr']:g})")
+    p.add_argument("--distill-batch-size", type=int,
+                   help="distillation batch size (default: the adapter's own; made elsewhere: "
+                        f"{FOREIGN_DEFAULTS['train']['batch_size']})")
+    p.add_argument("--distill-max-length", type=int,
+                   help="distillation tokens per example (default: the adapter's own; made elsewhere: "
+                        f"{FOREIGN_DEFAULTS['data']['max_length']})")
+    p.add_argument("--template", choices=TEMPLATES, default=d.template,
+                   help="prompt template of adapters made elsewhere (no recorded training config): --prompts are "
+                        f"rendered in it and distillation trains in it (default {d.template})")
     p.add_argument("--discriminator", action="store_true",
                    help="filter the synthetic prompts with a real-vs-synthetic LoRA trained on the old base (Trans-LoRA)")
     p.add_argument("--probe-limit", type=int, default=d.probe_limit, help="probe prompts per adapter")
@@ -74,13 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = MigrateConfig(accept=args.accept, threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
                            distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                           probe_limit=args.probe_limit, discriminator=args.discriminator)
-    prompts = None
-    if args.prompts:
-        from jtranspeft.cli.transfer import read_prompts
-
-        prompts = read_prompts(args.prompts)
-    report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, prompts, progress=not args.quiet)
+                           distill_batch_size=args.distill_batch_size, distill_max_length=args.distill_max_length,
+                           template=args.template, probe_limit=args.probe_limit, discriminator=args.discriminator)
+    report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, args.prompts,
+                     progress=not args.quiet)
     print(format_report(report))
     print(f"written to {args.out}/report.md, report.json, report.png")
     statuses = {r["status"] for r in report["adapters"]}

@@ -12,7 +12,8 @@ from synthetic prompts answered by the old one, without the original training da
    moved adapter (``init="moved"``) or from peft's initialisation (``init="scratch"``). Its `RunConfig` is
    built from two mappings (`student_config`): the adapter's recorded training config, then the student's own
    settings; the run directory keeps the resolved
-   ``config.yaml`` as every training run does.
+   ``config.yaml`` as every training run does. An adapter made elsewhere (peft: no recorded config) is distilled
+   with settings derived from its adapter_config.json and `FOREIGN_DEFAULTS` (`recorded_or_derived`).
 
 The synthetic set drops empty and duplicate prompts. With ``discriminator=True`` it is also filtered as the
 paper does: the OLD base writes as many synthetic prompts as there are seeds, a small LoRA discriminator on the
@@ -40,6 +41,11 @@ DISCRIMINATOR_QUESTION = "Is the following a real example of the task's instruct
 MIN_KEPT = 0.25  # the share of synthetic prompts kept at least when the discriminator rejects more
 INSTRUCTION_MARK = "### Instruction:\n"
 SYNTHESIS_HEADER = "Below are instructions for one kind of task, each written as a new example.\n\n"
+# The distillation settings of an adapter made elsewhere (no recorded training config; `recorded_or_derived`):
+# the quickstart's learning rate and batch size; 256 tokens hold an alpaca prompt of a synthetic instruction and
+# a teacher answer (64 tokens each at most, a third of max_length). docs/migrate.md lists where each comes from.
+FOREIGN_DEFAULTS = {"data": {"template": "alpaca", "max_length": 256, "buckets": [128, 256]},
+                    "train": {"lr": 1e-3, "batch_size": 8}}
 
 
 def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, seed: int = 0,
@@ -160,11 +166,35 @@ def filter_synthetic(old_base, seeds: Sequence[str], synthetic: Sequence[str], o
     return kept
 
 
+def recorded_or_derived(adapter: str | Path, num_layers: int, template: str | None = None) -> dict:
+    """The training config to distil ``adapter`` with, as a mapping for `student_config`: the one jtranspeft
+    recorded with it, else (an adapter made elsewhere, e.g. by peft) one derived from its adapter_config.json:
+    ``peft: lora`` and its ``lora`` section (r, lora_alpha, lora_dropout, target_modules, use_dora, use_rslora,
+    rank_pattern, alpha_pattern, layers_to_transform; `read_adapter_config` on a base of ``num_layers``), then
+    `FOREIGN_DEFAULTS` for the data and optimiser, with ``template`` when given."""
+    from jtranspeft.checkpoints.adapter_files import peft_type
+    from jtranspeft.checkpoints.lora_format import read_adapter_config
+    from jtranspeft.checkpoints.peft_format import read_metadata
+    from jtranspeft.utils.config_io import to_dict
+
+    recorded = read_metadata(adapter).get("config")
+    if recorded:
+        return recorded
+    kind = peft_type(adapter)
+    if kind != "LORA":
+        raise InputError(f"{adapter}: a {kind} adapter with no recorded training config; distillation derives "
+                         "one from adapter_config.json for LoRA and DoRA adapters only")
+    data = {**FOREIGN_DEFAULTS["data"], **({"template": template} if template else {})}
+    return {"peft": "lora", "lora": to_dict(read_adapter_config(adapter, num_layers)), "data": data,
+            "train": dict(FOREIGN_DEFAULTS["train"])}
+
+
 def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[str],
                      out: str | Path, *, samples: int = 250, steps: int = 100, init: str = "moved",
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
                      loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
-                     max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = ()) -> dict:
+                     max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
+                     recorded: dict | None = None) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on ``new_base``; returns
     {"adapter", "synthetic", "records", "summary"}.
 
@@ -175,9 +205,10 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     ``init`` "moved" starts from ``moved`` (a PEFT adapter for the new base, e.g. the copied one; default:
     ``adapter`` itself) and "scratch" from peft's initialisation. ``discriminator`` filters the synthetic
     prompts with a real-vs-synthetic LoRA on the old base (module docstring). ``held_out``: instructions that
-    will measure the result (fidelity probes); they may not be seeds and no synthetic prompt equals one. The
-    adapter's recorded training config gives LoRA settings, template and optimiser (``lr`` overrides;
-    `student_config`); Trans-PEFT perturbations are off. Files: ``out/synthetic.jsonl`` (the teacher-answered
+    will measure the result (fidelity probes); they may not be seeds and no synthetic prompt equals one.
+    ``recorded`` (default: `recorded_or_derived`, the adapter's recorded training config or one derived from its
+    adapter_config.json) gives LoRA settings, template and optimiser (``lr`` overrides; `student_config`);
+    Trans-PEFT perturbations are off. Files: ``out/synthetic.jsonl`` (the teacher-answered
     prompts) and the training run in ``out/train`` (with its resolved ``config.yaml``). A rerun
     reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
     most ``max_new_tokens`` tokens each, and at most a third of the adapter's ``data.max_length``.
@@ -187,7 +218,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     ``temperature``), the teacher (``old_base`` + ``adapter``) running beside the student in each train step;
     "mix" on ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
     """
-    from jtranspeft.checkpoints.peft_format import load_peft, read_metadata
+    from jtranspeft.checkpoints.peft_format import load_peft
     from jtranspeft.models.base import Base
     from jtranspeft.training.finetune import base_settings, load_model, train
 
@@ -197,10 +228,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                          "a distilled adapter judged on its own training prompts looks better than it is")
     if init not in ("moved", "scratch"):
         raise InputError(f"init must be 'moved' or 'scratch', got {init!r}")
-    recorded = read_metadata(adapter).get("config")
-    if not recorded:
-        raise InputError(f"{adapter}: no recorded training config (an adapter made by jtranspeft is needed to "
-                         "distil with its own settings)")
+    recorded = recorded or recorded_or_derived(adapter, old_base.spec.num_layers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     synthetic = out / "synthetic.jsonl"

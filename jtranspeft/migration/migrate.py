@@ -11,7 +11,10 @@ KL(teacher || candidate) per token at or below ``threshold``, or top-1 agreement
 4. none reached it: ``retrain``, with every rung's numbers.
 
 Probe prompts come from the adapter's ``probe_prompts.jsonl`` (stored at training time, ``data.probe_prompts``)
-or else from ``prompts`` (instructions, rendered in the adapter's template). They are split in two disjoint
+or else from ``prompts`` (instructions, or a file of them, rendered in the adapter's template; checked before any
+model work: at least 2 distinct, none longer than the old base's context). An adapter made elsewhere (peft: no
+recorded training config) is distilled with settings derived from its adapter_config.json
+(`jtranspeft.migration.distill.recorded_or_derived`), its prompts rendered in ``template``. They are split in two disjoint
 halves (alternate rows): one measures fidelity, the other seeds distillation, so a distilled adapter is never
 judged on its own training prompts (on SmolLM2 that inflated its top-1 agreement to 0.97-1.00). Outputs in ``out``: per adapter
 ``<name>/adapter`` (the chosen rung's adapter, PEFT format), ``<name>/candidates/`` and ``<name>/result.json``
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from jtranspeft.data.config import TEMPLATES
 from jtranspeft.migration import METHODS
 from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_text_atomic
@@ -55,7 +59,10 @@ class MigrateConfig:
     distill: bool = True
     distill_samples: int = 250
     distill_steps: int = 100
-    distill_lr: float | None = None  # None: the adapter's recorded learning rate
+    distill_lr: float | None = None  # None: the adapter's recorded learning rate (made elsewhere: FOREIGN_DEFAULTS)
+    distill_batch_size: int | None = None  # None: the adapter's recorded batch size (likewise)
+    distill_max_length: int | None = None  # None: the adapter's recorded data.max_length (likewise)
+    template: str = "alpaca"  # the prompt template of adapters made elsewhere (jtranspeft's record their own)
     discriminator: bool = False  # filter the synthetic prompts with a real-vs-synthetic LoRA (Trans-LoRA)
     probe_limit: int = 64  # probe prompts per adapter (half measure fidelity, half seed distillation)
     fidelity_tokens: int = 32  # greedy teacher tokens per probe prompt
@@ -71,9 +78,12 @@ class MigrateConfig:
         unknown = [m for m in self.methods if m not in METHODS or m == "reuse"]
         if unknown:
             raise InputError(f"methods {unknown}: the training-free rung takes project and/or rescale")
-        for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens", "distill_batch_size",
+                     "distill_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.template not in TEMPLATES:
+            raise InputError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
 
     def badness(self, value: float) -> float:
         """``value`` of the acceptance measure turned so that lower is better (top-1 is negated)."""
@@ -91,6 +101,51 @@ class MigrateConfig:
         """The acceptance rule in words, e.g. "KL <= 0.2"."""
         label, lower, _, _ = ACCEPT[self.accept]
         return f"{label} {'<=' if lower else '>='} {self.threshold}"
+
+
+def labelled_prompts(prompts: Sequence[str] | str | Path) -> list[tuple[str, str]]:
+    """(where, instruction) per non-blank prompt, ``where`` naming it in errors: a file's (.txt: an instruction
+    per line; .jsonl: a {"prompt": ...} object per line) "<file>, line N", a list's "prompt N"; an error for a
+    missing file, a bad row, or fewer than 2 distinct instructions (half measure fidelity, half seed distillation)."""
+    if isinstance(prompts, (str, Path)):
+        source, file = str(prompts), Path(prompts)
+        if not file.is_file():
+            raise FileNotFoundError(f"{source}: prompt file not found")
+        lines = file.read_text(encoding="utf-8").splitlines()
+        labelled = [(f"{source}, line {n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+        if file.suffix == ".jsonl":
+            labelled = [(where, _prompt_of(where, line)) for where, line in labelled]
+    else:
+        source, labelled = "prompts", [(f"prompt {n}", p) for n, p in enumerate(prompts, 1) if p.strip()]
+    if not labelled:
+        raise InputError(f"{source}: no prompts (every line is blank)")
+    distinct = {}
+    for where, text in labelled:
+        distinct.setdefault(text.strip(), where)
+    if len(distinct) < 2:
+        raise InputError(f"{source}: only 1 distinct prompt ({labelled[0][0]}); at least 2 are needed (half measure "
+                         "fidelity, half seed distillation)")
+    return labelled
+
+
+def _prompt_of(where: str, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: not JSON ({err.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise InputError(f"{where}: needs a 'prompt' string")
+    return row["prompt"]
+
+
+def check_prompt_lengths(labelled: Sequence[tuple[str, str]], base) -> None:
+    """An error naming the first prompt longer than ``base``'s context (max_position_embeddings), in tokens."""
+    context = base.spec.max_position_embeddings
+    for where, text in labelled:
+        length = len(base.tokenizer.encode(text, add_special_tokens=False))
+        if length > context:
+            raise InputError(f"{where}: {length} tokens, longer than the old base's context ({context} tokens, "
+                             "max_position_embeddings)")
 
 
 def probe_halves(adapter: Path, prompts: Sequence[str] | None, template: str, tokenizer,
@@ -173,7 +228,7 @@ class _Ladder:
         if self.teacher is None:
             self.teacher = result.source_lora
             recorded = read_metadata(self.adapter).get("config") or {}
-            self.template = recorded.get("data", {}).get("template", "alpaca")
+            self.template = recorded.get("data", {}).get("template", self.cfg.template)
             self.probes, self.seeds = probe_halves(self.adapter, self.prompts, self.template, self.old.tokenizer,
                                                    self.cfg.probe_limit)
         directory = self.out / "candidates" / ("copy" if method == "reuse" else method)
@@ -181,6 +236,20 @@ class _Ladder:
             write_transfer(result, self.new, out=directory)
         return self.score("copy" if method == "reuse" else f"training-free ({method})", result.lora, directory,
                           started)
+
+    def student(self) -> dict:
+        """The training config to distil with: the adapter's recorded or derived one (`recorded_or_derived`), with
+        the config's ``distill_batch_size`` and ``distill_max_length`` over it."""
+        from jtranspeft.migration.distill import recorded_or_derived
+
+        recorded = recorded_or_derived(self.adapter, self.old.spec.num_layers, self.cfg.template)
+        data, train = dict(recorded.get("data", {})), dict(recorded.get("train", {}))
+        if self.cfg.distill_batch_size:
+            train.update(batch_size=self.cfg.distill_batch_size, grad_accum=1)
+        if self.cfg.distill_max_length:
+            longest = self.cfg.distill_max_length
+            data.update(max_length=longest, buckets=[b for b in data.get("buckets", ()) if b < longest] + [longest])
+        return {**recorded, "data": data, "train": train}
 
     def run(self) -> dict:
         """Climb until a rung reaches the threshold; the result dict of result.json."""
@@ -201,7 +270,7 @@ class _Ladder:
             made = distill_transfer(self.old, self.adapter, self.new, [p["instruction"] for p in self.seeds],
                                     self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
                                     moved=best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
-                                    held_out=[p["instruction"] for p in self.probes])
+                                    held_out=[p["instruction"] for p in self.probes], recorded=self.student())
             rung = self.score("distill", load_peft(made["adapter"], self.new), Path(made["adapter"]), started)
             best = rung if cfg.better(rung, best) else best
         migrated = cfg.passes(best)
@@ -210,9 +279,11 @@ class _Ladder:
 
 
 def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str | Path, out: str | Path,
-            config: MigrateConfig = MigrateConfig(), prompts: Sequence[str] | None = None,
+            config: MigrateConfig = MigrateConfig(), prompts: Sequence[str] | str | Path | None = None,
             progress: bool = True) -> dict:
-    """Migrate every adapter (module docstring); returns the fleet report (also ``out/report.json``)."""
+    """Migrate every adapter (module docstring); returns the fleet report (also ``out/report.json``).
+
+    ``prompts``: probe instructions for adapters without stored ones, or a file of them (`labelled_prompts`)."""
     import shutil
 
     from jtranspeft.checkpoints.adapter_files import check_adapter_dir
@@ -220,9 +291,14 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
     from jtranspeft.utils.progress import progress_bar
 
     adapters = [check_adapter_dir(a) for a in adapters]
+    labelled = None if prompts is None else labelled_prompts(prompts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    old, new = load_base(old_base), load_base(new_base)
+    old = load_base(old_base)
+    if labelled:
+        check_prompt_lengths(labelled, old)
+        prompts = [text for _, text in labelled]
+    new = load_base(new_base)
     results = []
     for adapter, name in progress_bar(list(zip(adapters, _names(adapters))), desc="adapters", unit="adapter",
                                       enabled=progress):
