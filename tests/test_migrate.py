@@ -183,7 +183,7 @@ def test_adapters_made_by_peft_climb_the_whole_ladder(peft_fleet, tiny_model_dir
     args = ["--adapters", str(root / "lora"), str(root / "dora"), "--old-base", str(tiny_model_dir),
             "--new-base", str(new_dir), "--out", str(out), "--prompts", str(root / "probes.txt"), "--threshold", "0",
             "--distill-samples", "4", "--distill-steps", "3", "--distill-batch-size", "4", "--distill-max-length", "48",
-            "--template", "plain", "--quiet"]
+            "--template", "plain", "--distill-loss", "mix", "--distill-temperature", "2", "--quiet"]
     assert main(args) == 4  # nothing reaches KL 0: retrain, per the epilog
     report = json.loads((out / "report.json").read_text())
     new = jt.load_base(new_dir)
@@ -202,6 +202,9 @@ def test_adapters_made_by_peft_climb_the_whole_ladder(peft_fleet, tiny_model_dir
         assert (run["train"]["lr"], run["train"]["batch_size"], run["data"]["max_length"]) == \
             (FOREIGN_DEFAULTS["train"]["lr"], 4, 48)
         assert run["data"]["buckets"] == [48]  # the defaults' buckets above --distill-max-length are dropped
+        # the loss reads the teacher (the old base + this adapter) beside the student
+        assert (run["distill"]["loss"], run["distill"]["temperature"], run["distill"]["teacher_adapter"]) == \
+            ("mix", 2.0, str(root / name))
 
 
 def test_bad_prompt_files_are_clear_errors(fleet, tiny_model_dir, tmp_path, capsys):

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jtranspeft.data.config import TEMPLATES
     from jtranspeft.migration.distill import FOREIGN_DEFAULTS
     from jtranspeft.migration.migrate import ACCEPT, MigrateConfig
+    from jtranspeft.training.config import DISTILL_LOSSES
 
     d = MigrateConfig()
     p = argparse.ArgumentParser(
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-max-length", type=int,
                    help="distillation tokens per example (default: the adapter's own; made elsewhere: "
                         f"{FOREIGN_DEFAULTS['data']['max_length']})")
+    p.add_argument("--distill-loss", choices=DISTILL_LOSSES, default=d.distill_loss,
+                   help="what the student learns: the teacher's sampled tokens (cross entropy), its next-token "
+                        f"distributions (KL, the teacher runs beside the student), or a mix (default {d.distill_loss})")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help=f"softmax temperature of the logits and mix losses (default {d.distill_temperature:g})")
     p.add_argument("--template", choices=TEMPLATES, default=d.template,
                    help="prompt template of adapters made elsewhere (no recorded training config): --prompts are "
                         f"rendered in it and distillation trains in it (default {d.template})")
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     config = MigrateConfig(accept=args.accept, threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
                            distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
                            distill_batch_size=args.distill_batch_size, distill_max_length=args.distill_max_length,
+                           distill_loss=args.distill_loss, distill_temperature=args.distill_temperature,
                            template=args.template, probe_limit=args.probe_limit, discriminator=args.discriminator)
     report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, args.prompts,
                      progress=not args.quiet)

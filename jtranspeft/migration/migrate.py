@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jtranspeft.data.config import TEMPLATES
+from jtranspeft.training.config import DISTILL_LOSSES
 from jtranspeft.migration import METHODS
 from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_text_atomic
@@ -62,6 +63,8 @@ class MigrateConfig:
     distill_lr: float | None = None  # None: the adapter's recorded learning rate (made elsewhere: FOREIGN_DEFAULTS)
     distill_batch_size: int | None = None  # None: the adapter's recorded batch size (likewise)
     distill_max_length: int | None = None  # None: the adapter's recorded data.max_length (likewise)
+    distill_loss: str = "tokens"  # tokens | logits | mix: what the student learns of the teacher (DistillConfig)
+    distill_temperature: float = 1.0  # softmax temperature of the logits / mix losses (> 0)
     template: str = "alpaca"  # the prompt template of adapters made elsewhere (jtranspeft's record their own)
     discriminator: bool = False  # filter the synthetic prompts with a real-vs-synthetic LoRA (Trans-LoRA)
     probe_limit: int = 64  # probe prompts per adapter (half measure fidelity, half seed distillation)
@@ -82,6 +85,10 @@ class MigrateConfig:
                      "distill_max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise InputError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
+        if not self.distill_temperature > 0:
+            raise InputError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.template not in TEMPLATES:
             raise InputError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
 
@@ -270,6 +277,7 @@ class _Ladder:
             made = distill_transfer(self.old, self.adapter, self.new, [p["instruction"] for p in self.seeds],
                                     self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
                                     moved=best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
+                                    loss=cfg.distill_loss, temperature=cfg.distill_temperature,
                                     held_out=[p["instruction"] for p in self.probes], recorded=self.student())
             rung = self.score("distill", load_peft(made["adapter"], self.new), Path(made["adapter"]), started)
             best = rung if cfg.better(rung, best) else best

@@ -103,6 +103,9 @@ class DistributedConfig:
         check_range("process_id", self.process_id, minimum=0, optional=True)
 
 
+DISTILL_LOSSES = ("tokens", "logits", "mix")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """What the loss learns from at each target token: the data's token (``tokens``, ordinary training), a
@@ -111,13 +114,15 @@ class DistillConfig:
     The teacher, ``teacher_model`` + ``teacher_adapter``, runs frozen beside the student in the train step
     (`jtranspeft.training.step.make_step`); distillation onto a new base sets it (`jtranspeft.migration.distill`)."""
 
-    loss: Literal["tokens", "logits", "mix"] = "tokens"
+    loss: str = "tokens"  # one of DISTILL_LOSSES
     temperature: float = 1.0
     token_weight: float = 0.5  # mix only: the cross entropy's share of the loss
     teacher_model: ModelConfig | None = None
     teacher_adapter: str | None = None
 
     def __post_init__(self):
+        if self.loss not in DISTILL_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.loss!r}")
         check_range("temperature", self.temperature, above=0)
         check_range("token_weight", self.token_weight, minimum=0, maximum=1)
         if self.loss != "tokens" and (self.teacher_model is None or not self.teacher_adapter):
