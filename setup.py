@@ -33,6 +33,7 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        "scipy",  # ARPACK (eigsh): the drift report's top-k subspaces; jax itself requires scipy
         "ml_dtypes",
         "matplotlib",
         "sympy>=1.12",

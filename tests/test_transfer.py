@@ -196,6 +196,36 @@ def test_drift_report_sees_ffn_change_only(root, old, tmp_path):
     assert "ffn_rel" in (out / "drift.txt").read_text()
 
 
+def test_lanczos_subspaces_and_report_match_the_exact_svd(root, old, new):
+    """top_singular_subspaces spans the exact SVD's top-k subspaces on the tiny bases' kernels (random
+    initialisations: flat spectra, the hard case for iterative methods); the report built on it equals the
+    exact report within the tolerance the module docstring states."""
+    from jtranspeft.analysis.drift import top_singular_subspaces
+    from jtranspeft.peft.moves import top_singular_vectors
+
+    k = 4  # 4k < every kernel's shorter side (32 or 64): the Lanczos path
+    for base in (old, new):
+        for module in ALL7:
+            for w_io in np.asarray(base_kernel(base.params, module)):
+                (u_ik, v_ok), (u_exact, v_exact) = top_singular_subspaces(w_io, k), top_singular_vectors(w_io, k)
+                assert u_ik.shape == u_exact.shape and v_ok.shape == v_exact.shape
+                assert 1 - np.sum((u_exact.T @ u_ik) ** 2) / k <= 1e-5, module
+                assert 1 - np.sum((v_exact.T @ v_ok) ** 2) / k <= 1e-5, module
+    lora = jt.load_peft(root / "adapter", old)
+    fast, exact = drift_report(old, new, lora, top_k=k), drift_report(old, new, lora, top_k=k, exact=True)
+    assert fast.keys() == exact.keys()
+    for section in ("modules", "groups", "summary", "adapter"):
+        np.testing.assert_allclose(_leaves(fast[section]), _leaves(exact[section]), rtol=0, atol=1e-4)
+
+
+def _leaves(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for key in sorted(tree) for x in _leaves(tree[key])]
+    if isinstance(tree, list):
+        return [x for item in tree for x in _leaves(item)]
+    return [np.nan if tree is None else float(tree)]
+
+
 def test_accelerator_svd_branch_spans_the_same_subspaces(monkeypatch):
     from jtranspeft.peft import moves
 
@@ -342,3 +372,40 @@ def test_sampled_control_of_sparse_and_bottleneck_adapters_keeps_support_and_sta
     sampled = sample_like(dora, jax.random.key(1))
     assert np.array_equal(sampled.magnitude("q_proj"), dora.magnitude("q_proj"))
     assert not np.allclose(sampled.factors("q_proj")[1], dora.factors("q_proj")[1])
+
+
+def test_moved_adapter_is_written_before_the_drift_report_and_survives_its_failure(root, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from jtranspeft.analysis import drift
+
+    def failing_report(*args, **kwargs):
+        raise RuntimeError("drift report interrupted")
+
+    monkeypatch.setattr(drift, "drift_report", failing_report)
+    out, report = tmp_path / "moved", tmp_path / "drift"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(["--adapter", str(root / "adapter"), "--old-base", str(root / "old"), "--new-base", str(root / "new"),
+              "--out", str(out), "--drift-report", str(report)])
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert jt.read_metadata(out)["transfers"][-1]["verdict"] == "transfer"
+    assert not report.exists()
+    assert f"wrote adapter: {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_transfer_reads_the_adapter_once(root, new, tmp_path, monkeypatch, recorded):
+    """One load_peft call, for the base the adapter was made for; transfer opens the weights itself only for an
+    adapter with no record (to see what shapes it was made for)."""
+    from jtranspeft.migration import transfer as transfer_module
+
+    adapter = root / "adapter"
+    if not recorded:  # the same tensors as peft would write them: no jtranspeft metadata
+        adapter = tmp_path / "plain"
+        jt.save_peft(jt.load_peft(root / "adapter", new), adapter)
+    calls, opened = [], []
+    real_load, real_open = transfer_module.load_peft, transfer_module.SafetensorsFile
+    monkeypatch.setattr(transfer_module, "load_peft", lambda *a: calls.append(a[0]) or real_load(*a))
+    monkeypatch.setattr(transfer_module, "SafetensorsFile", lambda path: opened.append(path) or real_open(path))
+    result = transfer(adapter, new)
+    assert calls == [adapter] and len(opened) == (0 if recorded else 1)
+    assert result.verdict == "transfer" and result.verified == recorded

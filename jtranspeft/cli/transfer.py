@@ -1,8 +1,9 @@
 """``python -m jtranspeft.transfer``: move a LoRA adapter onto an updated base (verdict, outputs, drift).
 
-Loads the bases, calls `jtranspeft.transfer` (`jtranspeft.migration.transfer`), prints the verdict and writes
-what was asked for (`write_transfer`, and `jtranspeft.drift_report` for ``--drift-report``). See
-docs/transfer.md.
+Checks the arguments, runs `jtranspeft.migration.transfer.run_transfer` (load the bases, move the adapter,
+write it, score fidelity) and prints what it did; then, for ``--drift-report``, the drift report
+(`jtranspeft.analysis.drift`, which sits above `migration`), so the moved adapter is on disk before the
+report starts. See docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--drift-report needs --old-base (drift compares the two bases' weights)")
     if args.fidelity and not args.old_base:
         raise ValueError("--fidelity needs --old-base (the teacher is the old base with the adapter)")
+    if args.dora_magnitude == "renorm" and not args.old_base:
+        raise ValueError("--dora-magnitude renorm needs --old-base (the old base's column norms)")
     prompts = read_prompts(args.fidelity) if args.fidelity else None
     for name in ("project_k", "top_k", "fidelity_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -142,40 +145,33 @@ def main(argv: list[str] | None = None) -> int:
     for target in (args.out, args.merge, args.drift_report):
         if target and Path(target).exists() and (not Path(target).is_dir() or any(Path(target).iterdir())):
             raise FileExistsError(f"{target}: already exists and is not empty; choose a new directory")
-    from jtranspeft.analysis.drift import drift_report, format_drift_table, write_drift_report
-    from jtranspeft.checkpoints.loading import load_base
-    from jtranspeft.migration.transfer import transfer, write_transfer
+    from jtranspeft.migration.transfer import run_transfer
 
-    new_base = load_base(args.new_base, dtype=args.dtype)
-    old_base = load_base(args.old_base, dtype=args.dtype) if args.old_base else None
-    if args.dora_magnitude == "renorm" and not args.old_base:
-        raise ValueError("--dora-magnitude renorm needs --old-base (the old base's column norms)")
-    result = transfer(args.adapter, new_base, old_base, layer_map=args.layer_map, method=args.method,
-                      project_k=args.project_k, dora_magnitude=args.dora_magnitude)
-    if not result.compatible:
-        _print_result(result, sys.stderr)
+    run = run_transfer(args.adapter, args.new_base, args.old_base, out=args.out, merge=args.merge,
+                       layer_map=args.layer_map, method=args.method, project_k=args.project_k,
+                       dora_magnitude=args.dora_magnitude, prompts=prompts, fidelity_tokens=args.fidelity_tokens,
+                       dtype=args.dtype)
+    if not run.result.compatible:
+        _print_result(run.result, sys.stderr)
         print("nothing written", file=sys.stderr)
         return EXIT_INCOMPATIBLE
-    _print_result(result, sys.stdout)
+    _print_result(run.result, sys.stdout)
     print(f"  method: {args.method}", file=sys.stdout)
+    if run.fidelity:
+        scores = run.fidelity
+        print(f"fidelity on {scores['prompts']} prompts: KL {scores['kl']:.4f} nats/token, top-1 agreement "
+              f"{scores['top1']:.3f}, greedy exact {scores['exact']:.3f}, prefix {scores['prefix']:.3f}")
+    for what, target in (("adapter", args.out), ("merged checkpoint", args.merge)):
+        if target:
+            print(f"wrote {what}: {target}", flush=True)
     if args.drift_report:
-        report = drift_report(old_base, new_base, lora=result.source_lora, top_k=args.top_k, layer_map=args.layer_map)
+        from jtranspeft.analysis.drift import drift_report, format_drift_table, write_drift_report
+
+        report = drift_report(run.old_base, run.new_base, lora=run.result.source_lora, top_k=args.top_k,
+                              layer_map=args.layer_map)
         print(format_drift_table(report))
         write_drift_report(report, args.drift_report)
         print(f"wrote drift report: {args.drift_report}")
-    if prompts:
-        from jtranspeft.migration.fidelity import fidelity
-
-        scores = fidelity(old_base, result.source_lora, new_base, result.lora, prompts,
-                          max_new_tokens=args.fidelity_tokens)
-        print(f"fidelity on {scores['prompts']} prompts: KL {scores['kl']:.4f} nats/token, top-1 agreement "
-              f"{scores['top1']:.3f}, greedy exact {scores['exact']:.3f}, prefix {scores['prefix']:.3f}")
-    write_transfer(result, new_base, out=args.out, merge=args.merge)
-    if prompts and args.out:
-        (Path(args.out) / "fidelity.json").write_text(json.dumps(scores, indent=1) + "\n")
-    for what, target in (("adapter", args.out), ("merged checkpoint", args.merge)):
-        if target:
-            print(f"wrote {what}: {target}")
     return 0
 
 

@@ -3,26 +3,30 @@
 `transfer(adapter, new_base, old_base=None, layer_map=None, method="reuse")` answers three questions and
 returns a `TransferResult`:
 
-1. Can the adapter be mapped onto the new base at all? Its tensors are checked against the new base's
-   projection shapes, and against the family / dimensions / layer count of the base it was made for
-   (the fingerprint `save_peft` recorded, or ``old_base``). Any mismatch gives the verdict
-   ``"incompatible"`` with one reason per cause: which tensor and dimension, the layer counts, a module
-   the base does not have, another family.
+1. Can the adapter be mapped onto the new base at all? It is read once, through `load_peft`, for the base it
+   was made for (``old_base``, else the shapes its recorded fingerprint gives, else, with no record, the new
+   base's shapes widened to what its own tensors hold). Its tensors are then checked against the new base's
+   projection shapes, and that base against the family / dimensions / layer count of the one it was made
+   for. Any mismatch gives the verdict ``"incompatible"`` with one reason per cause: which tensor and
+   dimension, the layer counts, a target module the base does not have, another family.
 2. Is the new base the one the adapter was made for? Equal fingerprints (`jtranspeft.checkpoints.fingerprint`)
    of the recorded base (or ``old_base``) and the new base give ``"identical"``; otherwise ``"transfer"``
    (same architecture, new weights), with the changed tensors as reasons. An adapter made elsewhere (peft)
    with no ``old_base`` has nothing to compare with: its verdict is ``"transfer"`` with ``verified=False``
    and the label "transfer (unverified: no recorded base fingerprint)".
-3. What adapter goes on the new base? It is read through `load_peft` (the same key tables as loading), its
-   layers moved by ``layer_map`` ({adapter layer: new-base layer}; needed when depths differ), then:
-   ``"reuse"`` keeps the tensors (plain Direct Transfer); ``"project"`` keeps the part of each delta in the
-   new weight's dominant singular subspaces; ``"rescale"`` keeps each delta's size relative to its base
-   weight (the math: `jtranspeft.peft.moves`). The moved adapter's metadata keeps the original
-   ``base_fingerprint`` and appends the new base's fingerprint to ``transfers``.
+3. What adapter goes on the new base? The adapter as read, its layers moved by ``layer_map`` ({adapter
+   layer: new-base layer}; needed when depths differ), then: ``"reuse"`` keeps the tensors (plain Direct
+   Transfer); ``"project"`` keeps the part of each delta in the new weight's dominant singular subspaces;
+   ``"rescale"`` keeps each delta's size relative to its base weight (the math: `jtranspeft.peft.moves`).
+   The moved adapter's metadata keeps the original ``base_fingerprint`` and appends the new base's
+   fingerprint to ``transfers``.
 
 `write_transfer` writes the outputs, each atomically: the moved adapter in PEFT format and an optional merged
-HF checkpoint of the new base. The CLI (``python -m jtranspeft.transfer``, `jtranspeft.cli.transfer`) adds a
-drift report (`jtranspeft.analysis.drift`); an incompatible pair writes nothing and exits with status 3.
+HF checkpoint of the new base. `run_transfer` is the whole job of ``python -m jtranspeft.transfer``
+(`jtranspeft.cli.transfer`) from paths: load the bases, `transfer`, write the outputs, then score fidelity
+(`jtranspeft.migration.fidelity`), so a moved adapter is on disk before anything slow starts. The CLI's
+drift report (`jtranspeft.analysis.drift`, a layer above this one) runs after it. An incompatible pair
+writes nothing (the CLI exits with status 3).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import re
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.fingerprint import base_fingerprint, describe, fingerprint_differences, kernel_norms
-from jtranspeft.checkpoints.loading import save_base
-from jtranspeft.checkpoints.adapter_files import (CONFIG_FILE, WEIGHTS_FILE, bottleneck_key, check_adapter_dir,
-                                                  modules_named, peft_key, shira_key, split_peft_key)
+from jtranspeft.checkpoints.loading import load_base, save_base
+from jtranspeft.checkpoints.adapter_files import (WEIGHTS_FILE, bottleneck_key, check_adapter_dir, peft_key, shira_key,
+                                                  split_peft_key)
 from jtranspeft.checkpoints.peft_format import adapter_layout, load_peft, read_metadata, save_peft
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
 from jtranspeft.models.base import Base
@@ -53,11 +57,10 @@ from jtranspeft.peft.rosa import ROSA_FILE
 from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.moves import dora_column_scales, project_lora, remap_layers, renorm_magnitudes, rescale_lora
 from jtranspeft.migration import DORA_MAGNITUDE, METHODS
-from jtranspeft.utils.files import atomic_directory
-from jtranspeft.utils.validate import read_json_object
+from jtranspeft.migration.fidelity import fidelity
+from jtranspeft.utils.errors import FileFormatError
+from jtranspeft.utils.files import atomic_directory, write_text_atomic
 
-_BOTTLENECK_KEY = re.compile(r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.adapter_(?P<placement>attn|ffn)\."
-                             r"(?P<part>down|up)\.weight$")
 # Spec fields that change what an adapter's tensors mean; others (rope, vocab, eps, tying) are only noted.
 _ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
 
@@ -98,60 +101,9 @@ class TransferResult:
 # ----------------------------------------------------------------------------------------------------------
 # Compatibility: what the adapter holds versus what the new base has.
 
-@dataclasses.dataclass
-class _AdapterLayout:
-    """Tensor shapes of an adapter in PEFT naming: {(module, layer, factor): torch-layout shape}."""
-
-    shapes: dict[tuple[str, int, str], tuple[int, ...]]
-    foreign: list[str]  # reasons: tensors or targets naming modules the base does not have
-    metadata: dict
-
-
-def _layout_from_dir(directory: Path) -> _AdapterLayout:
-    check_adapter_dir(directory)
-    if (directory / ROSA_FILE).is_file():  # RoSA: its low-rank and sparse parts, each a PEFT directory
-        low, sparse = _layout_from_dir(directory / "lora"), _layout_from_dir(directory / "sparse")
-        return _AdapterLayout({**low.shapes, **sparse.shapes}, low.foreign + sparse.foreign, low.metadata)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; --adapter must be an HF PEFT adapter directory")
-    cfg = read_json_object(config_path)
-    shapes, foreign = {}, []
-    with SafetensorsFile(weights_path) as f:
-        for key in f.keys():
-            serial = _BOTTLENECK_KEY.match(key)
-            if serial:  # a bottleneck adapter's down [size, d] / up [d, size]: d must be the hidden size
-                shapes[(f"adapter_{serial['placement']}", int(serial["layer"]), serial["part"])] = f.shape(key)
-                continue
-            split = split_peft_key(key)
-            proj = parse_hf_module_name(split[0]) if split else None
-            if proj is None:
-                what = split[0] if split else key
-                foreign.append(f"missing target module: tensor {key!r} adapts {what}, which the new base does not "
-                               f"have (adaptable: model.layers.{{i}}.self_attn|mlp.{{{','.join(TARGET_MODULES)}}})")
-                continue
-            if split[1] == "i":  # SHiRA positions: the smallest (out, in) weight they fit in
-                index = f.get(key)
-                shapes[(proj[0], proj[1], "i")] = tuple(int(row.max()) + 1 if row.size else 0 for row in index[:2])
-            elif split[1] != "w":
-                shapes[(proj[0], proj[1], split[1])] = f.shape(key)
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        for name in targets:
-            if not isinstance(name, str) or not modules_named(name):
-                foreign.append(f"missing target module: target_modules lists {name!r}, which the new base does "
-                               f"not have (it has {', '.join(TARGET_MODULES)})")
-    return _AdapterLayout(shapes, foreign, read_metadata(directory))
-
-
-def _layout_from_lora(lora, metadata: dict | None) -> _AdapterLayout:
-    return _AdapterLayout(adapter_layout(lora), [], dict(metadata or {}))
-
-
-def _shape_reasons(layout: _AdapterLayout, new_base: Base, layer_map: dict[int, int] | None) -> list[str]:
+def _shape_reasons(layout: dict, new_base: Base, layer_map: dict[int, int] | None) -> list[str]:
     problems: dict[tuple[str, str, int], list[tuple[str, tuple, int, int]]] = {}
-    for (module, layer, factor), shape in sorted(layout.shapes.items()):
+    for (module, layer, factor), shape in sorted(layout.items()):
         if layer_map is not None and layer not in layer_map:
             continue
         if module.startswith("adapter_"):
@@ -206,8 +158,8 @@ def _spec_reasons(ref_spec: dict, new_spec: ModelSpec, what: str) -> tuple[list[
     return bad, notes
 
 
-def _layer_reasons(layout, src_layers: int | None, new_layers: int, layer_map) -> list[str]:
-    used = sorted({layer for (_, layer, _) in layout.shapes})
+def _layer_reasons(layout: dict, src_layers: int | None, new_layers: int, layer_map) -> list[str]:
+    used = sorted({layer for (_, layer, _) in layout})
     if layer_map is None:
         if src_layers is not None and src_layers != new_layers:
             return [f"layer count: the adapter's base has {src_layers} layers, the new base has {new_layers} "
@@ -226,14 +178,47 @@ def _layer_reasons(layout, src_layers: int | None, new_layers: int, layer_map) -
     return bad
 
 
-def _shape_stand_in(spec: ModelSpec, like_params: dict, num_layers: int):
-    """A base-like object with only kernel shapes, for reading an adapter made for another depth."""
+def _shape_stand_in(spec: ModelSpec, shapes: dict[str, tuple[int, int]], num_layers: int):
+    """A base-like object with only kernel shapes ({module: (in, out)}), to read an adapter with `load_peft`."""
     params: dict = {"layers": {}}
-    for module in TARGET_MODULES:
-        _, d_in, d_out = base_kernel(like_params, module).shape
+    for module, (d_in, d_out) in shapes.items():
         params["layers"].setdefault(MODULE_BLOCK[module], {})[module] = {
             "kernel": jax.ShapeDtypeStruct((num_layers, d_in, d_out), jnp.float32)}
     return SimpleNamespace(spec=dataclasses.replace(spec, num_layers=num_layers), params=params)
+
+
+def _made_for(directory: Path, old_base: Base | None, recorded: dict | None, new_base: Base, layer_map):
+    """The base (or its shapes) to read the adapter at ``directory`` for: ``old_base``; else the one its
+    fingerprint ``recorded``; else the new base's shapes (with ``layer_map``: as deep as the map reaches),
+    widened to what the adapter's own tensors hold (factor widths, SHiRA positions, later layers), so that a
+    misfit becomes a reason of the verdict rather than a refused file."""
+    if old_base is not None:
+        return old_base
+    shapes = {m: tuple(base_kernel(new_base.params, m).shape[1:]) for m in TARGET_MODULES}
+    if recorded is not None:
+        for module in TARGET_MODULES:
+            d_out, d_in = recorded["targets"].get(hf_module_name(module, 0), {}).get("shape", shapes[module][::-1])
+            shapes[module] = (d_in, d_out)
+        spec = dataclasses.replace(new_base.spec, hidden_size=recorded["spec"]["hidden_size"])
+        return _shape_stand_in(spec, shapes, recorded["spec"]["num_layers"])
+    depth = new_base.spec.num_layers if layer_map is None else 1 + max(layer_map)
+    for part in ([directory / "lora", directory / "sparse"] if (directory / ROSA_FILE).is_file() else [directory]):
+        with SafetensorsFile(part / WEIGHTS_FILE) as f:
+            for key in f.keys():
+                split = split_peft_key(key)
+                where = parse_hf_module_name(split[0]) if split else None
+                if where is None:
+                    continue  # not a projection's tensor: load_peft names it
+                (module, layer), factor, shape = where, split[1], f.shape(key)
+                depth, (d_in, d_out) = max(depth, layer + 1), shapes[module]
+                if factor == "A" and len(shape) == 2:
+                    shapes[module] = (shape[1], d_out)
+                elif factor == "B" and len(shape) == 2:
+                    shapes[module] = (d_in, shape[0])
+                elif factor == "i" and len(shape) == 2 and shape[1]:
+                    reach_out, reach_in = (int(x) + 1 for x in f.get(key)[:2].max(axis=1))
+                    shapes[module] = (max(d_in, reach_in), max(d_out, reach_out))
+    return _shape_stand_in(new_base.spec, shapes, depth)
 
 
 def current_base_fingerprint(metadata: dict) -> dict | None:
@@ -242,16 +227,15 @@ def current_base_fingerprint(metadata: dict) -> dict | None:
     return transfers[-1].get("fingerprint") if transfers else metadata.get("base_fingerprint")
 
 
-def _incompatibilities(layout: _AdapterLayout, ref_fp: dict | None, ref_what: str, new_base: Base,
-                       src_layers: int | None, layer_map) -> tuple[list[str], list[str]]:
-    """(reasons the adapter cannot be mapped onto ``new_base``, notes on harmless spec differences)."""
-    reasons, notes = list(layout.foreign), []
-    if ref_fp is not None:
-        bad, notes = _spec_reasons(ref_fp["spec"], new_base.spec, ref_what)
-        reasons += bad
-    reasons += _layer_reasons(layout, src_layers, new_base.spec.num_layers, layer_map)
-    reasons += _shape_reasons(layout, new_base, layer_map)
-    return reasons, notes
+def _read(adapter, made_for) -> tuple[object | None, list[str]]:
+    """(the adapter read by `load_peft` for ``made_for``, []), or (None, [reason]) when its ``target_modules``
+    names a module the family does not have."""
+    try:
+        return load_peft(adapter, made_for), []
+    except FileFormatError as err:
+        if err.field != "field 'target_modules'":
+            raise
+        return None, [f"missing target module: target_modules {err.problem}"]
 
 
 def _identity(recorded: dict | None, old_fp: dict | None, new_fp: dict, ref_what: str) -> tuple[str, list[str]]:
@@ -287,30 +271,32 @@ def transfer(adapter: str | Path | Lora, new_base: Base, old_base: Base | None =
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     if dora_magnitude not in DORA_MAGNITUDE:
         raise ValueError(f"dora_magnitude {dora_magnitude!r}: choose one of {', '.join(DORA_MAGNITUDE)}")
-    layout = (_layout_from_lora(adapter, metadata) if isinstance(adapter, ADAPTER_TYPES)
-              else _layout_from_dir(Path(adapter)))
-    recorded = current_base_fingerprint(layout.metadata)
+    in_memory = isinstance(adapter, ADAPTER_TYPES)
+    metadata = dict(metadata or {}) if in_memory else read_metadata(check_adapter_dir(adapter))
+    recorded = current_base_fingerprint(metadata)
     old_fp = base_fingerprint(old_base) if old_base is not None else None
     new_fp = base_fingerprint(new_base)
     ref_fp, ref_what = (old_fp, "the old base") if old_fp else (recorded, "the adapter's recorded base")
-
-    src_layers = ref_fp["spec"]["num_layers"] if ref_fp else getattr(adapter, "num_layers", None)
-    reasons, notes = _incompatibilities(layout, ref_fp, ref_what, new_base, src_layers, layer_map)
     described = dict(old_description=describe(ref_fp), new_description=describe(new_fp), method=method)
+
+    # Read the adapter once, for the base it was made for (load_peft's key tables and checks: what it refuses
+    # is a bad file, exit 2), then hold its tensors against the new base.
+    source, reasons = (adapter, []) if in_memory else _read(
+        adapter, _made_for(Path(adapter), old_base, recorded, new_base, layer_map))
+    notes = []
+    if ref_fp is not None:
+        bad, notes = _spec_reasons(ref_fp["spec"], new_base.spec, ref_what)
+        reasons += bad
+    if source is not None:
+        src_layers = ref_fp["spec"]["num_layers"] if ref_fp else getattr(adapter, "num_layers", None)
+        layout = adapter_layout(source)
+        reasons += _layer_reasons(layout, src_layers, new_base.spec.num_layers, layer_map)
+        reasons += _shape_reasons(layout, new_base, layer_map)
     if reasons:
         return TransferResult("incompatible", tuple(reasons), **described)
     verdict, identity_notes = _identity(recorded, old_fp, new_fp, ref_what)
     notes = identity_notes + notes
 
-    # Map the adapter (through load_peft's key tables and checks), move its layers, apply the variant. The
-    # layout checks above caught every incompatibility; what load_peft refuses now is a bad file (exit 2).
-    if isinstance(adapter, ADAPTER_TYPES):
-        source = adapter
-    elif layer_map is None:
-        source = load_peft(adapter, new_base)
-    else:
-        depth = src_layers or 1 + max([*layer_map, *(layer for (_, layer, _) in layout.shapes)])
-        source = load_peft(adapter, _shape_stand_in(new_base.spec, new_base.params, depth))
     family = family_of(source)
     if method not in family.transfer_methods:
         raise ValueError(f"method {method!r} does not apply to a {family.name} adapter (it moves by "
@@ -337,7 +323,7 @@ def transfer(adapter: str | Path | Lora, new_base: Base, old_base: Base | None =
              "layer_map": {str(i): j for i, j in sorted(layer_map.items())} if layer_map else None,
              "from": describe(ref_fp),
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    meta = dict(layout.metadata)
+    meta = dict(metadata)
     meta["base_fingerprint"] = meta.get("base_fingerprint") or old_fp
     meta["transfers"] = [*(meta.get("transfers") or []), entry]
     return TransferResult(verdict, tuple(notes), moved, verified=ref_fp is not None, metadata=meta,
@@ -377,3 +363,40 @@ def write_transfer(result: TransferResult, new_base: Base, out: str | Path | Non
     if merge is not None:
         with atomic_directory(merge) as tmp:
             save_base(merge_adapter(new_base, result.lora), tmp)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferRun:
+    """What `run_transfer` did: the `TransferResult`, the bases it loaded (``old_base`` None when not given)
+    and the fidelity scores (None when no prompts were given)."""
+
+    result: TransferResult
+    new_base: Base
+    old_base: Base | None = None
+    fidelity: dict | None = None
+
+
+def run_transfer(adapter: str | Path, new_base: str | Path, old_base: str | Path | None = None, *,
+                 out: str | Path | None = None, merge: str | Path | None = None,
+                 layer_map: dict[int, int] | None = None, method: str = "reuse", project_k: int | None = None,
+                 dora_magnitude: str = "keep", prompts: Sequence[str] | None = None, fidelity_tokens: int = 32,
+                 dtype: str = "auto") -> TransferRun:
+    """The job of ``python -m jtranspeft.transfer``: load the bases (``dtype`` as `load_base`), `transfer`, and
+    for a compatible pair write ``out`` / ``merge`` (`write_transfer`) FIRST, then score the moved adapter's
+    fidelity to old base + adapter on ``prompts`` (needs ``old_base``; with ``out``, also written to
+    ``out/fidelity.json``). An incompatible pair writes nothing. Returns a `TransferRun`."""
+    if prompts and old_base is None:
+        raise ValueError("fidelity prompts need the old base (the teacher is the old base with the adapter)")
+    new = load_base(new_base, dtype=dtype)
+    old = load_base(old_base, dtype=dtype) if old_base is not None else None
+    result = transfer(adapter, new, old, layer_map=layer_map, method=method, project_k=project_k,
+                      dora_magnitude=dora_magnitude)
+    if not result.compatible:
+        return TransferRun(result, new, old)
+    write_transfer(result, new, out=out, merge=merge)
+    scores = None
+    if prompts:
+        scores = fidelity(old, result.source_lora, new, result.lora, prompts, max_new_tokens=fidelity_tokens)
+        if out is not None:
+            write_text_atomic(Path(out) / "fidelity.json", json.dumps(scores, indent=1) + "\n")
+    return TransferRun(result, new, old, scores)
