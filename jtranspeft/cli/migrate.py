@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jtranspeft.data.config import TEMPLATES
     from jtranspeft.migration.distill import FOREIGN_DEFAULTS
     from jtranspeft.migration.migrate import ACCEPT, MigrateConfig
-    from jtranspeft.training.config import DISTILL_LOSSES
+    from jtranspeft.training import DISTILL_LOSSES
 
     d = MigrateConfig()
     p = argparse.ArgumentParser(

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jtranspeft.data.config import TEMPLATES
-from jtranspeft.training.config import DISTILL_LOSSES
+from jtranspeft.training import DISTILL_LOSSES
 from jtranspeft.migration import METHODS
 from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_text_atomic

@@ -20,6 +20,7 @@ from jtranspeft.peft.lora import LoraConfig
 from jtranspeft.peft.rosa import RosaConfig
 from jtranspeft.peft.shira import ShiraConfig
 from jtranspeft.peft.transpeft import TransPeftConfig
+from jtranspeft.training import DISTILL_LOSSES
 from jtranspeft.training.sharding import MeshConfig
 from jtranspeft.utils.validate import check_range
 
@@ -101,9 +102,6 @@ class DistributedConfig:
     def __post_init__(self):
         check_range("num_processes", self.num_processes, minimum=1, optional=True)
         check_range("process_id", self.process_id, minimum=0, optional=True)
-
-
-DISTILL_LOSSES = ("tokens", "logits", "mix")
 
 
 @dataclasses.dataclass(frozen=True)
