@@ -19,7 +19,8 @@ import yaml
 import jtranspeft as jt
 from jtranspeft.data.prompts import alpaca_prompt
 from jtranspeft.data.config import DataConfig
-from jtranspeft.migration.distill import distill_transfer, student_config, synthesize_prompts
+from jtranspeft.migration.distill import (NEAR_DUPLICATE_JACCARD, distill_transfer, near_duplicate, student_config,
+                                          synthesis_stats, synthesize_prompts)
 from jtranspeft.migration.fidelity import fidelity
 from jtranspeft.peft.transpeft import TransPeftConfig
 from jtranspeft.training.config import ModelConfig, RunConfig
@@ -66,7 +67,16 @@ def test_distillation_brings_the_adapter_closer_to_the_teacher(tmp_path, pair, t
     cfg = yaml.safe_load((tmp_path / "d" / "train" / "config.yaml").read_text())  # the student run's own record
     assert cfg["init_adapter"] == str(adapter) and cfg["model"]["path"] == str(new_dir)
     assert cfg["transpeft"] == to_dict(TransPeftConfig())  # no Trans-PEFT perturbation
-    assert not list((tmp_path / "d").glob("*.json"))  # no config written to be read back
+    # no config written to be read back; synthesis.json describes the synthetic set
+    assert [p.name for p in (tmp_path / "d").glob("*.json")] == ["synthesis.json"]
+    stats = json.loads((tmp_path / "d" / "synthesis.json").read_text())
+    assert stats == result["synthesis"] and stats["asked"] == 12 and not stats["recomputed"]
+    assert 0 <= stats["kept"] <= stats["generated"] <= stats["asked"] <= stats["sampled"]
+    assert stats["kept"] + stats["seed_records"] == len(records) and stats["seed_records"] <= len(prompts)
+    assert 0 < stats["distinct_share"] <= 1 and 0 <= stats["near_duplicate_share"] <= 1
+    assert 0 <= stats["near_duplicates_of_seeds"] <= stats["kept"] and stats["mean_tokens"] > 0
+    assert stats["mean_chars"] > 0 and stats["synthesis_seconds"] > 0 and stats["teacher_seconds"] > 0
+    assert stats["filter_seconds"] is None  # no discriminator
 
 
 def test_the_student_config_is_the_recorded_one_with_the_students_settings(tmp_path, tiny_model_dir):
@@ -281,3 +291,45 @@ def test_logit_distillation_lowers_held_out_kl_more_than_token_distillation(tmp_
     assert cfg["distill"]["loss"] == "logits" and cfg["distill"]["teacher_adapter"] == str(adapter)
     assert cfg["distill"]["teacher_model"]["path"] == str(tiny_model_dir)
     assert yaml.safe_load((tmp_path / "tokens" / "train" / "config.yaml").read_text())["distill"]["loss"] == "tokens"
+
+
+def test_near_duplicate_is_word_set_jaccard_against_any_seed():
+    """Lower-cased word sets: |A & B| / |A | B| >= NEAR_DUPLICATE_JACCARD (0.8) against some seed."""
+    assert NEAR_DUPLICATE_JACCARD == 0.8
+    seeds = ["How many legs do three cats and two ducks have?", "Spell the word apple backwards."]
+    assert near_duplicate("how many LEGS do two ducks and three cats have", seeds)  # 1.0: reordered, case
+    assert near_duplicate("How many legs do three cats and two geese have?", seeds)  # 9 / 11 = 0.82
+    assert not near_duplicate("How many legs do three dogs and two geese have?", seeds)  # 8 / 12 = 0.67
+    assert not near_duplicate("How many wheels do three cars have?", seeds)  # 4 / 11
+    assert not near_duplicate("Spell the word banana backwards.", seeds)  # 4 / 6
+    assert near_duplicate("Spell the word banana backwards.", seeds, threshold=0.6)
+    assert not near_duplicate("", seeds) and not near_duplicate("anything", [])
+
+
+def test_synthesis_stats_of_hand_made_prompts(tiny_model_dir):
+    tokenizer = jt.load_base(tiny_model_dir).tokenizer
+    seeds = ["Add 2 and 3.", "Name a colour."]
+    stats = synthesis_stats(["add 3 and 2", "Name a fruit.", "Translate cat to French."], seeds, tokenizer)
+    assert (stats["kept"], stats["near_duplicates_of_seeds"]) == (3, 1)
+    assert stats["near_duplicate_share"] == pytest.approx(1 / 3) and stats["mean_chars"] == pytest.approx(16.0)
+    assert stats["mean_tokens"] > 0
+    assert synthesis_stats([], seeds, tokenizer)["mean_tokens"] is None
+
+
+def test_a_rerun_reads_the_synthesis_record_back_or_recomputes_it(pair, tiny_model_dir, tmp_path):
+    """Resuming skips synthesis: the stored record is read back; a set stored without one (an older run) gets
+    one recomputed from the set, with what only the first run knew (counts asked and sampled, seconds) None."""
+    adapter, new_dir, prompts = pair
+    old = jt.load_base(tiny_model_dir)
+    first = distill_transfer(old, adapter, new_dir, prompts, tmp_path, samples=4, steps=2, max_new_tokens=6)
+    synthetic = (tmp_path / "synthetic.jsonl").read_text()
+    again = distill_transfer(old, adapter, new_dir, prompts, tmp_path, samples=4, steps=2, max_new_tokens=6)
+    assert again["synthesis"] == first["synthesis"] and (tmp_path / "synthetic.jsonl").read_text() == synthetic
+    (tmp_path / "synthesis.json").unlink()
+    redone = distill_transfer(old, adapter, new_dir, prompts, tmp_path, samples=4, steps=2, max_new_tokens=6)
+    assert (tmp_path / "synthetic.jsonl").read_text() == synthetic
+    stats = json.loads((tmp_path / "synthesis.json").read_text())
+    assert stats == redone["synthesis"] and stats["recomputed"]
+    shared = ("kept", "mean_tokens", "mean_chars", "near_duplicates_of_seeds", "seed_records")
+    assert {k: stats[k] for k in shared} == {k: first["synthesis"][k] for k in shared}
+    assert stats["asked"] is stats["sampled"] is stats["synthesis_seconds"] is None

@@ -20,6 +20,10 @@ paper does: the OLD base writes as many synthetic prompts as there are seeds, a 
 old base learns to answer "yes" for the seeds (real) and "no" for those (`train_discriminator`), and a
 new-base prompt is kept when its log-probability of "yes" beats "no" (`discriminate`). Should fewer than a
 quarter pass, the best-scored quarter is kept (a warning says so); ``filter.json`` records the counts.
+
+Every run records what its synthetic set is like in ``synthesis.json`` (`synthesis_record`): prompts asked for,
+sampled, generated and kept, the distinct share, mean lengths, near-copies of a seed (`near_duplicate`) and the
+wall seconds of synthesis, of the discriminator and of the teacher's answers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +46,9 @@ logger = logging.getLogger(__name__)
 DISCRIMINATOR_QUESTION = "Is the following a real example of the task's instructions? Answer yes or no.\n\n"
 MIN_KEPT = 0.25  # the share of synthetic prompts kept at least when the discriminator rejects more
 INSTRUCTION_MARK = "### Instruction:\n"
+# A synthetic prompt is a near-duplicate of a seed when their word sets (lower-cased runs of letters, digits and
+# "_") have Jaccard similarity |A & B| / |A | B| at least this: a seed with a word or two changed or reordered.
+NEAR_DUPLICATE_JACCARD = 0.8
 SYNTHESIS_HEADER = "Below are instructions for one kind of task, each written as a new example.\n\n"
 # The distillation settings of an adapter made elsewhere (no recorded training config; `recorded_or_derived`):
 # the quickstart's learning rate and batch size; 256 tokens hold an alpaca prompt of a synthetic instruction and
@@ -50,7 +59,8 @@ FOREIGN_DEFAULTS = {"data": {"template": "alpaca", "max_length": 256, "buckets":
 
 def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, seed: int = 0,
                        temperature: float = 0.8, max_new_tokens: int = 64, batch_size: int = 16,
-                       max_rounds: int = 8, min_yield: float = 0.1, exclude: Sequence[str] = ()) -> list[str]:
+                       max_rounds: int = 8, min_yield: float = 0.1, exclude: Sequence[str] = (),
+                       counts: dict | None = None) -> list[str]:
     """``n`` new task instructions written by ``base`` from few-shot blocks of ``seeds`` (module docstring);
     none equals a seed or one of ``exclude`` (the prompts that will judge the result).
 
@@ -58,6 +68,8 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
     ``n`` distinct ones exist, ``max_rounds`` pass, or a round adds fewer new ones than ``min_yield`` of those
     still wanted (a narrow task whose model keeps repeating itself: on SmolLM2 leg_counting every further
     round cost ~10 min for a handful of prompts); then fewer are returned, with a warning.
+    ``counts``, when given, receives {"sampled": texts sampled, "distinct": those non-empty, new and not a seed
+    or one of ``exclude``} (both counted over every round, before the cut to ``n``).
     """
     from jtranspeft.inference.generate import generate
 
@@ -69,7 +81,7 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
     rng = np.random.default_rng(seed)
     found: dict[str, None] = {}
     known = set(seeds) | {e.strip() for e in exclude}
-    rounds = 0
+    rounds = sampled = 0
     while rounds < max_rounds and len(found) < n:
         wanted, rounds = n - len(found), rounds + 1
         contexts = []
@@ -79,17 +91,47 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
                             + INSTRUCTION_MARK)
         texts = generate(base, contexts, temperature=temperature, max_new_tokens=max_new_tokens,
                          seed=seed * 1000 + rounds - 1, stop=("\n\n", "###"), batch_size=batch_size)
-        before = len(found)
+        before, sampled = len(found), sampled + len(texts)
         for text in texts:
             text = text.strip()
             if text and text not in known and text not in found:
                 found[text] = None
         if len(found) < n and len(found) - before < min_yield * wanted:
             break
+    if counts is not None:
+        counts.update(sampled=sampled, distinct=len(found))
     prompts = list(found)[:n]
     if len(prompts) < n:
         logger.warning("synthesized %d of %d distinct prompts in %d rounds", len(prompts), n, rounds)
     return prompts
+
+
+def word_set(text: str) -> frozenset[str]:
+    """The lower-cased words (runs of letters, digits and "_") of ``text``, as a set."""
+    return frozenset(re.findall(r"\w+", text.lower()))
+
+
+def near_duplicate(prompt: str, seeds: Sequence[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> bool:
+    """Whether ``prompt``'s word set has Jaccard similarity >= ``threshold`` with some seed's (`word_set`)."""
+    words = word_set(prompt)
+    for seed in seeds:
+        other = word_set(seed)
+        union = len(words | other)
+        if union and len(words & other) / union >= threshold:
+            return True
+    return False
+
+
+def synthesis_stats(kept: Sequence[str], seeds: Sequence[str], tokenizer) -> dict:
+    """What the kept synthetic prompts are like: how many, their mean length in ``tokenizer`` tokens (no
+    special tokens) and in characters (None when none is kept), and how many are near-duplicates of a seed
+    (`near_duplicate`), also as a share of those kept."""
+    tokens = [len(tokenizer.encode(p, add_special_tokens=False)) for p in kept]
+    copies = sum(near_duplicate(p, seeds) for p in kept)
+    return {"kept": len(kept), "mean_tokens": float(np.mean(tokens)) if kept else None,
+            "mean_chars": float(np.mean([len(p) for p in kept])) if kept else None,
+            "near_duplicates_of_seeds": copies, "near_duplicate_share": copies / len(kept) if kept else None,
+            "near_duplicate_jaccard": NEAR_DUPLICATE_JACCARD}
 
 
 def teacher_records(base, lora, instructions: Sequence[str], template: str = "alpaca", *,
@@ -196,7 +238,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
                      recorded: dict | None = None) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on ``new_base``; returns
-    {"adapter", "synthetic", "records", "summary"}.
+    {"adapter", "synthetic", "records", "synthesis", "summary"} ("synthesis": the record of ``out/synthesis.json``).
 
     ``new_base``: the loaded new base (a `Base`: it writes the synthetic prompts and is trained on as it is,
     its source and dtypes are the run's model section), or its path (loaded once, with the storage and compute
@@ -209,9 +251,11 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     ``recorded`` (default: `recorded_or_derived`, the adapter's recorded training config or one derived from its
     adapter_config.json) gives LoRA settings, template and optimiser (``lr`` overrides; `student_config`);
     Trans-PEFT perturbations are off. Files: ``out/synthetic.jsonl`` (the teacher-answered
-    prompts) and the training run in ``out/train`` (with its resolved ``config.yaml``). A rerun
-    reuses the synthetic set and resumes the training run. Synthetic instructions and teacher answers are at
-    most ``max_new_tokens`` tokens each, and at most a third of the adapter's ``data.max_length``.
+    prompts), ``out/synthesis.json`` (what the synthetic set is like and what it cost: `synthesis_record`) and
+    the training run in ``out/train`` (with its resolved ``config.yaml``). A rerun
+    reuses the synthetic set (and its record, or one recomputed from the set) and resumes the training run.
+    Synthetic instructions and teacher answers are at most ``max_new_tokens`` tokens each, and at most a third
+    of the adapter's ``data.max_length``.
 
     ``loss`` (`jtranspeft.training.config.DistillConfig`): "tokens" trains on the teacher's answer tokens;
     "logits" on T^2 KL(teacher || student) of the next-token distributions at every answer position (T =
@@ -242,22 +286,58 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                          distill={"loss": loss, "temperature": temperature, "token_weight": token_weight,
                                   **({"teacher_model": base_settings(old_base), "teacher_adapter": str(adapter)}
                                      if loss != "tokens" else {})})
+    record = out / "synthesis.json"
+    real = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
     if not synthetic.is_file():
         if held is None:
             held = load_model(cfg.model)
+        counts, started = {}, time.perf_counter()
         instructions = synthesize_prompts(held, seeds, samples, seed=seed, max_new_tokens=max_new_tokens,
-                                          exclude=held_out)
-        seeds = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
+                                          exclude=held_out, counts=counts)
+        made, synthesized = len(instructions), time.perf_counter()
         if discriminator:
-            instructions = filter_synthetic(old_base, seeds, instructions, out, seed=seed,
+            instructions = filter_synthetic(old_base, real, instructions, out, seed=seed,
                                             max_new_tokens=max_new_tokens)
-        records = teacher_records(old_base, load_peft(adapter, old_base), seeds + instructions, template,
+        filtered = time.perf_counter()
+        records = teacher_records(old_base, load_peft(adapter, old_base), real + instructions, template,
                                   max_new_tokens=max_new_tokens)
+        stats = synthesis_record(records, real, held.tokenizer, asked=samples, sampled=counts["sampled"],
+                                 distinct=counts["distinct"], generated=made,
+                                 seconds={"synthesis": synthesized - started, "teacher": time.perf_counter() - filtered,
+                                          "filter": filtered - synthesized if discriminator else None})
+        write_text_atomic(record, json.dumps(stats, indent=1) + "\n")  # before the set it describes
         write_text_atomic(synthetic, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    elif record.is_file():
+        stats = json.loads(record.read_text(encoding="utf-8"))
+    else:  # a set stored without its record (an older run, or one copied in): what the set itself shows
+        if held is None:
+            held = load_model(cfg.model)
+        stored = [json.loads(line) for line in synthetic.read_text(encoding="utf-8").splitlines() if line.strip()]
+        stats = synthesis_record(stored, real, held.tokenizer)
+        write_text_atomic(record, json.dumps(stats, indent=1) + "\n")
     records = synthetic.read_text(encoding="utf-8").count("\n")
     summary = train(cfg, base=held, teacher=old_base)
     return {"adapter": str(out / "train" / "adapter"), "synthetic": str(synthetic), "records": records,
-            "summary": summary}
+            "synthesis": stats, "summary": summary}
+
+
+def synthesis_record(records: Sequence[dict], seeds: Sequence[str], tokenizer, *, asked: int | None = None,
+                     sampled: int | None = None, distinct: int | None = None, generated: int | None = None,
+                     seconds: dict | None = None) -> dict:
+    """The record of ``synthesis.json``: the synthetic prompts ``asked`` for, ``sampled`` (texts the new base
+    wrote), ``generated`` (distinct, non-empty, not a seed or held-out probe; at most ``asked``) and kept (those
+    of ``records``, the teacher-answered set, that are not ``seeds``: after the discriminator, if on, and
+    without empty teacher answers); the distinct share (``distinct`` / ``sampled``); `synthesis_stats` of the
+    kept prompts; wall ``seconds`` of synthesis, the discriminator's filter and the teacher's answers. What only
+    the run knew (counts before the set, seconds) is None for a record recomputed from a stored set."""
+    seed_set = set(seeds)
+    kept = [r["instruction"] for r in records if r["instruction"] not in seed_set]
+    seconds = seconds or {}
+    return {"asked": asked, "sampled": sampled, "generated": generated,
+            "distinct_share": distinct / sampled if sampled else None,
+            **synthesis_stats(kept, seeds, tokenizer), "seed_records": len(records) - len(kept),
+            "synthesis_seconds": seconds.get("synthesis"), "filter_seconds": seconds.get("filter"),
+            "teacher_seconds": seconds.get("teacher"), "recomputed": asked is None}
 
 
 def student_config(recorded: dict, model: dict, synthetic: Path, output_dir: Path, *, steps: int, seed: int,
