@@ -187,12 +187,13 @@ def _shape_stand_in(spec: ModelSpec, shapes: dict[str, tuple[int, int]], num_lay
     return SimpleNamespace(spec=dataclasses.replace(spec, num_layers=num_layers), params=params)
 
 
-def _made_for(directory: Path, old_base: Base | None, recorded: dict | None, new_base: Base, layer_map):
-    """The base (or its shapes) to read the adapter at ``directory`` for: ``old_base``; else the one its
-    fingerprint ``recorded``; else the new base's shapes (with ``layer_map``: as deep as the map reaches),
-    widened to what the adapter's own tensors hold (factor widths, SHiRA positions, later layers), so that a
-    misfit becomes a reason of the verdict rather than a refused file."""
-    if old_base is not None:
+def _made_for(directory: Path, old_base: Base | None, old_fp: dict | None, recorded: dict | None, new_base: Base,
+              layer_map):
+    """The base (or its shapes) to read the adapter at ``directory`` for: ``old_base`` unless the adapter's
+    recorded fingerprint gives other shapes; else the base it ``recorded``; else the new base's shapes (with
+    ``layer_map``: as deep as the map reaches), widened to what the adapter's own tensors hold (factor widths,
+    SHiRA positions, later layers), so that a misfit becomes a reason of the verdict rather than a refused file."""
+    if old_base is not None and (recorded is None or _shapes(recorded) == _shapes(old_fp)):
         return old_base
     shapes = {m: tuple(base_kernel(new_base.params, m).shape[1:]) for m in TARGET_MODULES}
     if recorded is not None:
@@ -225,6 +226,13 @@ def current_base_fingerprint(metadata: dict) -> dict | None:
     """The fingerprint of the base an adapter currently sits on: its latest transfer, else its origin."""
     transfers = metadata.get("transfers") or []
     return transfers[-1].get("fingerprint") if transfers else metadata.get("base_fingerprint")
+
+
+def _shapes(fingerprint: dict) -> tuple:
+    """What of a base fingerprint decides how an adapter's tensors are read: depth, width, projection shapes."""
+    spec = fingerprint["spec"]
+    return (spec["num_layers"], spec["hidden_size"],
+            sorted((name, tuple(entry["shape"])) for name, entry in fingerprint["targets"].items()))
 
 
 def _read(adapter, made_for) -> tuple[object | None, list[str]]:
@@ -282,7 +290,7 @@ def transfer(adapter: str | Path | Lora, new_base: Base, old_base: Base | None =
     # Read the adapter once, for the base it was made for (load_peft's key tables and checks: what it refuses
     # is a bad file, exit 2), then hold its tensors against the new base.
     source, reasons = (adapter, []) if in_memory else _read(
-        adapter, _made_for(Path(adapter), old_base, recorded, new_base, layer_map))
+        adapter, _made_for(Path(adapter), old_base, old_fp, recorded, new_base, layer_map))
     notes = []
     if ref_fp is not None:
         bad, notes = _spec_reasons(ref_fp["spec"], new_base.spec, ref_what)
