@@ -34,8 +34,7 @@ from jtranspeft.peft.shira import SCORED_MASKS, kernel_gradient_scores
 from jtranspeft.training import loop
 from jtranspeft.training.config import ModelConfig, RunConfig
 from jtranspeft.training.flops import lora_train_flops_per_token
-from jtranspeft.training.sharding import make_mesh, place
-from jtranspeft.training.sharding import tree_shardings
+from jtranspeft.training.sharding import make_mesh, place, tree_shardings
 from jtranspeft.training.step import (TrainState, base_shardings, make_optimizer, make_step, max_targets_of,
                                      step_shardings, token_loss, trainable)
 from jtranspeft.utils.config_io import to_dict
