@@ -16,6 +16,14 @@ Two steps are built on it:
   randomness, and the loss compares its next-token distributions with the student's (`distill_loss`);
 - `make_full_step`, continued pre-training: ``state.params`` holds the trained base tensors (a subset of
   the params tree), ``frozen`` the base holding the others; the loss covers every token.
+
+Several adapters train in one step as a trainable `AdapterBank` (`stack_adapters(loras, trainable=True)`),
+with the same `make_step` and optimizer: the batch carries ``adapter_ids`` [B] (each row's adapter), the
+frozen base runs once over all rows, and the losses are summed per adapter (`adapter_totals`). The loss is
+the sum over adapters of each one's mean token loss over its own rows, so each adapter's gradient is the one
+it would get alone on those rows; the optimizer runs per adapter (`bank_optimizer`: own gradient clipping,
+step count and moments), and an adapter with no target tokens in a step keeps its params and state. The
+state's optimizer part comes from `init_opt_state`.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import optax
 from jtranspeft.models.base import Base, apply
 from jtranspeft.models.params import merge_trees
 from jtranspeft.models.perturb import FfnPerturbation
+from jtranspeft.peft.bank import ADAPTER_AXIS
 from jtranspeft.peft.transpeft import TransPeftConfig, warmup_scale
 from jtranspeft.training.config import DistillConfig, TrainConfig
 
@@ -62,6 +71,32 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
 
 
+def bank_optimizer(optimizer: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``optimizer`` run separately for every adapter of a bank (axis ``ADAPTER_AXIS`` of each leaf), by vmap:
+    global-norm clipping, the step count (schedule, bias correction) and the moments are each adapter's own;
+    the state gets a leading [n] axis. ``update(..., active=bool [n])``: an inactive adapter gets a zero update
+    and keeps its state, as if it had not stepped."""
+
+    def init(params):
+        return jax.vmap(optimizer.init, in_axes=ADAPTER_AXIS)(params)
+
+    def update(grads, state, params=None, *, active, **extra):
+        def one(g, s, p, on):
+            u, new = optimizer.update(g, s, p)
+            return (jax.tree_util.tree_map(lambda x: jnp.where(on, x, 0), u),
+                    jax.tree_util.tree_map(lambda n, o: jnp.where(on, n, o), new, s))
+
+        return jax.vmap(one, in_axes=(ADAPTER_AXIS, 0, ADAPTER_AXIS, 0), out_axes=(ADAPTER_AXIS, 0))(
+            grads, state, params, active)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params):
+    """The optimizer state of ``params``' `trainable` part: per adapter (`bank_optimizer`) for a bank."""
+    return (bank_optimizer(optimizer) if getattr(params, "per_row", False) else optimizer).init(trainable(params))
+
+
 def target_positions(loss_mask_bt, k: int):
     """(int [B, k], bool [B, k]): the positions t - 1 whose next token t is a target, zero-padded, and which are real."""
     mask_bt = loss_mask_bt[:, 1:] > 0
@@ -75,8 +110,10 @@ def target_logits(base: Base, lora: Any, batch: dict, max_targets: int | None = 
     1 for a real target, 0 for padding). With ``max_targets`` (at least the most target tokens of any row, below
     T - 1) the LM head runs only at those K = ``max_targets`` positions: for response-only losses most of the
     vocabulary projection is skipped; otherwise K = T - 1 and the weights are ``loss_mask[:, 1:]``.
-    ``kwargs`` go to `apply` (rng, transpeft, remat, transpeft_scale)."""
+    ``kwargs`` go to `apply` (rng, transpeft, remat, transpeft_scale), and so do ``batch["adapter_ids"]``
+    if the batch has them (then ``lora`` is an `AdapterBank`)."""
     ids_bt = batch["input_ids"]
+    kwargs["adapter_ids"] = batch.get("adapter_ids")  # a bank's rows (each row's adapter), else None
     if max_targets is None or max_targets >= ids_bt.shape[1] - 1:
         logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], **kwargs)
         return logits_btv[:, :-1], ids_bt[:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -92,22 +129,34 @@ def next_token_nll(logits_btv, batch: dict):
     return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
 
 
-def token_kl(reference_logits_btv, logits_btv, mask_bt):
-    """sum over masked positions of KL(p_ref || p) = sum_v p_ref (log p_ref - log p), computed in float32."""
+def position_kl(reference_logits_btv, logits_btv):
+    """KL(p_ref || p) = sum_v p_ref (log p_ref - log p) at every position [B, T], computed in float32."""
     ref_log_btv = jax.nn.log_softmax(reference_logits_btv.astype(jnp.float32))
     log_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32))
-    kl_bt = jnp.sum(jnp.exp(ref_log_btv) * (ref_log_btv - log_btv), axis=-1)
-    return jnp.sum(kl_bt * mask_bt)
+    return jnp.sum(jnp.exp(ref_log_btv) * (ref_log_btv - log_btv), axis=-1)
+
+
+def token_kl(reference_logits_btv, logits_btv, mask_bt):
+    """sum over masked positions of KL(p_ref || p) (`position_kl`)."""
+    return jnp.sum(position_kl(reference_logits_btv, logits_btv) * mask_bt)
+
+
+def adapter_totals(lora: Any, batch: dict, *values_bk):
+    """The sum of each [B, K] array: one total, or for a bank (``lora.per_row``) one per adapter [n], summing
+    the rows that ``batch["adapter_ids"]`` gives to it."""
+    if lora is None or not lora.per_row:
+        return tuple(jnp.sum(v) for v in values_bk)
+    return tuple(jax.ops.segment_sum(jnp.sum(v, axis=1), batch["adapter_ids"], lora.num_adapters) for v in values_bk)
 
 
 def token_loss(base: Base, lora: Any, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
                max_targets: int | None = None, transpeft_scale=1.0):
-    """(sum of target-token NLL, number of target tokens) for one batch; loss_mask[t] marks targets;
-    ``max_targets``: see `target_logits`."""
+    """(sum of target-token NLL, number of target tokens) for one batch, per adapter for a bank
+    (`adapter_totals`); loss_mask[t] marks targets; ``max_targets``: see `target_logits`."""
     logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, rng=rng, transpeft=transpeft,
                                                      remat=remat, transpeft_scale=transpeft_scale)
     nll_bk = optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
-    return jnp.sum(nll_bk * weight_bk), jnp.sum(weight_bk)
+    return adapter_totals(lora, batch, nll_bk * weight_bk, weight_bk)
 
 
 def distill_loss(base: Base, lora: Any, teacher: tuple[Base, Any], batch: dict, distill: DistillConfig, rng,
@@ -115,16 +164,18 @@ def distill_loss(base: Base, lora: Any, teacher: tuple[Base, Any], batch: dict, 
     """(token-summed loss, number of target tokens) of a student (``base`` + ``lora``) taught by ``teacher``
     (base, adapter) on the same batch: per target position, ``w_tokens`` * NLL of the data's token +
     ``w_kl`` * T^2 KL(softmax(teacher / T) || softmax(student / T)), weights and T from ``distill``
-    (`DistillConfig.weights`). The teacher runs deterministically, at the same positions, without gradient."""
+    (`DistillConfig.weights`). The teacher runs deterministically, at the same positions, without gradient.
+    For a bank student the sums are per adapter (`adapter_totals`) and the teacher's adapter is a bank too,
+    read with the same ``adapter_ids``."""
     logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, rng=rng, transpeft=transpeft,
                                                      remat=remat, transpeft_scale=transpeft_scale)
     teacher_bkv = jax.lax.stop_gradient(target_logits(*teacher, batch, max_targets)[0])
     w_tokens, w_kl = distill.weights()
     t = distill.temperature
-    loss = w_kl * t * t * token_kl(teacher_bkv / t, logits_bkv / t, weight_bk)
+    loss_bk = w_kl * t * t * position_kl(teacher_bkv / t, logits_bkv / t)
     if w_tokens:
-        loss += w_tokens * jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk) * weight_bk)
-    return loss, jnp.sum(weight_bk)
+        loss_bk += w_tokens * optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
+    return adapter_totals(lora, batch, loss_bk * weight_bk, weight_bk)
 
 
 def max_targets_of(examples, granularity: int = 8) -> int:
@@ -157,26 +208,51 @@ def accumulated_update(loss_fn, params, opt_state, optimizer: optax.GradientTran
     token count, so accumulation equals one big batch. Only the `trainable` leaves of ``params`` get
     gradients and updates (``opt_state`` is the optimizer's state of that part). A non-finite loss or
     gradient returns ``params`` and ``opt_state`` unchanged, with ``finite`` False in the metrics.
+
+    For a bank (``params.per_row``) ``loss_fn`` gives per-adapter sums [n]; each adapter's gradient slice
+    (only its rows reach it) is divided by its own token count, ``opt_state`` is `bank_optimizer`'s, and an
+    adapter without target tokens does not step. ``loss`` is then the sum of the adapters' mean losses, and
+    the metrics add ``adapter_loss``, ``adapter_tokens`` and ``adapter_grad_norm`` [n].
     """
+    bank = getattr(params, "per_row", False)  # a dict of base tensors has no per_row
     train = trainable(params)
-    grad_fn = jax.value_and_grad(lambda t, x: loss_fn(with_trainable(params, t), x), has_aux=True)
+
+    def summed_loss(t, x):
+        nll, n = loss_fn(with_trainable(params, t), x)
+        return jnp.sum(nll), (nll, n)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def micro_step(carry, x):
         grads_sum, nll_sum, count = carry
-        (nll, n), grads = grad_fn(train, x)
+        (_, (nll, n)), grads = grad_fn(train, x)
         return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), nll_sum + nll, count + n), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, train)
-    (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), micro_inputs)
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-    loss = nll_sum / count
-    updates, new_opt_state = optimizer.update(grads, opt_state, train)
+    totals = jnp.zeros((params.num_adapters,) if bank else ())
+    (grads, nll_sum, count), _ = jax.lax.scan(micro_step, (zeros, totals, totals), micro_inputs)
+    divisor = jnp.maximum(count, 1.0)
+    loss = jnp.sum(nll_sum / divisor)
+    extra = {}
+    if bank:
+        grads = jax.tree_util.tree_map(lambda g: g / divisor.reshape(adapter_axis_shape(g)), grads)
+        updates, new_opt_state = bank_optimizer(optimizer).update(grads, opt_state, train, active=count > 0)
+        extra = {"adapter_loss": nll_sum / divisor, "adapter_tokens": count,
+                 "adapter_grad_norm": jax.vmap(optax.tree.norm, in_axes=ADAPTER_AXIS)(grads)}
+    else:
+        grads = jax.tree_util.tree_map(lambda g: g / divisor, grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, train)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = (with_trainable(params, optax.apply_updates(train, updates)), new_opt_state)
     params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
-    return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.maximum(jnp.sum(count), 1.0),
+                               "finite": finite, **extra}
+
+
+def adapter_axis_shape(leaf) -> tuple[int, ...]:
+    """The shape that broadcasts a per-adapter [n] vector along a bank leaf's adapter axis."""
+    return tuple(-1 if i == ADAPTER_AXIS else 1 for i in range(leaf.ndim))
 
 
 def compile_step(micro_loss, optimizer: optax.GradientTransformation, grad_accum: int,
