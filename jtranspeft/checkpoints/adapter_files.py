@@ -61,6 +61,11 @@ def modules_named(name: str) -> list[str]:
     return [m for m in TARGET_MODULES if name == m or hf_module_name(m, 0).endswith("." + name)]
 
 
+class UnsupportedTargets(FileFormatError):
+    """A well-formed ``target_modules`` that names projections the model family does not have: for a transfer
+    that is a verdict (the adapter does not fit), not a broken file."""
+
+
 def read_targets(target_modules: str | list[str], num_layers: int, path: Path) -> tuple[str, ...]:
     """The projections a ``target_modules`` field (a list of names, "all-linear" or a regex) adapts on a base of
     ``num_layers``; a `FileFormatError` naming ``path`` for anything it cannot honour."""
@@ -82,11 +87,11 @@ def read_targets(target_modules: str | list[str], num_layers: int, path: Path) -
                                   "field 'target_modules'")
         unsupported = [t for t in target_modules if not modules_named(t)]
         if unsupported:
-            raise FileFormatError(path, f"lists {unsupported}, which are not supported (supported: "
+            raise UnsupportedTargets(path, f"lists {unsupported}, which are not supported (supported: "
                                         f"{', '.join(TARGET_MODULES)})", "field 'target_modules'")
         targets = tuple(m for m in TARGET_MODULES if any(m in modules_named(t) for t in target_modules))
     if not targets:
-        raise FileFormatError(path, f"{target_modules!r} matches none of {', '.join(TARGET_MODULES)}",
+        raise UnsupportedTargets(path, f"{target_modules!r} matches none of {', '.join(TARGET_MODULES)}",
                               "field 'target_modules'")
     return targets
 

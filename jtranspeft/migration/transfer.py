@@ -44,8 +44,8 @@ import numpy as np
 
 from jtranspeft.checkpoints.fingerprint import base_fingerprint, describe, fingerprint_differences, kernel_norms
 from jtranspeft.checkpoints.loading import load_base, save_base
-from jtranspeft.checkpoints.adapter_files import (WEIGHTS_FILE, bottleneck_key, check_adapter_dir, peft_key, shira_key,
-                                                  split_peft_key)
+from jtranspeft.checkpoints.adapter_files import (WEIGHTS_FILE, UnsupportedTargets, bottleneck_key, check_adapter_dir,
+                                                  peft_key, shira_key, split_peft_key)
 from jtranspeft.checkpoints.peft_format import adapter_layout, load_peft, read_metadata, save_peft
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
 from jtranspeft.models.base import Base
@@ -58,7 +58,6 @@ from jtranspeft.peft.lora import Lora
 from jtranspeft.peft.moves import dora_column_scales, project_lora, remap_layers, renorm_magnitudes, rescale_lora
 from jtranspeft.migration import DORA_MAGNITUDE, METHODS
 from jtranspeft.migration.fidelity import fidelity
-from jtranspeft.utils.errors import FileFormatError
 from jtranspeft.utils.files import atomic_directory, write_text_atomic
 
 # Spec fields that change what an adapter's tensors mean; others (rope, vocab, eps, tying) are only noted.
@@ -237,12 +236,10 @@ def _shapes(fingerprint: dict) -> tuple:
 
 def _read(adapter, made_for) -> tuple[object | None, list[str]]:
     """(the adapter read by `load_peft` for ``made_for``, []), or (None, [reason]) when its ``target_modules``
-    names a module the family does not have."""
+    names a module the family does not have (a malformed field stays a `FileFormatError`)."""
     try:
         return load_peft(adapter, made_for), []
-    except FileFormatError as err:
-        if err.field != "field 'target_modules'":
-            raise
+    except UnsupportedTargets as err:
         return None, [f"missing target module: target_modules {err.problem}"]
 
 
