@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 import transformers
 import yaml
@@ -222,3 +223,64 @@ def test_bad_prompt_files_are_clear_errors(fleet, tiny_model_dir, tmp_path, caps
         assert main(base + ["--prompts", str(path)]) == 2, name
         assert f"{path}{expected[name].format(path=path)}" in capsys.readouterr().err, name
     assert not (tmp_path / "o" / "noprobes").exists()  # caught before any adapter was started
+
+
+FAMILY_RUNS = {  # how each family's tiny adapter is trained (small working settings of its own tests)
+    "dora": {"lora": {"dropout": 0.0, "use_dora": True}},
+    "shira": {"peft": "shira", "shira": {"r": 2, "targets": ["q_proj", "v_proj"], "mask_type": "random"}},
+    "rosa": {"peft": "rosa", "lora": {"dropout": 0.0}, "rosa": {"density": 0.05, "warmup_steps": 3}},
+    "bottleneck": {"peft": "bottleneck", "bottleneck": {"size": 8}},
+}
+
+
+@pytest.fixture(scope="module")
+def family_fleet(pair, tmp_path_factory, tiny_model_dir, tiny_task_file):  # noqa: F811
+    """One tiny adapter per non-LoRA family (`FAMILY_RUNS`), trained 12 steps by jtranspeft with stored probes."""
+    root = tmp_path_factory.mktemp("families")
+    for name, sections in FAMILY_RUNS.items():
+        recipe = _config_file(root / name, tiny_model_dir, tiny_task_file, transpeft={"p_mask": 0.0, "p_drop": 0.0},
+                              train={"max_steps": 12, "grad_accum": 1, "batch_size": 8}, checkpoint={"every": 100},
+                              **sections)
+        train(load_config(RunConfig, [recipe]))
+        shutil.copytree(root / name / "run" / "adapter", root / "adapters" / f"{name}-task")
+    return root / "adapters", pair[1]
+
+
+def test_every_family_climbs_the_ladder_and_distils_into_its_own_family(family_fleet, tiny_model_dir, tmp_path):
+    """DoRA, SHiRA, RoSA and bottleneck adapters: verdict, copy, the training-free methods of their family (the
+    others recorded as skipped, with the reason), distillation into a student of the same family; threshold KL 0
+    makes every rung run (status "retrain", exit 4) and report.json names each adapter's family."""
+    from jtranspeft.peft.family import family_of
+
+    root, new_dir = family_fleet
+    out = tmp_path / "out"
+    args = ["--adapters", *(str(root / f"{name}-task") for name in FAMILY_RUNS), "--old-base",
+            str(tiny_model_dir), "--new-base", str(new_dir), "--out", str(out), "--threshold", "0",
+            "--distill-samples", "4", "--distill-steps", "3", "--distill-batch-size", "4", "--quiet"]
+    assert main(args) == 4  # nothing reaches KL 0: retrain, per the epilog
+    report = json.loads((out / "report.json").read_text())
+    new = jt.load_base(new_dir)
+    for result, name in zip(report["adapters"], FAMILY_RUNS):
+        assert (result["name"], result["family"], result["status"]) == (f"{name}-task", name, "retrain"), result
+        rungs = [r["rung"] for r in result["rungs"]]
+        if name == "dora":  # a LoRA: every method applies
+            assert rungs == ["copy", "training-free (project)", "training-free (rescale)", "distill"]
+            assert result["skipped"] == []
+        else:
+            assert rungs == ["copy", "distill"]
+            assert [s["rung"] for s in result["skipped"]] == ["training-free (project)", "training-free (rescale)"]
+            assert all(f"a {name} adapter" in s["reason"] for s in result["skipped"])
+        teacher = jt.load_peft(root / f"{name}-task", new)
+        student = jt.load_peft(result["rungs"][-1]["adapter"], new)
+        assert family_of(student).name == family_of(teacher).name
+        settings = (lambda a: (a.lora.config, a.sparse.config) if name == "rosa" else a.config)
+        assert settings(student) == settings(teacher)  # the teacher's family settings (DoRA: use_dora) carried over
+        run = yaml.safe_load((out / f"{name}-task" / "distill" / "train" / "config.yaml").read_text())
+        assert run["peft"] == ("lora" if name == "dora" else name)
+        assert np.isfinite(result["rungs"][-1]["kl"])
+        assert result["rungs"][-1]["init"] == ("moved" if name == "dora" else "scratch")
+    table = (out / "report.md").read_text()
+    for name in FAMILY_RUNS:
+        assert f"| {name}-task | retrain | - | {name} |" in table
+    assert "- shira-task: training-free (project): 'project' does not apply to a shira adapter" in table
+    assert (out / "report.png").stat().st_size > 1000

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = MigrateConfig()
     p = argparse.ArgumentParser(
         prog=usage_name("migrate"), formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Migrate a fleet of LoRA adapters to an updated base, each by the cheapest rung of copy -> "
-                    "training-free (project, rescale) -> Trans-LoRA distillation whose label-free fidelity "
-                    "(KL or top-1 agreement with old base + adapter) reaches the threshold. See docs/migrate.md.")
+        description="Migrate a fleet of adapters (LoRA, DoRA, SHiRA, RoSA, bottleneck) to an updated base, each by "
+                    "the cheapest rung of copy -> training-free (project, rescale: LoRA and DoRA only; skipped, "
+                    "with the reason, for other families) -> Trans-LoRA distillation into the adapter's own family "
+                    "whose label-free fidelity (KL or top-1 agreement with old base + adapter) reaches the "
+                    "threshold. See docs/migrate.md.")
     p.add_argument("--adapters", nargs="+", required=True, help="HF PEFT adapter directories")
     p.add_argument("--old-base", required=True, help="the base the adapters were trained on ('smollm2', HF dir, .gguf)")
     p.add_argument("--new-base", required=True, help="the updated base (HF dir or .gguf)")
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="the measure's threshold (default: " + ", ".join(f"{k} {v[2]}" for k, v in ACCEPT.items())
                         + ")")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), help="training-free methods tried")
+    p.add_argument("--methods", nargs="+", default=list(d.methods),
+                   help="training-free methods tried (on the families they apply to)")
     p.add_argument("--no-distill", action="store_true", help="stop after the training-free rung")
     p.add_argument("--distill-samples", type=int, default=d.distill_samples,
                    help="synthetic prompts for distillation")

@@ -5,15 +5,17 @@ from synthetic prompts answered by the old one, without the original training da
    (sampled; empty, duplicate and seed-copy outputs are dropped);
 2. the teacher (old base + adapter) answers each seed and synthetic instruction greedily, in the adapter's
    prompt template (`teacher_records`);
-3. `distill_transfer`: a LoRA with the adapter's own settings is trained on the new base on those (prompt,
+3. `distill_transfer`: an adapter of the teacher's family with its own settings (a DoRA teacher gives a DoRA
+   student, SHiRA SHiRA, RoSA RoSA, bottleneck bottleneck) is trained on the new base on those (prompt,
    teacher answer) pairs by the ordinary training job (`jtranspeft.training.finetune.train`: loss on the
    teacher's tokens; with ``loss="logits"`` or ``"mix"``, on the teacher's next-token distributions at the same
    positions, the teacher running beside the student in the train step: `DistillConfig`), starting from the
-   moved adapter (``init="moved"``) or from peft's initialisation (``init="scratch"``). Its `RunConfig` is
-   built from two mappings (`student_config`): the adapter's recorded training config, then the student's own
-   settings; the run directory keeps the resolved
-   ``config.yaml`` as every training run does. An adapter made elsewhere (peft: no recorded config) is distilled
-   with settings derived from its adapter_config.json and `FOREIGN_DEFAULTS` (`recorded_or_derived`).
+   moved adapter (``init="moved"``; LoRA and DoRA only) or from peft's initialisation (``init="scratch"``; a
+   SHiRA, RoSA or bottleneck student always starts so). Its `RunConfig` is built from two mappings
+   (`student_config`): the adapter's recorded training config, then the student's own settings; the run
+   directory keeps the resolved ``config.yaml`` as every training run does. An adapter made elsewhere (peft:
+   no recorded config) is distilled with settings derived from its adapter_config.json and `FOREIGN_DEFAULTS`
+   (`recorded_or_derived`).
 
 The synthetic set drops empty and duplicate prompts. With ``discriminator=True`` it is also filtered as the
 paper does: the OLD base writes as many synthetic prompts as there are seeds, a small LoRA discriminator on the
@@ -237,19 +239,24 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                      loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
                      recorded: dict | None = None) -> dict:
-    """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new LoRA on ``new_base``; returns
-    {"adapter", "synthetic", "records", "synthesis", "summary"} ("synthesis": the record of ``out/synthesis.json``).
+    """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new adapter of the same family on
+    ``new_base``; returns {"adapter", "synthetic", "records", "synthesis", "summary", "init"} ("synthesis": the
+    record of ``out/synthesis.json``; "init": how the student started, "moved" or "scratch").
 
     ``new_base``: the loaded new base (a `Base`: it writes the synthetic prompts and is trained on as it is,
     its source and dtypes are the run's model section), or its path (loaded once, with the storage and compute
     dtypes the adapter was trained with, and only when something is left to do).
 
     ``init`` "moved" starts from ``moved`` (a PEFT adapter for the new base, e.g. the copied one; default:
-    ``adapter`` itself) and "scratch" from peft's initialisation. ``discriminator`` filters the synthetic
-    prompts with a real-vs-synthetic LoRA on the old base (module docstring). ``held_out``: instructions that
-    will measure the result (fidelity probes); they may not be seeds and no synthetic prompt equals one.
+    ``adapter`` itself) and "scratch" from peft's initialisation; a SHiRA, RoSA or bottleneck student always
+    starts from its family's own initialisation (the trainer's ``init_adapter`` starts LoRA runs only; a SHiRA
+    or RoSA support is chosen again by the recorded mask settings on the synthetic set). ``discriminator``
+    filters the synthetic prompts with a real-vs-synthetic LoRA on the old base (module docstring).
+    ``held_out``: instructions that will measure the result (fidelity probes); they may not be seeds and no
+    synthetic prompt equals one.
     ``recorded`` (default: `recorded_or_derived`, the adapter's recorded training config or one derived from its
-    adapter_config.json) gives LoRA settings, template and optimiser (``lr`` overrides; `student_config`);
+    adapter_config.json) gives the PEFT family and its settings, template and optimiser (``lr`` overrides;
+    `student_config`);
     Trans-PEFT perturbations are off. Files: ``out/synthetic.jsonl`` (the teacher-answered
     prompts), ``out/synthesis.json`` (what the synthetic set is like and what it cost: `synthesis_record`) and
     the training run in ``out/train`` (with its resolved ``config.yaml``). A rerun
@@ -280,6 +287,10 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     # prompt and answer must fit the adapter's max_length beside the template: a third of it each at most
     max_new_tokens = min(max_new_tokens, max(4, int(recorded.get("data", {}).get("max_length", 512)) // 3))
     held = new_base if isinstance(new_base, Base) else None
+    if init == "moved" and recorded.get("peft", "lora") != "lora":  # the trainer starts only a LoRA from a file
+        logger.info("%s: a %s adapter; the student starts from its family's own initialisation", adapter,
+                    recorded["peft"])
+        init = "scratch"
     cfg = student_config(recorded, {"path": str(new_base)} if held is None else base_settings(held), synthetic,
                          out / "train", steps=steps, seed=seed, lr=lr,
                          init_adapter=str(moved or adapter) if init == "moved" else None,
@@ -318,7 +329,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     records = synthetic.read_text(encoding="utf-8").count("\n")
     summary = train(cfg, base=held, teacher=old_base)
     return {"adapter": str(out / "train" / "adapter"), "synthetic": str(synthetic), "records": records,
-            "synthesis": stats, "summary": summary}
+            "synthesis": stats, "summary": summary, "init": init}
 
 
 def synthesis_record(records: Sequence[dict], seeds: Sequence[str], tokenizer, *, asked: int | None = None,
@@ -342,11 +353,12 @@ def synthesis_record(records: Sequence[dict], seeds: Sequence[str], tokenizer, *
 
 def student_config(recorded: dict, model: dict, synthetic: Path, output_dir: Path, *, steps: int, seed: int,
                    lr: float | None = None, init_adapter: str | None = None, distill: dict | None = None):
-    """The distillation run's `RunConfig`, from two mappings: the adapter's ``recorded`` run config (its LoRA,
-    optimiser, model and mesh settings; of its data section the template, length and loss settings; not its
-    Trans-PEFT section, so the perturbations are off, nor its distill section), then the student's own:
-    ``model`` over the recorded one (the new base), the ``synthetic`` data, the budget and seed, ``lr`` when
-    given, ``init_adapter``, the ``distill`` section (loss and teacher) when given."""
+    """The distillation run's `RunConfig`, from two mappings: the adapter's ``recorded`` run config (its PEFT
+    family and the family's sections, so the student is of the teacher's family; optimiser, model and mesh
+    settings; of its data section the template, length and loss settings; not its Trans-PEFT section, so the
+    perturbations are off, nor its distill section), then the student's own: ``model`` over the recorded one
+    (the new base), the ``synthetic`` data, the budget and seed, ``lr`` when given, ``init_adapter``, the
+    ``distill`` section (loss and teacher) when given."""
     from jtranspeft.training.config import RunConfig
     from jtranspeft.utils.config_io import load_config
 

@@ -6,8 +6,11 @@ and nothing is written for it. The others climb the ladder until one rung reache
 KL(teacher || candidate) per token at or below ``threshold``, or top-1 agreement at or above it):
 
 1. ``copy``: the same tensors on the new base;
-2. ``training-free``: each of ``methods`` (subspace projection, norm rescaling); the best fidelity is kept;
-3. ``distill``: Trans-LoRA-style distillation (`jtranspeft.migration.distill`) from the best candidate so far;
+2. ``training-free``: each of ``methods`` (subspace projection, norm rescaling) that applies to the adapter's
+   family (`jtranspeft.peft.family.Family.transfer_methods`: LoRA and DoRA); the best fidelity is kept; the
+   others are recorded as skipped, with the reason (`NOT_APPLICABLE`);
+3. ``distill``: Trans-LoRA-style distillation (`jtranspeft.migration.distill`) into a student of the adapter's
+   family and settings, a LoRA or DoRA starting from the best candidate so far;
 4. none reached it: ``retrain``, with every rung's numbers.
 
 Probe prompts come from the adapter's ``probe_prompts.jsonl`` (stored at training time, ``data.probe_prompts``)
@@ -20,7 +23,7 @@ judged on its own training prompts (on SmolLM2 that inflated its top-1 agreement
 ``<name>/adapter`` (the chosen rung's adapter, PEFT format), ``<name>/candidates/`` and ``<name>/result.json``
 (written last: a finished adapter is skipped when the command is rerun; a result written for another adapter
 of the same name is an error), and for the fleet ``report.json``,
-``report.md`` and ``report.png``.
+``report.md`` and ``report.png``, each naming every adapter's family (`family_label`).
 """
 
 from __future__ import annotations
@@ -186,6 +189,42 @@ def probe_rows(adapter: Path, prompts: Sequence[str] | None, template: str, toke
     return list({row["instruction"].strip(): row for row in rows}.values())[:limit]
 
 
+# Why a training-free method does not apply to a family (`jtranspeft.peft.family.Family.transfer_methods`); the
+# ladder records the method as skipped with this reason. Both methods re-shape a low-rank delta s A B against
+# the new weight (`jtranspeft.peft.moves`): project keeps its part in the weight's dominant singular subspaces,
+# rescale keeps its size relative to the weight.
+NOT_APPLICABLE = {
+    "shira": "its delta is a fixed sparse support, which a projection would fill in and a rescale has no low-rank "
+             "factors to act on",
+    "rosa": "its sparse part has a fixed support that neither method keeps (a projection fills it in), and moving "
+            "only its LoRA part would break the pair",
+    "bottleneck": "it is not a weight delta (it acts on activations after attention and FFN)",
+}
+
+
+def family_label(directory: Path) -> str:
+    """The adapter's family as reports name it, read from its files without the weights: lora, dora (LoRA with
+    ``use_dora``), shira, rosa or bottleneck."""
+    from jtranspeft.checkpoints.adapter_files import CONFIG_FILE, ROSA_FILE, peft_type
+    from jtranspeft.utils.validate import read_json_object
+
+    if (directory / ROSA_FILE).is_file():
+        return "rosa"
+    kind = peft_type(directory).lower()
+    if kind == "lora" and read_json_object(directory / CONFIG_FILE).get("use_dora"):
+        return "dora"
+    return kind
+
+
+def not_applicable(method: str, adapter) -> str:
+    """Why training-free ``method`` is skipped for ``adapter`` (a family without it in its transfer methods)."""
+    from jtranspeft.peft.family import family_of
+
+    family = family_of(adapter)
+    return (f"{method!r} does not apply to a {family.name} adapter (it moves by "
+            f"{', '.join(family.transfer_methods)}): {NOT_APPLICABLE.get(family.name, 'not in its transfer methods')}")
+
+
 def _names(adapters: Sequence[Path]) -> list[str]:
     """A distinct directory name per adapter (".../run/adapter" is named "run")."""
     names = []
@@ -208,6 +247,7 @@ class _Ladder:
         self.probes, self.seeds = None, None  # fidelity probes and distillation seeds: disjoint halves
         self.reasons: list[str] = []
         self.answers = None  # the teacher's answers to the probes (`teacher_answers`), made on first use
+        self.skipped: list[dict] = []  # training-free methods that do not apply to the family, with the reason
 
     def score(self, name: str, lora, directory: Path, started: float) -> dict:
         from jtranspeft.migration.fidelity import fidelity, teacher_answers
@@ -262,14 +302,20 @@ class _Ladder:
         """Climb until a rung reaches the threshold; the result dict of result.json."""
         from jtranspeft.checkpoints.peft_format import load_peft
         from jtranspeft.migration.distill import distill_transfer
+        from jtranspeft.peft.family import family_of
 
         cfg = self.cfg
         copy = self.moved("reuse")
         if copy is None:
-            return {"status": "incompatible", "reasons": self.reasons, "rungs": []}
+            return {"status": "incompatible", "family": family_label(self.adapter), "reasons": self.reasons,
+                    "rungs": []}
         best = copy
         if not cfg.passes(best):
             for method in cfg.methods:
+                if method not in family_of(self.teacher).transfer_methods:
+                    self.skipped.append({"rung": f"training-free ({method})",
+                                         "reason": not_applicable(method, self.teacher)})
+                    continue
                 rung = self.moved(method)
                 best = rung if cfg.better(rung, best) else best
         if not cfg.passes(best) and cfg.distill:
@@ -280,10 +326,12 @@ class _Ladder:
                                     loss=cfg.distill_loss, temperature=cfg.distill_temperature,
                                     held_out=[p["instruction"] for p in self.probes], recorded=self.student())
             rung = self.score("distill", load_peft(made["adapter"], self.new), Path(made["adapter"]), started)
+            rung["init"] = made["init"]  # the student started from the best candidate ("moved") or afresh
             best = rung if cfg.better(rung, best) else best
         migrated = cfg.passes(best)
-        return {"status": "migrated" if migrated else "retrain", "chosen": best["rung"] if migrated else None,
-                "best": best, "rungs": self.rungs, "probe_prompts": len(self.probes), "seed_prompts": len(self.seeds)}
+        return {"status": "migrated" if migrated else "retrain", "family": family_label(self.adapter),
+                "chosen": best["rung"] if migrated else None, "best": best, "rungs": self.rungs,
+                "skipped": self.skipped, "probe_prompts": len(self.probes), "seed_prompts": len(self.seeds)}
 
 
 def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str | Path, out: str | Path,
@@ -346,21 +394,27 @@ def _config_of(report: dict) -> MigrateConfig:
 
 
 def format_report(report: dict) -> str:
-    """Markdown: one row per adapter (status, chosen rung, KL of copy and of the best rung, cost)."""
+    """Markdown: one row per adapter (status, chosen rung, family, KL of copy and of the best rung, cost), then
+    the training-free methods skipped because they do not apply to the adapter's family."""
     lines = ["# Migration report", "",
              f"old base `{report['old_base']}` -> new base `{report['new_base']}`; fidelity threshold "
              f"{_config_of(report).rule()} (teacher = old base + adapter; KL in nats per token).", "",
-             "| adapter | status | chosen rung | KL copy | top-1 copy | best rung | KL best | top-1 best | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| adapter | status | chosen rung | family | KL copy | top-1 copy | best rung | KL best | top-1 best | "
+             "seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["adapters"]:
+        family = r.get("family", "lora")  # reports written before families were recorded held LoRA adapters
         if r["status"] == "incompatible":
-            lines.append(f"| {r['name']} | incompatible: {'; '.join(r['reasons'])} | - | - | - | - | - | - | "
-                         f"{r['seconds']} |")
+            lines.append(f"| {r['name']} | incompatible: {'; '.join(r['reasons'])} | - | {family} | - | - | - | - | - "
+                         f"| {r['seconds']} |")
             continue
         copy, best = r["rungs"][0], r["best"]
-        lines.append(f"| {r['name']} | {r['status']} | {r['chosen'] or '-'} | {copy['kl']:.4f} | {copy['top1']:.3f} "
-                     f"| {best['rung']} "
-                     f"| {best['kl']:.4f} | {best['top1']:.3f} | {r['seconds']} |")
+        lines.append(f"| {r['name']} | {r['status']} | {r['chosen'] or '-'} | {family} | {copy['kl']:.4f} "
+                     f"| {copy['top1']:.3f} | {best['rung']} | {best['kl']:.4f} | {best['top1']:.3f} "
+                     f"| {r['seconds']} |")
+    skipped = [(r["name"], s) for r in report["adapters"] for s in r.get("skipped", ())]
+    if skipped:
+        lines += ["", "Skipped (not applicable to the family):", ""]
+        lines += [f"- {name}: {s['rung']}: {s['reason']}" for name, s in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +437,7 @@ def plot_report(report: dict, path: Path) -> None:
     ax.barh([y - 0.2 for y in ys], [r["best"][measure] for r in rows], height=0.4, label="best rung",
             color="tab:blue")
     ax.axvline(report["config"]["threshold"], color="tab:red", linestyle="--", label="threshold")
-    ax.set_yticks(list(ys), [f"{r['name']} ({r['status']})" for r in rows])
+    ax.set_yticks(list(ys), [f"{r['name']} ({r.get('family', 'lora')}, {r['status']})" for r in rows])
     ax.set_xlabel("KL(teacher || candidate), nats per token" if measure == "kl"
                   else "top-1 agreement with the teacher")
     ax.legend(loc="lower right", fontsize=8)
