@@ -62,8 +62,9 @@ def next_step(cfg, adapter: str) -> list[str]:
 def print_next_step(cfg, summary) -> None:
     """Print `next_step` on stderr after a run that ended with an adapter."""
     if summary.get("adapter"):
-        print("\nnext: score the adapter, then the bare base, on the held-out items:\n  "
-              + "\n  ".join(next_step(cfg, summary["adapter"])), file=sys.stderr)
+        commands = next_step(cfg, summary["adapter"])
+        what = "the adapter, then the bare base, on the held-out items" if len(commands) == 2 else "the adapter"
+        print(f"\nnext: score {what}:\n  " + "\n  ".join(commands), file=sys.stderr)
 
 
 if __name__ == "__main__":
