@@ -270,17 +270,21 @@ def test_tokenizer_is_built_without_pytorch(smollm2_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_an_unknown_pre_tokenizer_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("model, pre, words", [
+    ("gpt2", "mystery-bpe", r"t\.gguf.*tokenizer\.ggml\.pre.*mystery-bpe"),
+    ("llama", "default", r"t\.gguf.*tokenizer\.ggml\.model.*'llama'.*tokenizer=False"),
+])
+def test_a_tokenizer_we_do_not_build_is_a_clear_error(tmp_path, model, pre, words):
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("mystery-bpe")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(["a", "b", "ab"])
     writer.add_token_merges(["a b"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match=r"t\.gguf.*tokenizer\.ggml\.pre.*mystery-bpe"):
+    with pytest.raises(ValueError, match=words):
         load_gguf_tokenizer(tmp_path / "t.gguf")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import mmap
 import os
 import re
@@ -405,26 +404,21 @@ def load_gguf_tokenizer(path: str | Path, file: GgufFile | None = None):
 
     Byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2": SmolLM2, Llama 3, Qwen2) are built here
     with the `tokenizers` library in a fraction of a second and without PyTorch (`byte_level_tokenizer`);
-    tests/test_gguf.py checks them against transformers' own GGUF tokenizer on thousands of strings. Other
-    vocabularies (sentencepiece "llama") go through transformers' GGUF reader, which imports PyTorch: without
-    it that is a `FileFormatError` saying so. Never runs remote code.
+    tests/test_gguf.py checks them against transformers' own GGUF tokenizer on thousands of strings. Any other
+    vocabulary (sentencepiece "llama", "gemma", ...) is a `FileFormatError` naming the key: transformers' GGUF
+    tokenizer path would need PyTorch, which no runtime path may. ``load_base(path, tokenizer=False)`` still
+    reads such a file's weights. Never runs remote code.
     """
     path = Path(path)
     if file is None:
         with GgufFile(path) as opened:
             return load_gguf_tokenizer(path, opened)
     kind = file.metadata.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-        return byte_level_tokenizer(file)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    except Exception as err:
-        needs = " (transformers builds this kind of tokenizer only with PyTorch installed: pip install torch)" \
-            if importlib.util.find_spec("torch") is None else ""
-        raise FileFormatError(path, f"could not build a tokenizer from the GGUF metadata "
-                                    f"(tokenizer.ggml.model={kind!r}){needs}: {err}") from err
+    if kind != "gpt2":
+        raise FileFormatError(path, f"is {kind!r}; only byte-level BPE vocabularies ('gpt2') are built from GGUF "
+                                    "metadata so far (load_base(path, tokenizer=False) reads the weights alone)",
+                              "key 'tokenizer.ggml.model'")
+    return byte_level_tokenizer(file)
 
 
 def byte_level_tokenizer(file: GgufFile):
