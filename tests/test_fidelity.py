@@ -81,4 +81,4 @@ def test_transfer_cli_reports_fidelity(tmp_path, teacher, tiny_model_dir, capsys
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
     bad = [str(tmp_path / "bad.jsonl") if a.endswith("probes.txt") else a for a in args]
     assert main(bad + ["--old-base", str(tiny_model_dir)]) == 2
-    assert "bad.jsonl, row 1: needs a 'prompt' string" in capsys.readouterr().err
+    assert "bad.jsonl, line 1: needs a 'prompt' string" in capsys.readouterr().err

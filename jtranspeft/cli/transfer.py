@@ -9,7 +9,6 @@ report starts. See docs/transfer.md.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import textwrap
@@ -61,27 +60,6 @@ def parse_layer_map(text: str) -> dict[int, int]:
     if not mapping:
         raise argparse.ArgumentTypeError("layer map is empty")
     return mapping
-
-
-def read_prompts(path: str) -> list[str]:
-    """Probe prompts from a .txt file (one per non-empty line) or a .jsonl file (a 'prompt' string per row)."""
-    from jtranspeft.utils.errors import InputError
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise InputError(f"{path}, row {number}: needs a 'prompt' string")
-            prompts.append(row["prompt"])
-        lines = prompts
-    if not lines:
-        raise InputError(f"{path}: no prompts")
-    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--fidelity needs --old-base (the teacher is the old base with the adapter)")
     if args.dora_magnitude == "renorm" and not args.old_base:
         raise ValueError("--dora-magnitude renorm needs --old-base (the old base's column norms)")
-    prompts = read_prompts(args.fidelity) if args.fidelity else None
+    from jtranspeft.migration.migrate import read_prompt_file
+
+    prompts = [text for _, text in read_prompt_file(args.fidelity)] if args.fidelity else None
     for name in ("project_k", "top_k", "fidelity_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -113,18 +113,27 @@ class MigrateConfig:
         return f"{label} {'<=' if lower else '>='} {self.threshold}"
 
 
+def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
+    """(where, prompt) per non-blank prompt of a file (.txt: one per line; .jsonl: a {"prompt": ...} object per
+    line), ``where`` = "<file>, line N" for errors; an error for a missing file, a bad row or no prompt at all."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    labelled = [(f"{path}, line {n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+    if file.suffix == ".jsonl":
+        labelled = [(where, _prompt_of(where, line)) for where, line in labelled]
+    if not labelled:
+        raise InputError(f"{path}: no prompts (every line is blank)")
+    return labelled
+
+
 def labelled_prompts(prompts: Sequence[str] | str | Path) -> list[tuple[str, str]]:
-    """(where, instruction) per non-blank prompt, ``where`` naming it in errors: a file's (.txt: an instruction
-    per line; .jsonl: a {"prompt": ...} object per line) "<file>, line N", a list's "prompt N"; an error for a
-    missing file, a bad row, or fewer than 2 distinct instructions (half measure fidelity, half seed distillation)."""
+    """(where, instruction) per non-blank prompt, ``where`` naming it in errors: a file's (`read_prompt_file`)
+    "<file>, line N", a list's "prompt N"; an error for no prompts or fewer than 2 distinct instructions (half
+    measure fidelity, half seed distillation)."""
     if isinstance(prompts, (str, Path)):
-        source, file = str(prompts), Path(prompts)
-        if not file.is_file():
-            raise FileNotFoundError(f"{source}: prompt file not found")
-        lines = file.read_text(encoding="utf-8").splitlines()
-        labelled = [(f"{source}, line {n}", line) for n, line in enumerate(lines, 1) if line.strip()]
-        if file.suffix == ".jsonl":
-            labelled = [(where, _prompt_of(where, line)) for where, line in labelled]
+        source, labelled = str(prompts), read_prompt_file(prompts)
     else:
         source, labelled = "prompts", [(f"prompt {n}", p) for n, p in enumerate(prompts, 1) if p.strip()]
     if not labelled:
