@@ -20,10 +20,21 @@ VARIANTS = {
     "qwen2_bias_untied": ("qwen2", dict(tie_word_embeddings=False)),
     "qwen3": ("qwen3", dict(tie_word_embeddings=False, head_dim=24)),
     "mistral": ("mistral", dict(tie_word_embeddings=False, sliding_window=64)),
+    # Gemma 3: windows shorter than padded_batch's 12 tokens, mixed layer types, own rope per type, GQA / MQA.
+    "gemma3_sliding_tied": ("gemma3", dict(
+        tie_word_embeddings=True, head_dim=24, query_pre_attn_scalar=20, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 50000.0}})),
+    "gemma3_softcap_untied": ("gemma3", dict(
+        tie_word_embeddings=False, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=3,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        final_logit_softcapping=3.0)),
 }
 
 CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}
+                  "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
+                  "gemma3": transformers.Gemma3TextConfig}
 
 
 def make_hf_model(variant: str, seed: int = 0):
@@ -34,8 +45,8 @@ def make_hf_model(variant: str, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if name.endswith("norm.weight"):  # gemma3's norms scale by (1 + w)
+                p.copy_((0.0 if family == "gemma3" else 1.0) + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model

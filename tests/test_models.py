@@ -79,10 +79,10 @@ def test_left_padding_gives_the_unpadded_result(saved):
 def test_spec_reads_the_variant(saved):
     variant, model, directory = saved
     spec = jt.load_base(directory).spec
-    assert spec.family == model.config.model_type
+    assert spec.to_hf_config()["model_type"] == model.config.model_type
     assert spec.tie_word_embeddings == model.config.tie_word_embeddings
     assert spec.qkv_bias == variant.startswith("qwen2")
-    assert spec.qk_norm == (variant == "qwen3")
+    assert spec.qk_norm == (variant == "qwen3" or variant.startswith("gemma3"))
     assert spec.rope.rope_type == ("llama3" if "llama3" in variant else "default")
     assert spec.head_dim == (getattr(model.config, "head_dim", None) or 64 // 4)
 

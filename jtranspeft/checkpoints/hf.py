@@ -2,8 +2,9 @@
 
 Each `KeyEntry` says: this HF tensor name (``{i}`` = layer index) is this path in our params tree, and
 whether the torch layout [out, in] is transposed to our kernel layout [in, out]. llama, qwen2, qwen3 and
-mistral share Hugging Face's names, so one table serves them all; an entry's ``when`` names the spec flag
-that decides whether the tensor exists (q/k/v bias for qwen2, q/k norms for qwen3, lm_head when untied).
+mistral (and gemma3) share Hugging Face's names, so one table serves them all; an entry's ``when`` names the spec
+flag that decides whether the tensor exists (q/k/v bias for qwen2, q/k norms for qwen3 and gemma3, gemma3's
+extra norms, lm_head when untied).
 The same table drives loading (HF -> params), saving (params -> HF) and the PEFT adapter keys
 (`jtranspeft.checkpoints.peft_format`), so each transpose is written once.
 
@@ -65,6 +66,8 @@ KEY_TABLE: tuple[KeyEntry, ...] = (
     KeyEntry("lm_head.weight", ("lm_head",), transpose=True, when="untied"),
     KeyEntry(f"{_LAYER}.input_layernorm.weight", ("layers", "input_layernorm", "scale")),
     KeyEntry(f"{_LAYER}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale")),
+    *(KeyEntry(f"{_LAYER}.{name}.weight", ("layers", name, "scale"), when="sandwich_norms")
+      for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm")),
     *(KeyEntry(f"{hf_module_name(p.name)}.weight", ("layers", p.block, p.name, "kernel"), True) for p in PROJECTIONS),
     *(KeyEntry(f"{_LAYER}.self_attn.{m}.bias", ("layers", "self_attn", m, "bias"), when="qkv_bias")
       for m in ("q_proj", "k_proj", "v_proj")),

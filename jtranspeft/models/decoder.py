@@ -1,4 +1,4 @@
-"""One Flax linen decoder for llama, qwen2, qwen3 and mistral; the families differ only through `ModelSpec`.
+"""One Flax linen decoder for llama, qwen2, qwen3, mistral and gemma3; the families differ only through `ModelSpec`.
 
 Applied functionally: ``Decoder(...).apply({"params": base, "lora": lora}, input_ids_bt, mask_bt, rng=key)``.
 The decoder layers are one module scanned over a leading layer axis (params and LoRA stacked as [L, ...]),
@@ -21,6 +21,12 @@ slots [index, index + t) with `jax.lax.dynamic_update_slice` and attends causall
 a prefill is a call on the (left-padded) prompt, a decode step a call on one token. Positions count real
 tokens only, so a left-padded row gets the positions it would have alone. ``adapter_ids_b`` picks one
 adapter of a bank per row (see `jtranspeft.peft.bank`).
+
+Models whose `ModelSpec.layer_types` mix full and sliding-window layers (gemma3) get two masks and two rope
+tables, stacked on a leading kind axis (0 full, 1 sliding); each layer picks its own by its index. A sliding
+layer's query at slot q sees key slots (q - sliding_window, q], as transformers does: a row's real tokens
+occupy consecutive slots (padding sits before or after them), so slot distance is token distance. The cache
+keeps every slot on every layer; the sliding layers only mask the old ones.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.models.layers import Projection, RMSNorm, apply_rope, attention, rope_inv_freq, rope_tables
+from jtranspeft.models.layers import (Projection, RMSNorm, apply_rope, attention, gate_activation, rope_inv_freq,
+                                     rope_tables, softcap)
 from jtranspeft.models.perturb import LORA_STREAM0, FfnPerturbation, drop_ffn_output, layer_key, mask_ffn_activation
 from jtranspeft.models.spec import TARGET_MODULES, ModelSpec
 
@@ -96,7 +103,7 @@ class _LayerSettings(nn.Module):
                           self.lora_dropout, base_weights, name=name)
 
     def norm(self, name: str) -> RMSNorm:
-        return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+        return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, self.spec.norm_offset, name=name)
 
 
 def _stream_key(key_of_layer, stream: int):
@@ -152,14 +159,15 @@ class Attention(_LayerSettings):
             k_btke = jax.lax.dynamic_update_slice(kv_cache[0], k_btke.astype(kv_cache[0].dtype), start)
             v_btke = jax.lax.dynamic_update_slice(kv_cache[1], v_btke.astype(kv_cache[1].dtype), start)
             kv_cache = (k_btke, v_btke)
-        out_btx = attention(q_bthe, k_btke, v_btke, mask_bts)
+        out_btx = attention(q_bthe, k_btke, v_btke, mask_bts, spec.attention_scale)
         o_key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
         return self.proj("o_proj", spec.hidden_size, spec.o_bias)(
             out_btx, layer_idx, o_key, extras.adapter_ids_b), kv_cache
 
 
 class Mlp(_LayerSettings):
-    """SwiGLU FFN; Trans-PEFT knowledge masking acts on the intermediate activation before down_proj."""
+    """Gated FFN, SwiGLU or GeGLU (`ModelSpec.hidden_act`); Trans-PEFT knowledge masking acts on the
+    intermediate activation act(x W_gate) * (x W_up) before down_proj, whichever the activation."""
 
     transpeft: FfnPerturbation = FfnPerturbation()
 
@@ -171,7 +179,7 @@ class Mlp(_LayerSettings):
             key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index(name))
             return self.proj(name, features, False)(inputs, layer_idx, key, extras.adapter_ids_b)
 
-        u_btf = nn.silu(project("gate_proj", spec.intermediate_size, x_btd)) * project(
+        u_btf = gate_activation(spec.hidden_act)(project("gate_proj", spec.intermediate_size, x_btd)) * project(
             "up_proj", spec.intermediate_size, x_btd)
         if key_of_layer is not None:
             u_btf = mask_ffn_activation(u_btf, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
@@ -193,26 +201,50 @@ class BottleneckAdapter(nn.Module):
         return (f_btd + (scale * jnp.einsum("bts,sd->btd", z_bts, up)).astype(f_btd.dtype)).astype(f_btd.dtype)
 
 
+def _for_layer(spec: ModelSpec, layer_idx, *stacks):
+    """Each [kinds, ...] stack's entry for one layer: kinds is 1 (every layer alike), or 2 (full, sliding) when
+    `ModelSpec.layer_types` is set; ``layer_idx`` is an int or, inside the scan, a traced index."""
+    if stacks[0].shape[0] == 1:
+        return tuple(x[0] for x in stacks)
+    if isinstance(layer_idx, int):
+        kind = int(spec.sliding_layers[layer_idx])
+        return tuple(x[kind] for x in stacks)
+    kind = jnp.asarray(spec.sliding_layers, jnp.int32)[layer_idx]
+    return tuple(jax.lax.dynamic_index_in_dim(x, kind, keepdims=False) for x in stacks)
+
+
 class DecoderLayer(_LayerSettings):
-    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)), the FFN possibly dropped (Trans-PEFT)."""
+    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)), the FFN possibly dropped (Trans-PEFT).
+
+    With ``sandwich_norms`` (gemma3) each sub-block's output is normed too before the residual add:
+    h = x + post_attention_norm(Attn(input_norm(x))); out = h + post_ffn_norm(FFN(pre_ffn_norm(h))).
+    """
 
     transpeft: FfnPerturbation = FfnPerturbation()
     training: bool = False
     fused_qkv: bool = False
 
     @nn.compact
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, rng, extras: _Extras, layer_idx, kv_cache):
-        """One layer; ``kv_cache`` is this layer's (k, v) slice [b, s_max, k, e] or None; returns it updated."""
+    def __call__(self, x_btd, cos_kbte, sin_kbte, mask_kbts, rng, extras: _Extras, layer_idx, kv_cache):
+        """One layer; ``*_k...``: the rope tables and masks of each attention kind (`_for_layer`);
+        ``kv_cache`` is this layer's (k, v) slice [b, s_max, k, e] or None; returns it updated."""
+        sandwich = self.spec.sandwich_norms
+        cos_bte, sin_bte, mask_bts = _for_layer(self.spec, layer_idx, cos_kbte, sin_kbte, mask_kbts)
         key_of_layer = layer_key(rng, layer_idx) if self.training else None
         shared = dict(spec=self.spec, dtype=self.dtype, param_dtype=self.param_dtype,
                       lora_scales=self.lora_scales, lora_dropout=self.lora_dropout)
         attn_btd, kv_cache = Attention(**shared, fused_qkv=self.fused_qkv, name="self_attn")(
             self.norm("input_layernorm")(x_btd), cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras,
             kv_cache)
+        if sandwich:
+            attn_btd = self.norm("post_attention_layernorm")(attn_btd)
         attn_btd = self.bottleneck("adapter_attn", attn_btd, layer_idx)
         h_btd = x_btd + attn_btd
         ffn_btd = Mlp(**shared, transpeft=self.transpeft, name="mlp")(
-            self.norm("post_attention_layernorm")(h_btd), layer_idx, key_of_layer, extras)
+            self.norm("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm")(h_btd), layer_idx,
+            key_of_layer, extras)
+        if sandwich:
+            ffn_btd = self.norm("post_feedforward_layernorm")(ffn_btd)
         if key_of_layer is not None:
             ffn_btd = drop_ffn_output(ffn_btd, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
         ffn_btd = self.bottleneck("adapter_ffn", ffn_btd, layer_idx)  # a dropped FFN (0) gives relu(0 D) U = 0
@@ -262,12 +294,19 @@ class Decoder(_LayerSettings):
         key_slot_s = jnp.arange(key_valid_bs.shape[1])
         causal_ts = key_slot_s[None, :] <= query_slot_t[:, None]
         own_ts = key_slot_s[None, :] == query_slot_t[:, None]  # a padding row sees itself: never all masked
-        mask_bts = (causal_ts[None] & key_valid_bs[:, None, :]) | own_ts[None]
-        cos_bte, sin_bte = rope_tables(positions_bt, rope_inv_freq(spec.rope, spec.head_dim))
+        visible_ts, ropes = [causal_ts], [spec.rope]
+        if spec.layer_types is not None:  # kind 1: sliding layers see the last `sliding_window` slots only
+            visible_ts.append(causal_ts & (key_slot_s[None, :] > query_slot_t[:, None] - (spec.sliding_window or 0)))
+            ropes.append(spec.rope_local or spec.rope)
+        mask_kbts = jnp.stack([(v_ts[None] & key_valid_bs[:, None, :]) | own_ts[None] for v_ts in visible_ts])
+        tables = [rope_tables(positions_bt, rope_inv_freq(rope, spec.head_dim)) for rope in ropes]
+        cos_kbte, sin_kbte = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
         embed = nn.Embed(spec.vocab_size, spec.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x_btd = embed(input_ids_bt)
+        if spec.embed_scale:  # sqrt(hidden) rounded to the embedding dtype first, as transformers does
+            x_btd = x_btd * jnp.asarray(spec.hidden_size ** 0.5, self.param_dtype).astype(x_btd.dtype)
 
         training = rng is not None
         settings = dict(spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
@@ -280,14 +319,14 @@ class Decoder(_LayerSettings):
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
             layers = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast,) * 5 + (0, 0), length=spec.num_layers)(**settings, name="layers")
-            x_btd, kv_cache = layers(x_btd, cos_bte, sin_bte, mask_bts, rng, extras, jnp.arange(spec.num_layers),
+            x_btd, kv_cache = layers(x_btd, cos_kbte, sin_kbte, mask_kbts, rng, extras, jnp.arange(spec.num_layers),
                                      kv_cache)
         else:  # one module per layer over separate weight and cache arrays: nothing is sliced or restacked
             keys, values = (list(kv_cache[0]), list(kv_cache[1])) if kv_cache is not None else (None, None)
             for i in range(spec.num_layers):
                 layer_kv = None if kv_cache is None else (keys[i], values[i])
                 x_btd, layer_kv = DecoderLayer(**settings, name=f"layer_{i}")(
-                    x_btd, cos_bte, sin_bte, mask_bts, rng, extras, i, layer_kv)
+                    x_btd, cos_kbte, sin_kbte, mask_kbts, rng, extras, i, layer_kv)
                 if kv_cache is not None:
                     keys[i], values[i] = layer_kv
             kv_cache = None if kv_cache is None else (tuple(keys), tuple(values))
@@ -302,6 +341,7 @@ class Decoder(_LayerSettings):
                                  self.param_dtype)
             logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(self.dtype),
                                     preferred_element_type=jnp.float32)
+        logits_btv = softcap(logits_btv, spec.final_logit_softcapping)
         if cache is None:
             return logits_btv
         return logits_btv, KVCache(keys=kv_cache[0], values=kv_cache[1],

@@ -30,18 +30,36 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully padded r
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, statistics in float32 (as transformers does)."""
+    """Root-mean-square norm with a learned scale, statistics in float32 (as transformers does).
+
+    ``offset`` (gemma): the scale is ``1 + w`` with w stored zero-centred (initialised to 0), and the product
+    is taken in float32 before the cast back; otherwise the normed value is cast first, then scaled by w.
+    """
 
     eps: float
     dtype: Dtype
     param_dtype: Dtype
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def softcap(x, cap: float | None):
+    """``cap * tanh(x / cap)`` (Gemma's final logit softcapping), or ``x`` unchanged when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def gate_activation(name: str):
+    """The gated FFN's activation by its transformers name: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)."""
+    return {"silu": nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[name]
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
@@ -210,22 +228,23 @@ def attention_implementation() -> str:
     return choice
 
 
-def attention(q_bthe, k_bske, v_bske, mask_bts):
+def attention(q_bthe, k_bske, v_bske, mask_bts, scale: float | None = None):
     """Grouped-query attention: h query heads share k kv heads; softmax in float32; [b, t, h * e].
 
-    The caller's mask lets every query see at least its own slot, so no row is fully masked and no
-    implementation can produce NaN for padding rows (a NaN there would leak through zero attention weights).
+    Scores are q . k times ``scale`` (default ``e ** -0.5``). The caller's mask lets every query see at least
+    its own slot, so no row is fully masked and no implementation can produce NaN for padding rows (a NaN
+    there would leak through zero attention weights).
     """
     b, t, h, e = q_bthe.shape
     implementation = attention_implementation()
     if implementation != "einsum":
-        out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_bts[:, None],
+        out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_bts[:, None], scale=scale,
                                                 implementation=None if implementation == "auto" else implementation)
         return out_bthe.reshape(b, t, h * e)
     k = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, k, h // k, e)
-    scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske,
-                              preferred_element_type=jnp.float32) / math.sqrt(e)
+    scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32)
+    scores_bkgts = scores_bkgts / math.sqrt(e) if scale is None else scores_bkgts * scale
     scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bske.dtype)
     out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)

@@ -9,7 +9,7 @@ one base to another, so both read the group of a parameter from `param_group`:
 - ``attention``: q, k, v, o kernels and biases, and the per-head q/k norms (qwen3);
 - ``ffn``: gate, up and down kernels;
 - ``embeddings``: ``embed_tokens`` and an untied ``lm_head`` (a tied head is the embedding itself);
-- ``norms``: the two per-layer RMSNorms and the final norm.
+- ``norms``: the per-layer RMSNorms (two, or four with gemma3's sandwich norms) and the final norm.
 
 Paths are those of our params tree (``("layers", "self_attn", "q_proj", "kernel")``); a path this table
 does not know is an error, so a new kind of tensor can never fall into no group silently.
@@ -23,7 +23,8 @@ import jax
 
 from jtranspeft.models.spec import GROUPS, MODULE_BLOCK, PROJECTIONS, ModelSpec
 
-_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")  # every name `ModelSpec.layer_norms` can give
 _BLOCK_GROUP = {p.block: p.group for p in PROJECTIONS}
 
 
@@ -35,7 +36,7 @@ def param_shapes(spec: ModelSpec) -> dict[tuple[str, ...], tuple[int, ...]]:
     """
     d, n = spec.hidden_size, spec.num_layers
     shapes = {("embed_tokens", "embedding"): (spec.vocab_size, d), ("norm", "scale"): (d,),
-              ("layers", "input_layernorm", "scale"): (n, d), ("layers", "post_attention_layernorm", "scale"): (n, d)}
+              **{("layers", name, "scale"): (n, d) for name in spec.layer_norms}}
     if not spec.tie_word_embeddings:
         shapes[("lm_head",)] = (d, spec.vocab_size)
     for p in PROJECTIONS:
