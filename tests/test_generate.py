@@ -46,9 +46,10 @@ def _hf_greedy(model, prompts, new_tokens, eos_id):
     return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
-@pytest.fixture(scope="module", params=["llama_gqa_untied", "qwen2_bias_tied"])
+@pytest.fixture(scope="module", params=["llama_gqa_untied", "qwen2_bias_tied", "gemma3_sliding_tied"])
 def family(request, tmp_path_factory):
-    """(reference model, peft model with random B, jt base, jt adapter) for one family."""
+    """(reference model, peft model with random B, jt base, jt adapter) for one family (gemma3: prompts and
+    continuations run past its 4-slot window)."""
     root = tmp_path_factory.mktemp(request.param)
     model = make_hf_model(request.param)
     model.save_pretrained(root / "base")

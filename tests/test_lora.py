@@ -17,6 +17,7 @@ CASES = {
     "patterns": ("qwen3", dict(r=4, lora_alpha=8, target_modules=ALL7,
                                rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
                                alpha_pattern={"v_proj": 3, "model.layers.2.mlp.up_proj": 20})),
+    "gemma3": ("gemma3_softcap_untied", dict(r=4, lora_alpha=8, target_modules=ALL7)),
     "layers_subset": ("mistral", dict(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"],
                                       layers_to_transform=[0, 2], layers_pattern="layers")),
 }
