@@ -7,7 +7,9 @@ Public API::
     logits = jt.apply(base, input_ids, lora=None, attention_mask=None)   # [B, T, vocab] float32
     lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=("q_proj", "v_proj")), key)
     jt.save_peft(lora, out_dir, base=base)              # HF PEFT adapter directory
-    lora = jt.load_peft(adapter_dir, base)              # an HF PEFT LoRA / DoRA / SHiRA adapter
+    lora = jt.load_peft(adapter_dir, base)              # an HF PEFT LoRA / DoRA / SHiRA adapter (or a .gguf LoRA)
+    jt.save_gguf_adapter(lora, "a.gguf", base)          # llama.cpp's LoRA adapter GGUF; jt.load_gguf_adapter reads it
+    jt.save_gguf_base(jt.merge_adapter(base, lora), "merged.gguf")   # a GGUF base llama.cpp loads
     merged = jt.merge_lora(base, lora)                  # W + s * A @ B in float32, cast back
     dora = jt.init_lora(base, jt.LoraConfig(r=8, targets=("q_proj",), use_dora=True), key)   # DoRA: m (W + sAB) / ||.||
     shira = jt.init_shira(base, jt.ShiraConfig(r=8, mask_type="magnitude"))   # SHiRA: sparse entries of W
@@ -65,6 +67,10 @@ _EXPORTS = {
     "load_peft": "jtranspeft.checkpoints.peft_format",
     "save_peft": "jtranspeft.checkpoints.peft_format",
     "read_metadata": "jtranspeft.checkpoints.peft_format",
+    "save_gguf_adapter": "jtranspeft.checkpoints.gguf_adapter",
+    "load_gguf_adapter": "jtranspeft.checkpoints.gguf_adapter",
+    "save_gguf_base": "jtranspeft.checkpoints.gguf_adapter",
+    "export_gguf": "jtranspeft.checkpoints.gguf_export",
     "generate": "jtranspeft.inference.generate",
     "generate_ids": "jtranspeft.inference.generate",
     "load_config": "jtranspeft.utils.config_io",

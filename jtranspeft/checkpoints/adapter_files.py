@@ -102,14 +102,22 @@ def peft_type(directory: str | Path) -> str:
 
 
 def check_adapter_dir(directory: str | Path) -> Path:
-    """``directory`` as a Path when it holds an adapter (PEFT's adapter_config.json, or RoSA's rosa.json);
-    otherwise a FileNotFoundError: "<path>: does not exist" or "<path>: not a PEFT adapter directory"."""
+    """``directory`` as a Path when it holds an adapter (PEFT's adapter_config.json, or RoSA's rosa.json) or is a
+    llama.cpp LoRA adapter file (``.gguf``, `jtranspeft.checkpoints.gguf_adapter`); otherwise a
+    FileNotFoundError: "<path>: does not exist" or "<path>: not a PEFT adapter directory"."""
     directory = Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"{directory}: does not exist")
+    if is_gguf_adapter(directory):
+        return directory
     if not (directory / CONFIG_FILE).is_file() and not (directory / ROSA_FILE).is_file():
         raise FileNotFoundError(f"{directory}: not a PEFT adapter directory (no {CONFIG_FILE} or {ROSA_FILE})")
     return directory
+
+
+def is_gguf_adapter(path: str | Path) -> bool:
+    """Whether ``path`` is a file named ``*.gguf`` (read as a llama.cpp LoRA adapter by `load_peft`)."""
+    return Path(path).suffix == ".gguf" and Path(path).is_file()
 
 
 def check_adapter_files(directory: Path) -> None:

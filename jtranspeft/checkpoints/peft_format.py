@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from jtranspeft.checkpoints import bottleneck_format, lora_format, rosa_format, shira_format
-from jtranspeft.checkpoints.adapter_files import WEIGHTS_FILE, check_adapter_dir, check_adapter_files, peft_type
+from jtranspeft.checkpoints.adapter_files import (WEIGHTS_FILE, check_adapter_dir, check_adapter_files,
+                                                  is_gguf_adapter, peft_type)
 from jtranspeft.checkpoints.fingerprint import base_fingerprint
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
 from jtranspeft.peft.family import family_of
@@ -53,8 +54,12 @@ def load_peft(directory: str | Path, base):
     """Read an HF PEFT LoRA (DoRA included) or SHiRA adapter, or a jtranspeft RoSA or bottleneck directory, for
     ``base`` (a `jtranspeft.Base`), checking every field, key, shape, dtype and value: a missing directory, a
     missing or unsupported field, a foreign key, a misshapen, non-float or non-finite tensor is an error
-    naming it."""
+    naming it. A ``.gguf`` file is read as a llama.cpp LoRA adapter (`load_gguf_adapter`)."""
     directory = check_adapter_dir(directory)
+    if is_gguf_adapter(directory):
+        from jtranspeft.checkpoints.gguf_adapter import load_gguf_adapter
+
+        return load_gguf_adapter(directory, base)
     if (directory / ROSA_FILE).is_file():
         return rosa_format.load(directory, base)
     check_adapter_files(directory)
@@ -70,7 +75,11 @@ def adapter_layout(adapter) -> dict[tuple[str, int, str], tuple[int, ...]]:
 
 def read_metadata(directory: str | Path) -> dict:
     """jtranspeft's metadata stored with an adapter (empty for adapters made elsewhere; a RoSA directory's
-    is its low-rank part's)."""
+    is its low-rank part's; a GGUF adapter's is its ``jtranspeft.metadata`` key)."""
+    if is_gguf_adapter(directory):
+        from jtranspeft.checkpoints.gguf_adapter import read_gguf_metadata
+
+        return read_gguf_metadata(directory)
     if (Path(directory) / ROSA_FILE).is_file():
         directory = Path(directory) / "lora"
     path = Path(directory) / WEIGHTS_FILE

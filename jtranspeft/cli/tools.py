@@ -4,4 +4,4 @@ the console script ``jtranspeft-<tool>`` (setup.py) and ``jtranspeft.cli.<tool>.
 This file imports nothing, so setup.py reads it (`runpy.run_path`) without importing jtranspeft or JAX.
 """
 
-TOOLS = ("train", "evolve", "transfer", "evaluate", "analyze", "experiment", "migrate")
+TOOLS = ("train", "evolve", "transfer", "evaluate", "analyze", "experiment", "migrate", "export")
