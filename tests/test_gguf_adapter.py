@@ -276,6 +276,7 @@ def test_smollm2_llama_cpp_greedy_tokens_equal_jtranspeft(smollm2_base, tmp_path
     lora = _random_lora(base, jt.LoraConfig(r=8, alpha=16, targets=ALL), scale=0.05)
     assert export_main(["--base", "smollm2", "--format", "gguf", "--out", str(tmp_path / "base.gguf"), "--quiet"]) == 0
     jt.save_peft(lora, tmp_path / "peft", base=base)
+    capsys.readouterr()
     assert export_main(["--base", "smollm2", "--adapter", str(tmp_path / "peft"), "--format", "gguf-lora",
                         "--out", str(tmp_path / "adapter.gguf"), "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)

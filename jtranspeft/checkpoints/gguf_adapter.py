@@ -47,8 +47,8 @@ from jtranspeft.peft.lora import Lora, LoraConfig, lora_from_factors
 from jtranspeft.utils.errors import FileFormatError, InputError
 
 # spec.family -> llama.cpp's architecture; llama.cpp's converter writes Mistral as "llama" and permutes
-# attn_q / attn_k rows only for "llama" (Qwen2 and Qwen3 use NEOX-style rope: rows stay in HF order).
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# attn_q / attn_k rows only for "llama" (Qwen2, Qwen3 and Gemma 3 use NEOX-style rope: rows stay in HF order).
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 _PERMUTED_ARCHITECTURES = ("llama",)
 ADAPTER_DTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                   "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
