@@ -209,7 +209,32 @@ def test_fast_dequantization_is_bit_identical_to_the_gguf_package(smollm2_path):
                 want = gguf.quants.dequantize(file.raw(tensor), tensor.tensor_type)
                 got = dequantize(file.raw(tensor), tensor.tensor_type)
                 np.testing.assert_array_equal(got, want, err_msg=tensor.name)
-    assert seen == set(_FAST_DEQUANTIZE)  # the file exercises both fast paths
+    T = gguf.GGMLQuantizationType
+    assert seen == {T.F32, T.Q4_1, T.Q8_0}  # the file's types (Gemma 3's are checked in test_gemma3.py)
+
+
+@pytest.mark.parametrize("name", ["F16", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+def test_every_fast_dequantizer_equals_the_gguf_package_on_random_blocks(name):
+    """Random bytes in every block field (scales included, with float16 scales kept finite) give the gguf
+    package's values bit for bit."""
+    from jtranspeft.checkpoints.gguf import _FAST_DEQUANTIZE, dequantize
+
+    kind = gguf.GGMLQuantizationType[name]
+    assert kind in _FAST_DEQUANTIZE
+    rng = np.random.default_rng(0)
+    if name == "F16":
+        raw = rng.standard_normal((3, 64)).astype(np.float16)
+    else:
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        raw = rng.integers(0, 256, (3, 4, size), dtype=np.uint8)
+        scale_at = {"Q6_K": [208]}.get(name, [0, 2] if name in ("Q4_1", "Q4_K") else [0])
+        for at in scale_at:  # finite float16 scales: the exponent byte below 0x7C
+            raw[..., at + 1] &= 0x3F
+        raw = raw.reshape(3, 4 * size)
+    want = gguf.quants.dequantize(raw, kind)
+    got = dequantize(raw, kind)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32))
 
 
 def _tokenizer_probe_texts(n: int = 3000) -> list[str]:
@@ -272,7 +297,7 @@ def test_tokenizer_is_built_without_pytorch(smollm2_path):
 
 @pytest.mark.parametrize("model, pre, words", [
     ("gpt2", "mystery-bpe", r"t\.gguf.*tokenizer\.ggml\.pre.*mystery-bpe"),
-    ("llama", "default", r"t\.gguf.*tokenizer\.ggml\.model.*'llama'.*tokenizer=False"),
+    ("llama", "default", r"t\.gguf.*tokenizer\.ggml\.model.*'llama'.*tokenizer=False"),  # llama, not gemma3
 ])
 def test_a_tokenizer_we_do_not_build_is_a_clear_error(tmp_path, model, pre, words):
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")

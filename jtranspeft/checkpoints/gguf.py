@@ -41,9 +41,9 @@ import numpy as np
 
 from jtranspeft.utils.errors import FileFormatError
 
-# GGUF architectures read with the llama layout. llama.cpp writes Mistral-7B-style models as
-# "llama" too; its "mistral3"/"mistral4" are different architectures and are rejected.
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architectures we read: the llama layout (llama.cpp writes Mistral-7B-style models as "llama" too; its
+# "mistral3"/"mistral4" are different architectures and are rejected) and Gemma 3's text model.
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # One row per tensor family: (GGUF pattern, HF pattern), `{i}` = layer index. A `.weight` or
 # `.bias` suffix is carried over unchanged. Read left to right for import, right to left for export.
@@ -62,7 +62,18 @@ GGUF_TO_HF_NAMES: list[tuple[str, str]] = [
     ("output", "lm_head"),
 ]
 
-# GGUF tensors whose rows llama.cpp permuted for its rope kernel -> config key giving the head count.
+# Gemma 3's names where they differ from llama's (its ffn_norm is the norm before the FFN; llama's ffn_norm is
+# HF's post_attention_layernorm, which in Gemma 3 norms the attention output).
+GEMMA3_NAMES: list[tuple[str, str]] = [
+    ("blk.{i}.attn_q_norm", "model.layers.{i}.self_attn.q_norm"),
+    ("blk.{i}.attn_k_norm", "model.layers.{i}.self_attn.k_norm"),
+    ("blk.{i}.post_attention_norm", "model.layers.{i}.post_attention_layernorm"),
+    ("blk.{i}.ffn_norm", "model.layers.{i}.pre_feedforward_layernorm"),
+    ("blk.{i}.post_ffw_norm", "model.layers.{i}.post_feedforward_layernorm"),
+]
+
+# GGUF tensors whose rows llama.cpp permuted for its rope kernel -> config key giving the head count
+# (llama only: Gemma's rope kernel reads HF's rotate-half order).
 _ROPE_PERMUTED_HEADS = {
     "blk.{i}.attn_q": "num_attention_heads",
     "blk.{i}.attn_k": "num_key_value_heads",
@@ -74,7 +85,8 @@ def _compile_pattern(gguf_pattern: str) -> re.Pattern[str]:
     return re.compile(body + r"\.(?P<suffix>weight|bias)")
 
 
-_NAME_RULES = [(_compile_pattern(g), g, h) for g, h in GGUF_TO_HF_NAMES]
+_NAME_RULES = {"llama": [(_compile_pattern(g), g, h) for g, h in GGUF_TO_HF_NAMES],
+               "gemma3": [(_compile_pattern(g), g, h) for g, h in GEMMA3_NAMES + GGUF_TO_HF_NAMES]}
 
 
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
@@ -273,7 +285,7 @@ def gguf_config(file: GgufFile) -> dict[str, Any]:
     def has_bias(*parts: str) -> bool:
         return any(n.endswith(".bias") and any(f".{p}." in n for p in parts) for n in tensor_names)
 
-    return {
+    config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": int(vocab),
@@ -294,6 +306,40 @@ def gguf_config(file: GgufFile) -> dict[str, Any]:
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
+    return _gemma3_config(file, config, required) if arch == "gemma3" else config
+
+
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # the sliding layers' rope base: Gemma 3's convention, not a GGUF key
+
+
+def _gemma3_config(file: GgufFile, config: dict[str, Any], required) -> dict[str, Any]:
+    """A Gemma3TextConfig-style dict from the llama-style one: what the ``gemma3.*`` keys do not say comes from
+    the family's conventions, as llama.cpp's own Gemma 3 graph applies them: 5 sliding layers then 1 global
+    (`jtranspeft.models.spec.gemma3_layer_types`), rope base 10 000 on sliding layers, and attention scaled by
+    head_dim ** -0.5 except on the 27B model (62 layers), which uses (hidden / heads) ** -0.5."""
+    from jtranspeft.models.spec import gemma3_layer_types
+
+    layers, value_length = config["num_hidden_layers"], file.field("gemma3.attention.value_length")
+    if value_length is not None and value_length != config["head_dim"]:
+        raise FileFormatError(file.path, f"= {value_length} differs from key_length {config['head_dim']}",
+                              "gemma3.attention.value_length")
+    pattern = file.field("gemma3.attention.sliding_window_pattern")
+    if pattern is None or isinstance(pattern, int):
+        layer_types = list(gemma3_layer_types(layers, *(() if pattern is None else (pattern,))))
+    else:  # one flag per layer (newer converters)
+        layer_types = ["sliding_attention" if flag else "full_attention" for flag in pattern]
+    scalar = config["hidden_size"] // config["num_attention_heads"] if layers == 62 else config["head_dim"]
+    config = {key: value for key, value in config.items() if key not in ("hidden_act", "rope_theta", "rope_scaling")}
+    config.update(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
+        sliding_window=required("attention.sliding_window"), layer_types=layer_types, query_pre_attn_scalar=scalar,
+        rope_parameters={"full_attention": {"rope_type": "default",
+                                            "rope_theta": file.field("gemma3.rope.freq_base", 1_000_000.0)},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}},
+        final_logit_softcapping=file.field("gemma3.final_logit_softcapping"),
+        attn_logit_softcapping=file.field("gemma3.attn_logit_softcapping"),
+        pad_token_id=file.field("tokenizer.ggml.padding_token_id"))
+    return config
 
 
 def read_gguf_config(path: str | Path) -> dict[str, Any]:
@@ -308,14 +354,14 @@ def read_gguf_config(path: str | Path) -> dict[str, Any]:
         return gguf_config(file)
 
 
-def _hf_name(gguf_name: str, path: Path) -> tuple[str, str]:
-    """(HF name, matched GGUF pattern) for a GGUF tensor name, or ValueError."""
-    for regex, gguf_pattern, hf_pattern in _NAME_RULES:
+def _hf_name(gguf_name: str, path: Path, arch: str = "llama") -> tuple[str, str]:
+    """(HF name, matched GGUF pattern) for a GGUF tensor name of architecture ``arch``, or ValueError."""
+    for regex, gguf_pattern, hf_pattern in _NAME_RULES[arch]:
         match = regex.fullmatch(gguf_name)
         if match:
             hf = hf_pattern.format(i=match.group("i")) if "{i}" in hf_pattern else hf_pattern
             return f"{hf}.{match.group('suffix')}", gguf_pattern
-    raise FileFormatError(path, f"is unknown; known patterns: {[g for g, _ in GGUF_TO_HF_NAMES]}",
+    raise FileFormatError(path, f"is unknown; known patterns: {[g for _, g, _ in _NAME_RULES[arch]]}",
                           f"tensor {gguf_name!r}")
 
 
@@ -342,46 +388,121 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
         yield from gguf_tensors(file, gguf_config(file))
 
 
+def _f16(rows: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at bytes [start, start + 2) of each row, as float32 [n, 1]."""
+    return np.ascontiguousarray(rows[:, start:start + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Bytes -> their low nibbles then their high nibbles, joined along ``axis`` (ggml's order within a block)."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=axis)
+
+
 def _dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
     """Q4_1 blocks of 32 weights (float16 scale d, float16 min m, 16 bytes of 4-bit q): w = q * d + m."""
     rows = blocks.reshape(-1, 20)
-    d = rows[:, 0:2].copy().view(np.float16).astype(np.float32)
-    m = rows[:, 2:4].copy().view(np.float16).astype(np.float32)
-    q = np.concatenate([rows[:, 4:] & 0x0F, rows[:, 4:] >> 4], axis=1).astype(np.float32)
-    return (q * d + m).reshape(*blocks.shape[:-1], -1)
+    return (_nibbles(rows[:, 4:]).astype(np.float32) * _f16(rows, 0) + _f16(rows, 2)).reshape(*blocks.shape[:-1], -1)
 
 
 def _dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
     """Q8_0 blocks of 32 weights (float16 scale d, 32 int8 q): w = q * d."""
     rows = blocks.reshape(-1, 34)
-    d = rows[:, 0:2].copy().view(np.float16).astype(np.float32)
-    return (rows[:, 2:].copy().view(np.int8).astype(np.float32) * d).reshape(*blocks.shape[:-1], -1)
+    out = np.empty((rows.shape[0], 32), np.float32)
+    np.multiply(rows[:, 2:].view(np.int8), _f16(rows, 0), out=out)  # one pass, no float copy of q
+    return out.reshape(*blocks.shape[:-1], -1)
 
 
-# Whole-tensor numpy versions of the two types llama.cpp's small models ship in (the gguf package's generic
-# path works row group by row group and takes twice as long); tests/test_gguf.py checks them bit for bit.
-_FAST_DEQUANTIZE = {gguf.GGMLQuantizationType.Q4_1: _dequantize_q4_1,
-                    gguf.GGMLQuantizationType.Q8_0: _dequantize_q8_0}
+def _dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0 blocks of 32 weights (float16 d, 32 high bits as a uint32, 16 bytes of low nibbles):
+    w = (q - 16) * d, q = low nibble | high bit << 4."""
+    rows = blocks.reshape(-1, 22)
+    high_bits = np.ascontiguousarray(rows[:, 2:6]).view("<u4")  # bit j belongs to weight j
+    high = ((high_bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+    q = (_nibbles(rows[:, 6:]) | high).astype(np.int8) - np.int8(16)
+    return (_f16(rows, 0) * q.astype(np.float32)).reshape(*blocks.shape[:-1], -1)
+
+
+def _k_quant_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and mins of a Q4_K / Q5_K super-block from its 12 packed bytes, each [n, 8].
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 the same for the mins;
+    bytes 8-11 the low 4 bits of scales 4-7 (low nibble) and of mins 4-7 (high nibble).
+    """
+    lo_sc, lo_min, rest = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([lo_sc & 0x3F, (rest & 0x0F) | ((lo_sc >> 6) << 4)], axis=-1)
+    mins = np.concatenate([lo_min & 0x3F, (rest >> 4) | ((lo_min >> 6) << 4)], axis=-1)
+    return scales, mins
+
+
+def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """Q4_K super-blocks of 256 weights (float16 d, float16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes
+    of nibbles): 8 sub-blocks of 32, w = (d * scale) * q - dmin * min. Each 32 bytes of nibbles hold two
+    sub-blocks: the low nibbles the first, the high nibbles the second."""
+    rows = blocks.reshape(-1, 144)
+    scales, mins = _k_quant_scales(rows[:, 4:16])
+    d_s1 = (_f16(rows, 0) * scales.astype(np.float32))[:, :, None]
+    m_s1 = (_f16(rows, 2) * mins.astype(np.float32))[:, :, None]
+    q_s32 = _nibbles(rows[:, 16:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    return (d_s1 * q_s32.astype(np.float32) - m_s1).reshape(*blocks.shape[:-1], -1)
+
+
+def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K super-blocks of 256 weights (128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales,
+    float16 d): 16 sub-blocks of 16, w = (d * scale) * (q - 32).
+
+    Each half of 128 weights takes 64 low-nibble bytes (the low nibbles of bytes 0-31 and 32-63, then the high
+    nibbles of the same: weights 0-31, 32-63, 64-95, 96-127) and 32 high bytes (bit pairs 0-1, 2-3, 4-5, 6-7 for the
+    same four runs)."""
+    rows = blocks.reshape(-1, 210)
+    low = _nibbles(rows[:, :128].reshape(-1, 2, 2, 32), axis=-2)  # [n, half, run, 32]
+    high = (rows[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    d_s1 = (_f16(rows, 208) * rows[:, 192:208].view(np.int8).astype(np.float32))[:, :, None]
+    return (d_s1 * q.reshape(-1, 16, 16).astype(np.float32)).reshape(*blocks.shape[:-1], -1)
+
+
+def _as_float32(raw: np.ndarray) -> np.ndarray:
+    """An F32 or F16 tensor's stored values as a float32 copy (owning its data, off the memory map)."""
+    return raw.astype(np.float32)
+
+
+# Whole-tensor numpy dequantisers of the types llama.cpp's small models ship in (SmolLM2: Q4_1, Q8_0; Gemma 3
+# 270M: Q4_K, Q5_0, Q6_K, Q8_0), written from ggml's block layouts; tests/test_gguf.py and tests/test_gemma3.py
+# check each bit for bit against `gguf.quants.dequantize`, which is the fallback for every other type.
+_FAST_DEQUANTIZE = {gguf.GGMLQuantizationType.F32: _as_float32,
+                    gguf.GGMLQuantizationType.F16: _as_float32,
+                    gguf.GGMLQuantizationType.Q4_1: _dequantize_q4_1,
+                    gguf.GGMLQuantizationType.Q8_0: _dequantize_q8_0,
+                    gguf.GGMLQuantizationType.Q5_0: _dequantize_q5_0,
+                    gguf.GGMLQuantizationType.Q4_K: _dequantize_q4_k,
+                    gguf.GGMLQuantizationType.Q6_K: _dequantize_q6_k}
 
 
 def dequantize(raw: np.ndarray, tensor_type: gguf.GGMLQuantizationType) -> np.ndarray:
-    """float32 values of a tensor's stored data (`GgufFile.raw`): ours for Q4_1 / Q8_0, else `gguf.quants`."""
+    """float32 values of a tensor's stored data (`GgufFile.raw`): ours for the types of `_FAST_DEQUANTIZE`,
+    else `gguf.quants` (NotImplementedError for a type it cannot dequantise either)."""
     fast = _FAST_DEQUANTIZE.get(tensor_type)
     return fast(raw) if fast is not None else gguf.quants.dequantize(raw, tensor_type)
 
 
 def gguf_tensors(file: GgufFile, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """`iter_gguf_tensors` over an open file whose config dict is known."""
+    """`iter_gguf_tensors` over an open file whose config dict is known.
+
+    Gemma 3 files store every RMSNorm weight as llama.cpp multiplies by it, 1 + w; we yield HF's w (the
+    difference taken in float32, as transformers' GGUF loader does)."""
+    gemma = config["model_type"] == "gemma3_text"
     for tensor in file.tensors:
-        hf_name, gguf_pattern = _hf_name(tensor.name, file.path)
+        hf_name, gguf_pattern = _hf_name(tensor.name, file.path, "gemma3" if gemma else "llama")
         try:
             array = dequantize(file.raw(tensor), tensor.tensor_type)
         except NotImplementedError as err:
             raise FileFormatError(file.path, f"has unsupported type {tensor.tensor_type.name} ({err})",
                                   f"tensor {tensor.name!r}") from None
-        # np.array copies: the memory map stays read-only and the result owns its data.
-        array = np.array(array, dtype=np.float32).reshape(tuple(reversed(tensor.dims)))
-        if gguf_pattern in _ROPE_PERMUTED_HEADS:
+        # `dequantize` returns a fresh float32 array (never a view of the read-only map): no copy here.
+        array = np.asarray(array, np.float32).reshape(tuple(reversed(tensor.dims)))
+        if gemma and hf_name.endswith("norm.weight"):
+            array = array - np.float32(1.0)
+        elif not gemma and gguf_pattern in _ROPE_PERMUTED_HEADS:
             array = _undo_rope_permutation(array, config[_ROPE_PERMUTED_HEADS[gguf_pattern]])
         yield hf_name, array
 
@@ -402,23 +523,94 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 def load_gguf_tokenizer(path: str | Path, file: GgufFile | None = None):
     """The tokenizer a GGUF's ``tokenizer.ggml.*`` keys describe, as a transformers fast tokenizer.
 
-    Byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2": SmolLM2, Llama 3, Qwen2) are built here
-    with the `tokenizers` library in a fraction of a second and without PyTorch (`byte_level_tokenizer`);
-    tests/test_gguf.py checks them against transformers' own GGUF tokenizer on thousands of strings. Any other
-    vocabulary (sentencepiece "llama", "gemma", ...) is a `FileFormatError` naming the key: transformers' GGUF
-    tokenizer path would need PyTorch, which no runtime path may. ``load_base(path, tokenizer=False)`` still
-    reads such a file's weights. Never runs remote code.
+    Built here with the `tokenizers` library in about a second and without PyTorch: byte-level BPE vocabularies
+    (``tokenizer.ggml.model`` "gpt2": SmolLM2, Llama 3, Qwen2; `byte_level_tokenizer`) and Gemma's sentencepiece
+    BPE ("llama" in a ``gemma3`` file; `gemma_tokenizer`). tests/test_gguf.py and tests/test_gemma3.py check them
+    against transformers' own GGUF tokenizer on thousands of strings. Any other vocabulary is a
+    `FileFormatError` naming the key: transformers' GGUF tokenizer path would need PyTorch, which no runtime
+    path may. ``load_base(path, tokenizer=False)`` still reads such a file's weights. Never runs remote code.
     """
     path = Path(path)
     if file is None:
         with GgufFile(path) as opened:
             return load_gguf_tokenizer(path, opened)
     kind = file.metadata.get("tokenizer.ggml.model")
+    if kind == "llama" and file.metadata.get("general.architecture") == "gemma3":
+        return gemma_tokenizer(file)
     if kind != "gpt2":
-        raise FileFormatError(path, f"is {kind!r}; only byte-level BPE vocabularies ('gpt2') are built from GGUF "
-                                    "metadata so far (load_base(path, tokenizer=False) reads the weights alone)",
+        raise FileFormatError(path, f"is {kind!r}; only byte-level BPE vocabularies ('gpt2') and Gemma 3's "
+                                    "sentencepiece one are built from GGUF metadata so far "
+                                    "(load_base(path, tokenizer=False) reads the weights alone)",
                               "key 'tokenizer.ggml.model'")
     return byte_level_tokenizer(file)
+
+
+def _special_tokens(file: GgufFile, tokens: list[str]) -> dict[str, str]:
+    """bos / eos / unk / pad tokens named by the file's ``tokenizer.ggml.*_token_id`` keys (those in range)."""
+    meta = file.metadata
+    return {name: tokens[int(i)] for name, i in (
+        ("bos_token", meta.get("tokenizer.ggml.bos_token_id")), ("eos_token", meta.get("tokenizer.ggml.eos_token_id")),
+        ("unk_token", meta.get("tokenizer.ggml.unknown_token_id")),
+        ("pad_token", meta.get("tokenizer.ggml.padding_token_id"))) if i is not None and 0 <= int(i) < len(tokens)}
+
+
+def _add_file_tokens(tokenizer, tokens: list[str], types, control_ok=lambda token: True) -> None:
+    """Control tokens (type 3) as special tokens, user-defined ones (type 4) as added tokens: matched whole."""
+    from tokenizers import AddedToken
+
+    types = [1] * len(tokens) if types is None else [int(t) for t in types]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                  for t, kind in zip(tokens, types) if kind == _CONTROL and control_ok(t)])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+
+
+def _fast_tokenizer(file: GgufFile, tokenizer, named: dict[str, str], vocab: dict[str, int]):
+    """The transformers wrapper: BOS prepended when ``tokenizer.ggml.add_bos_token`` says so, the chat template
+    from ``tokenizer.chat_template``."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    add_bos = bool(file.metadata.get("tokenizer.ggml.add_bos_token", False)) and "bos_token" in named
+    if add_bos:
+        bos = named["bos_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=file.metadata.get("tokenizer.chat_template"),
+                                   add_bos_token=add_bos, **named)
+
+
+def gemma_tokenizer(file: GgufFile):
+    """Gemma's sentencepiece BPE vocabulary from an open GGUF's metadata, as a byte-fallback BPE.
+
+    Spaces are spelled "▁" (a normalizer replaces them; no prefix space is added); bytes outside the vocabulary
+    fall back to the ``<0xNN>`` tokens. Two facts of Gemma files: tokens made only of white space store their
+    spaces as real spaces, so they are spelled "▁" per character here; and the file carries no merges. The
+    merges are recovered from the vocabulary: every split of a token into two tokens of the vocabulary is a
+    merge, ranked by the token's position in the file (Gemma's scores do not follow its merge order), and a
+    token's splits with the longer left part first (transformers' GGUF loader builds the same list).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    meta = file.metadata
+    tokens = list(meta.get("tokenizer.ggml.tokens") or ())
+    if not tokens:
+        raise FileFormatError(file.path, "needs tokenizer.ggml.tokens", "sentencepiece tokenizer")
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [(t[:cut], t[cut:]) for t in tokens for cut in range(len(t) - 1, 0, -1)
+              if t[:cut] in vocab and t[cut:] in vocab]
+    named = _special_tokens(file, tokens)
+    if "<mask>" in vocab:  # Gemma's mask token, which no GGUF key names
+        named["mask_token"] = "<mask>"
+    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=named.get("unk_token"),
+                       byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    _add_file_tokens(tokenizer, tokens, meta.get("tokenizer.ggml.token_type"))
+    return _fast_tokenizer(file, tokenizer, named, vocab)
 
 
 def byte_level_tokenizer(file: GgufFile):
@@ -428,8 +620,7 @@ def byte_level_tokenizer(file: GgufFile):
     whole; bos / eos / unk / pad come from their ``*_token_id`` keys, the chat template from
     ``tokenizer.chat_template``, and ``tokenizer.ggml.add_bos_token`` decides whether BOS is prepended.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     meta = file.metadata
 
@@ -455,23 +646,8 @@ def byte_level_tokenizer(file: GgufFile):
         else pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    types = key("token_type")
-    types = [1] * len(tokens) if types is None else [int(t) for t in types]
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                  for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet])
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
-                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
-    named = {name: tokens[i] for name, i in (("bos_token", key("bos_token_id")), ("eos_token", key("eos_token_id")),
-                                             ("unk_token", key("unknown_token_id")),
-                                             ("pad_token", key("padding_token_id")))
-             if i is not None and 0 <= int(i) < len(tokens)}
-    add_bos = bool(key("add_bos_token", False)) and "bos_token" in named
-    if add_bos:
-        bos = named["bos_token"]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=meta.get("tokenizer.chat_template"),
-                                   add_bos_token=add_bos, **named)
+    _add_file_tokens(tokenizer, tokens, key("token_type"), control_ok=lambda token: set(token) <= alphabet)
+    return _fast_tokenizer(file, tokenizer, _special_tokens(file, tokens), vocab)
 
 
 @functools.cache
