@@ -159,6 +159,9 @@ HOSTILE = {
                       "expected [r, 96]"),
     "layer the base lacks": (lambda t: {k.replace("blk.1.", "blk.7."): v for k, v in t.items()}, {},
                              "is for layer 7; the base has 2 layers"),
+    "integer factor": (lambda t: {**t, "blk.0.attn_v.weight.lora_a": np.ones_like(t["blk.0.attn_v.weight.lora_a"],
+                                                                                    np.int32)}, {},
+                       "'blk.0.attn_v.weight.lora_a' has unsupported type I32"),
     "norm vector": (lambda t: {**t, "blk.0.attn_norm.weight": np.ones(48, np.float32)}, {},
                     "'blk.0.attn_norm.weight' is not a LoRA factor"),
     "not an adapter": (lambda t: t, {"general.type": "model"}, "'general.type' is 'model'"),
@@ -252,6 +255,46 @@ def test_llama_cpp_applies_our_adapter_with_our_logits(dtype, tiny, tiny_lora, t
     bare = np.asarray(jt.apply(tiny, np.asarray([ids])))[0]
     assert np.abs(want - bare).max() > 1.0
     assert np.abs(got - want).max() < LLAMA_CPP_TOLERANCE[dtype]
+
+
+def _tiny_family_dir(root, family, tokenizer):
+    """A random 2-layer model of ``family`` with SmolLM2's vocabulary (llama.cpp needs a real tokenizer), with
+    non-trivial biases and norms."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    config = {"qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
+              "qwen3": lambda: transformers.Qwen3Config(**common, tie_word_embeddings=False, head_dim=16),
+              "mistral": lambda: transformers.MistralConfig(**common, tie_word_embeddings=False,
+                                                            sliding_window=None)}[family]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                p.copy_(float(name.endswith("norm.weight")) + 0.1 * torch.randn_like(p))
+    model.save_pretrained(root / family)
+    tokenizer.save_pretrained(root / family)
+    return root / family
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_llama_cpp_runs_every_family_with_our_logits(family, tmp_path, smollm2_path, smollm2_tokenizer):
+    """qwen2 / qwen3 (no q/k row permutation, q/k/v biases, q/k norms) and mistral (llama's layout) as base GGUF +
+    adapter GGUF, each against jtranspeft."""
+    pytest.importorskip("llama_cpp")
+    base = jt.load_base(_tiny_family_dir(tmp_path, family, smollm2_tokenizer))
+    lora = _random_lora(base, jt.LoraConfig(r=4, alpha=8, targets=ALL))
+    jt.save_gguf_base(base, tmp_path / "base.gguf", tokenizer_from=smollm2_path)
+    jt.save_gguf_adapter(lora, tmp_path / "adapter.gguf", base)
+    ids = base.tokenizer(TEXT)["input_ids"]
+    for adapter, path in ((None, None), (lora, tmp_path / "adapter.gguf")):
+        llm = _llama(tmp_path / "base.gguf", path)
+        llm.eval(ids)
+        want = np.asarray(jt.apply(base, np.asarray([ids]), lora=adapter))[0]
+        assert np.abs(np.asarray(llm.scores[:len(ids)]) - want).max() < 1e-4, adapter is not None
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "2 + 3 ="]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.fingerprint import base_fingerprint
-from jtranspeft.checkpoints.gguf import (_ROPE_PERMUTED_HEADS, GGUF_TO_HF_NAMES, GgufFile, _hf_name,
+from jtranspeft.checkpoints.gguf import (_ROPE_PERMUTED_HEADS, GEMMA3_NAMES, GGUF_TO_HF_NAMES, GgufFile, _hf_name,
                                          _undo_rope_permutation, dequantize)
 from jtranspeft.checkpoints.hf import hf_tensors
 from jtranspeft.checkpoints.lora_format import _tensors as lora_tensors
@@ -52,7 +52,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 _PERMUTED_ARCHITECTURES = ("llama",)
 ADAPTER_DTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                   "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-BASE_DTYPES = ("f32", "f16", "bf16", "q8_0")
+BASE_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # what `save_gguf_base` writes
 METADATA_KEY = "jtranspeft.metadata"  # jtranspeft's own metadata (base fingerprint, transfers) as JSON
 _ADAPTER_TENSOR = re.compile(r"(?P<base>.+)\.lora_(?P<factor>[ab])")
 _NOT_LORA = ("llama.cpp applies an adapter as W + s B A only; merge it into the base instead "
@@ -68,8 +68,9 @@ def gguf_architecture(spec) -> str:
 
 
 def gguf_tensor_name(hf_name: str) -> str:
-    """llama.cpp's name of an HF tensor: ``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
-    for gguf_pattern, hf_pattern in GGUF_TO_HF_NAMES:
+    """llama.cpp's name of an HF tensor: ``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``
+    (llama's table first; Gemma 3's adds the q/k norms Qwen3 has too)."""
+    for gguf_pattern, hf_pattern in GGUF_TO_HF_NAMES + GEMMA3_NAMES:
         body = re.escape(hf_pattern).replace(re.escape("{i}"), r"(?P<i>\d+)")
         match = re.fullmatch(body + r"\.(?P<suffix>weight|bias)", hf_name)
         if match:
@@ -348,15 +349,17 @@ def save_gguf_base(base, path: str | Path, tokenizer_from: str | Path | None = N
     multiple of 32), attn_q / attn_k rows permuted as llama.cpp's converter does, hyperparameters from
     ``base.spec``, and every ``tokenizer.*`` key (vocabulary, merges, special ids, chat template) copied from
     the GGUF ``tokenizer_from`` (default: ``base.source`` when it is a .gguf; it must have the same number of
-    tokens). Llama-architecture bases (llama, mistral without a sliding window) with plain rope only: anything
-    else is an `InputError`. ``path`` must not exist; nothing is left behind on failure.
+    tokens). Llama (mistral without a sliding window), Qwen2 and Qwen3 bases with plain rope: anything else
+    (Gemma 3) is an `InputError`. ``path`` must not exist; nothing is left behind on failure.
     """
     spec = base.spec
     if dtype not in _FILE_TYPES:
         raise InputError(f"dtype {dtype!r}: choose one of {', '.join(_FILE_TYPES)}")
-    if gguf_architecture(spec) != "llama" or spec.qk_norm or spec.sliding_window is not None:
+    arch = gguf_architecture(spec)
+    if arch not in BASE_ARCHITECTURES or (arch == "llama" and spec.sliding_window is not None):
         raise InputError(f"a {spec.family} base (sliding window {spec.sliding_window}) cannot be written as a GGUF "
-                         "base here: only the llama architecture is supported")
+                         f"base here: supported are {', '.join(BASE_ARCHITECTURES)} (mistral: without a sliding "
+                         "window)")
     if spec.rope.rope_type != "default":
         raise InputError(f"rope type {spec.rope.rope_type!r} cannot be written as a GGUF base here (plain rope only)")
     source = tokenizer_from or (base.source if str(getattr(base, "source", "")).endswith(".gguf") else None)
@@ -387,4 +390,4 @@ def save_gguf_base(base, path: str | Path, tokenizer_from: str | Path | None = N
             heads = _permuted_heads(spec, name)
             _add_tensor(writer, name, rope_permutation(value, heads) if heads else value, dtype)
 
-    return _write_gguf(path, "llama", fill)
+    return _write_gguf(path, arch, fill)
