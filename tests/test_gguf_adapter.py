@@ -257,6 +257,19 @@ def test_llama_cpp_applies_our_adapter_with_our_logits(dtype, tiny, tiny_lora, t
     assert np.abs(got - want).max() < LLAMA_CPP_TOLERANCE[dtype]
 
 
+def test_llama_cpp_applies_rslora_and_alpha_patterns_folded_into_b(tiny, tiny_files, tmp_path):
+    """llama.cpp scales by alpha / r only; other scales reach it through B, checked against the original adapter."""
+    config = jt.LoraConfig(r=4, alpha=8, targets=ALL, use_rslora=True, alpha_pattern={"v_proj": 3.0},
+                           rank_pattern={"layers.0.mlp.up_proj": 2})
+    lora = _random_lora(tiny, config)
+    path = jt.save_gguf_adapter(lora, tmp_path / "rslora.gguf", tiny)
+    ids = tiny.tokenizer(TEXT)["input_ids"]
+    llm = _llama(tiny_files / "base.gguf", path)
+    llm.eval(ids)
+    want = np.asarray(jt.apply(tiny, np.asarray([ids]), lora=lora))[0]
+    assert np.abs(np.asarray(llm.scores[:len(ids)]) - want).max() < 1e-4
+
+
 def _tiny_family_dir(root, family, tokenizer):
     """A random 2-layer model of ``family`` with SmolLM2's vocabulary (llama.cpp needs a real tokenizer), with
     non-trivial biases and norms."""
