@@ -77,3 +77,22 @@ def max_diff_on_tokens(a, b, mask):
     """Max |a - b| over non-padding positions."""
     sel = mask.astype(bool)
     return float(np.abs(np.asarray(a)[sel] - np.asarray(b)[sel]).max())
+
+
+def tokenizer_probe_texts(n: int = 3000, extra_pieces=()) -> list[str]:
+    """Seeded strings that exercise a tokenizer: reasoning-gym prompts, prose, code, numbers, every kind of
+    white space, accents, CJK, emoji, stray bytes of the byte alphabet and special tokens (plus ``extra_pieces``)."""
+    import random
+
+    import reasoning_gym
+
+    rng = random.Random(0)
+    texts = [item["question"] for task in ("chain_sum", "family_relationships", "gsm_symbolic")
+             for item in reasoning_gym.create_dataset(task, size=200, seed=1)]
+    pieces = ["The", " capital", " of", "France", "  ", "\t", "\n", "\r\n", " \n\n ", "1234567", "3.14", "-42",
+              "don't", "I'LL", "we've", "émigré", "東京", "🙂", "naïve", "Ġ", "Ċ", "<|im_start|>", "<|im_end|>",
+              "<|endoftext|>", "<reponame>", "def f(x):\n    return x**2", "{\"a\": [1, 2]}", "    ", "!!!", "\u00a0",
+              "\u200b", "ß", "Ω", "\\", "$$", "a_b-c", "https://example.org/x?y=1", *extra_pieces]
+    while len(texts) < n:
+        texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+    return texts

