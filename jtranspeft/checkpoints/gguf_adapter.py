@@ -313,6 +313,18 @@ def load_gguf_adapter(path: str | Path, base) -> Lora:
     return lora_from_factors({m: (jnp.asarray(a), jnp.asarray(b)) for m, (a, b) in factors.items()}, config)
 
 
+def copy_metadata(writer: gguf.GGUFWriter, file: GgufFile, keys) -> None:
+    """Add the metadata ``keys`` of an open GGUF ``file`` to ``writer``, each with its stored type."""
+    for key in keys:
+        value, kind = file.metadata[key], gguf.GGUFValueType(file.value_types[key])
+        if kind != gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, kind)
+        elif isinstance(value, np.ndarray):
+            writer.add_key_value(key, value.tolist(), kind, _ARRAY_ITEM_TYPES[value.dtype.str])
+        else:
+            writer.add_key_value(key, value, kind, gguf.GGUFValueType.STRING)
+
+
 def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> None:
     """Copy every ``tokenizer.*`` key (vocabulary, merges, special ids, chat template) of the GGUF ``source``."""
     with GgufFile(source) as file:
@@ -323,14 +335,7 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> N
         if len(tokens) != vocab_size:
             raise FileFormatError(source, f"has {len(tokens)} tokens; the model's embedding has {vocab_size} rows",
                                   "key 'tokenizer.ggml.tokens'")
-        for key in keys:
-            value, kind = file.metadata[key], gguf.GGUFValueType(file.value_types[key])
-            if kind != gguf.GGUFValueType.ARRAY:
-                writer.add_key_value(key, value, kind)
-            elif isinstance(value, np.ndarray):
-                writer.add_key_value(key, value.tolist(), kind, _ARRAY_ITEM_TYPES[value.dtype.str])
-            else:
-                writer.add_key_value(key, value, kind, gguf.GGUFValueType.STRING)
+        copy_metadata(writer, file, keys)
 
 
 _ARRAY_ITEM_TYPES = {np.dtype(t).str: v for t, v in (
