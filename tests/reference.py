@@ -96,3 +96,26 @@ def tokenizer_probe_texts(n: int = 3000, extra_pieces=()) -> list[str]:
     while len(texts) < n:
         texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
     return texts
+
+
+def assert_same_tokenizer(ours, ref, texts: list[str], token_names=("bos_token", "eos_token", "pad_token", "unk_token")):
+    """Ours against a transformers tokenizer: ids with and without special tokens, decoding with and without
+    them, the special tokens, the vocabulary size and each named token with its id."""
+    for special in (True, False):
+        assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]
+    ids = ref(texts)["input_ids"]
+    assert ours.batch_decode(ids) == ref.batch_decode(ids)
+    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
+    assert ours.all_special_tokens == ref.all_special_tokens and len(ours) == len(ref)
+    for name in token_names:
+        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == (getattr(ref, name), getattr(ref, f"{name}_id"))
+
+
+def run_without_torch(code: str) -> None:
+    """Run ``code`` in a fresh interpreter; it must succeed without ever importing torch."""
+    import subprocess
+    import sys
+
+    code += "\nimport sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

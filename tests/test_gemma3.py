@@ -14,7 +14,8 @@ import transformers
 
 import jtranspeft as jt
 from jtranspeft.models.spec import SpecError, gemma3_layer_types, spec_from_hf_config
-from reference import hf_logits, make_hf_model, max_diff_on_tokens, padded_batch
+from reference import (assert_same_tokenizer, hf_logits, make_hf_model, max_diff_on_tokens, padded_batch,
+                       run_without_torch, tokenizer_probe_texts)
 
 
 @pytest.fixture(scope="module")
@@ -220,33 +221,18 @@ def test_greedy_continuations_equal_transformers(gemma3_path, gemma3_reference):
 def test_tokenizer_equals_transformers_gguf_tokenizer(gemma3_path):
     """Ours (tokenizers, no PyTorch) against transformers' GemmaTokenizer of the same file on 3000 strings."""
     from jtranspeft.checkpoints.gguf import load_gguf_tokenizer
-    from reference import tokenizer_probe_texts
 
     ours = load_gguf_tokenizer(gemma3_path)
     ref = transformers.AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)
     texts = tokenizer_probe_texts(extra_pieces=["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<mask>",
                                                 "\n\n\n", "\t\t", "      ", "▁", "<0x41>", "<unused7>", " user\n"])
-    for special in (True, False):
-        assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]
-    ids = ref(texts)["input_ids"]
-    assert ours.batch_decode(ids) == ref.batch_decode(ids)
-    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
-    assert ours.all_special_tokens == ref.all_special_tokens and len(ours) == len(ref)
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
-        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == (getattr(ref, name), getattr(ref, f"{name}_id"))
+    assert_same_tokenizer(ours, ref, texts, ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"))
 
 
 def test_tokenizer_and_weights_load_without_pytorch(gemma3_path):
     """jt.load_base of the real file in a fresh interpreter imports no torch."""
-    import subprocess
-    import sys
-
-    code = ("import sys, jtranspeft as jt; "
-            f"base = jt.load_base({str(gemma3_path)!r}); "
-            "assert base.tokenizer.decode(base.tokenizer.encode('Hello world')) == '<bos>Hello world'; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_without_torch(f"import jtranspeft as jt; base = jt.load_base({str(gemma3_path)!r}); "
+                      "assert base.tokenizer.decode(base.tokenizer.encode('Hello world')) == '<bos>Hello world'")
 
 
 def test_quickstart_trains_a_few_steps_and_its_adapter_loads_in_peft(gemma3_path, gemma3_reference, tmp_path):

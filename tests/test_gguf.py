@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from jtranspeft.checkpoints.gguf import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
-from reference import tokenizer_probe_texts
+from reference import assert_same_tokenizer, run_without_torch, tokenizer_probe_texts
 
 @pytest.fixture(scope="module")
 def smollm2_config(smollm2_path):
@@ -245,15 +245,7 @@ def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2_path):
     ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
     texts = tokenizer_probe_texts()
     assert len(texts) >= 3000
-    for special in (True, False):
-        assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]
-    ids = ref(texts)["input_ids"]
-    assert ours.batch_decode(ids) == ref.batch_decode(ids)
-    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
-    assert ours.all_special_tokens == ref.all_special_tokens
-    assert len(ours) == len(ref)
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == (getattr(ref, name), getattr(ref, f"{name}_id"))
+    assert_same_tokenizer(ours, ref, texts)
     for chat in ([{"role": "user", "content": "What is 2 + 3?"}],
                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                   {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": texts[7]}]):
@@ -266,15 +258,9 @@ def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2_path):
 
 def test_tokenizer_is_built_without_pytorch(smollm2_path):
     """The main job's path: building the GGUF tokenizer imports no torch (run in a fresh interpreter)."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from jtranspeft.checkpoints.gguf import load_gguf_tokenizer; "
-            f"t = load_gguf_tokenizer({str(smollm2_path)!r}); "
-            "assert t.encode('The capital of France is', add_special_tokens=False) == [504, 3575, 282, 4649, 314]; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_without_torch("from jtranspeft.checkpoints.gguf import load_gguf_tokenizer; "
+                      f"t = load_gguf_tokenizer({str(smollm2_path)!r}); "
+                      "assert t.encode('The capital of France is', add_special_tokens=False) == [504, 3575, 282, 4649, 314]")
 
 
 @pytest.mark.parametrize("model, pre, words", [
