@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -284,3 +285,115 @@ def test_every_family_climbs_the_ladder_and_distils_into_its_own_family(family_f
         assert f"| {name}-task | retrain | - | {name} |" in table
     assert "- shira-task: training-free (project): 'project' does not apply to a shira adapter" in table
     assert (out / "report.png").stat().st_size > 1000
+
+
+def _close(a: float, b: float, tol: float) -> bool:
+    return abs(a - b) <= tol + 0.02 * abs(b)
+
+
+def test_a_batched_fleet_gives_each_adapter_its_one_by_one_result(fleet, tiny_model_dir, tmp_path):
+    """--fleet-batch 3 (shared fidelity passes, both distillations trained as one fleet) against one adapter at
+    a time: the same rungs, decisions and, per rung, KL and top-1 within float tolerance. Measured here: the
+    largest KL difference 0.0 to 1e-6 (bank vs single adapter: folded scales, other batch shapes)."""
+    root, new_dir = fleet
+    common = ["--adapters", str(root / "math"), str(root / "noprobes"), str(root / "foreign"),
+              "--old-base", str(tiny_model_dir), "--new-base", str(new_dir), "--prompts", str(root / "probes.txt"),
+              "--accept", "top1", "--threshold", "0.75", "--distill-samples", "12", "--distill-steps", "30",
+              "--distill-lr", "2e-3", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 3
+    assert main(common + ["--out", str(tmp_path / "all"), "--fleet-batch", "3"]) == 3
+    alone, together = ({r["name"]: r for r in json.loads((tmp_path / d / "report.json").read_text())["adapters"]}
+                       for d in ("one", "all"))
+    assert together["foreign"]["status"] == "incompatible"
+    for name in ("math", "noprobes"):
+        a, b = alone[name], together[name]
+        assert b["fleet"] == 3 and "fleet" not in a
+        assert (a["status"], a["chosen"]) == (b["status"], b["chosen"]) == ("migrated", "distill")
+        assert [r["rung"] for r in a["rungs"]] == [r["rung"] for r in b["rungs"]]
+        for x, y in zip(a["rungs"], b["rungs"]):
+            assert _close(y["kl"], x["kl"], 1e-3) and abs(y["top1"] - x["top1"]) <= 0.05, (name, x, y)
+            assert y["fleet"] == 2  # both LoRA adapters shared each rung's passes (distillation: one train step)
+    fleet_runs = list((tmp_path / "all" / "fleets").glob("fleet-*"))
+    assert len(fleet_runs) == 1 and json.loads((fleet_runs[0] / "summary.json").read_text())["adapters"] == 2
+    assert not (tmp_path / "one" / "fleets").exists()
+
+
+def test_a_killed_batched_fleet_resumes_and_redoes_nothing_finished(fleet, tiny_model_dir, tmp_path):
+    """Three adapters, two per fleet, every one distilled (top-1 >= 1.0 is out of reach): SIGKILL while the first
+    fleet trains (its checkpoint every 5 steps), a rerun resumes that training and is killed once the first fleet's
+    results exist, and a last rerun finishes the third adapter without touching the first two."""
+    root, new_dir = fleet
+    base = jt.load_base(tiny_model_dir)
+    metadata = jt.read_metadata(root / "math")
+    metadata["config"]["checkpoint"] = {"every": 5, "keep": 2}
+    for name in ("a", "b", "c"):
+        jt.save_peft(jt.load_peft(root / "math", base), tmp_path / name, base=base, metadata=metadata)
+        shutil.copy(root / "math" / "probe_prompts.jsonl", tmp_path / name)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jtranspeft.migrate", "--adapters", *(str(tmp_path / n) for n in "abc"),
+               "--old-base", str(tiny_model_dir), "--new-base", str(new_dir), "--out", str(out), "--fleet-batch", "2",
+               "--accept", "top1", "--threshold", "1.0", "--distill-samples", "12", "--distill-steps", "30",
+               "--distill-lr", "2e-3", "--quiet"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+    def run_until(ready):
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 600
+        while not ready() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def checkpointed():
+        return any(p.name.isdigit() for p in (out / "fleets").glob("fleet-*/checkpoints/*"))
+
+    run_until(checkpointed)
+    assert not (out / "a" / "result.json").exists()
+    run_until(lambda: (out / "a" / "result.json").is_file() and (out / "b" / "result.json").is_file())
+    summary = json.loads(next((out / "fleets").glob("fleet-*/summary.json")).read_text())
+    assert summary["resumed_from"] >= 5 and summary["adapters"] == 2
+    stamps = [(out / n / "result.json").stat().st_mtime_ns for n in "ab"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 4, done.stderr[-2000:]  # nothing reaches top-1 1.0: "retrain"
+    assert [(out / n / "result.json").stat().st_mtime_ns for n in "ab"] == stamps
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["name"], r["status"], r.get("fleet")) for r in report["adapters"]] == [
+        ("a", "retrain", 2), ("b", "retrain", 2), ("c", "retrain", None)]
+    assert report["adapters"][2]["rungs"][-1]["rung"] == "distill"
+
+
+def test_a_llama_cpp_adapter_climbs_the_ladder_and_migrate_exports_gguf(peft_fleet, tiny_model_dir, tmp_path, capsys):
+    """A llama.cpp LoRA adapter GGUF with no jtranspeft record (made here from peft's LoRA) climbs every rung,
+    distilled with settings read from its tensors and alpha; --export gguf-lora writes the migrated adapter as
+    llama.cpp's GGUF beside its PEFT directory, the same tensors. A DoRA adapter with --export gguf-lora is refused
+    before any work (exit 2), saying to merge."""
+    root, new_dir = peft_fleet
+    old, new = jt.load_base(tiny_model_dir), jt.load_base(new_dir)
+    teacher = jt.load_peft(root / "lora", old)
+    jt.save_gguf_adapter(teacher, tmp_path / "colours.gguf", base=types.SimpleNamespace(spec=old.spec))  # no record
+    assert jt.read_metadata(tmp_path / "colours.gguf").get("config") is None
+    out = tmp_path / "out"
+    args = ["--adapters", str(tmp_path / "colours.gguf"), "--old-base", str(tiny_model_dir), "--new-base",
+            str(new_dir), "--out", str(out), "--prompts", str(root / "probes.txt"), "--threshold", "0",
+            "--distill-samples", "4", "--distill-steps", "3", "--distill-batch-size", "4", "--distill-max-length", "48",
+            "--export", "gguf-lora", "--quiet"]
+    assert main(args) == 4  # nothing reaches KL 0: retrain
+    result = json.loads((out / "colours" / "result.json").read_text())
+    assert result["family"] == "lora" and [r["rung"] for r in result["rungs"]][-1] == "distill"
+    student = jt.load_peft(result["rungs"][-1]["adapter"], new).config
+    assert (student.r, student.alpha, set(student.targets)) == (4, 8.0, {"q_proj", "v_proj"})
+    assert not (out / "colours" / "adapter.gguf").exists()  # nothing migrated: nothing exported
+    args[args.index("--threshold") + 1] = "1e9"  # the copy passes: migrated, and exported
+    assert main(args[:args.index("--out") + 1] + [str(tmp_path / "out2")] + args[args.index("--out") + 2:]) == 0
+    migrated = jt.load_peft(tmp_path / "out2" / "colours" / "adapter", new)
+    exported = jt.load_gguf_adapter(tmp_path / "out2" / "colours" / "adapter.gguf", new)
+    for module in migrated.modules():
+        for x, y in zip(migrated.factors(module), exported.factors(module)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    capsys.readouterr()
+    refused = ["--adapters", str(root / "dora"), "--old-base", str(tiny_model_dir), "--new-base", str(new_dir),
+               "--out", str(tmp_path / "out3"), "--prompts", str(root / "probes.txt"), "--export", "gguf-lora", "--quiet"]
+    assert main(refused) == 2
+    err = capsys.readouterr().err
+    assert str(root / "dora") in err and "merge" in err and not (tmp_path / "out3" / "dora").exists()

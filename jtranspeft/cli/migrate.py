@@ -29,6 +29,9 @@ examples:
   # ... and distil them too: LoRA settings from adapter_config.json, the rest defaults (docs/migrate.md)
   python -m jtranspeft.migrate --adapters peft_adapters/* --old-base models/Qwen2-7B --new-base models/Qwen2.5-7B \\
       --prompts probes.txt --template chat --distill-lr 2e-4 --distill-batch-size 4 --out migrated/
+  # eight adapters at a time: shared fidelity passes, the distillations trained as one fleet
+  python -m jtranspeft.migrate --adapters runs/*/adapter --old-base smollm2 --new-base new_base/ \\
+      --fleet-batch 8 --out migrated/
   # judge by top-1 agreement with the teacher (distilled adapters are over-confident, which KL punishes)
   python -m jtranspeft.migrate --adapters runs/*/adapter --old-base smollm2 --new-base new_base/ \\
       --accept top1 --threshold 0.8 --out migrated/
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m jtranspeft.migrate``."""
     from jtranspeft.data.config import TEMPLATES
     from jtranspeft.migration.distill import FOREIGN_DEFAULTS
-    from jtranspeft.migration.migrate import ACCEPT, MigrateConfig
+    from jtranspeft.migration.migrate import ACCEPT, EXPORTS, MigrateConfig
     from jtranspeft.training import DISTILL_LOSSES
 
     d = MigrateConfig()
@@ -88,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discriminator", action="store_true",
                    help="filter the synthetic prompts with a real-vs-synthetic LoRA trained on the old base (Trans-LoRA)")
     p.add_argument("--probe-limit", type=int, default=d.probe_limit, help="probe prompts per adapter")
+    p.add_argument("--export", nargs="+", choices=sorted(EXPORTS), default=[], metavar="FORMAT",
+                   help="also write each migrated adapter as FORMAT beside its PEFT directory: gguf-lora = "
+                        "<name>/adapter.gguf for llama.cpp / ollama (LoRA adapters only; others: merge instead)")
+    p.add_argument("--fleet-batch", type=int, default=d.fleet_batch, metavar="K",
+                   help="adapters that climb together: LoRA adapters share the fidelity passes (one base pass for "
+                        "all) and, when their distillation settings agree, train in one step, each on its own "
+                        f"rows (default {d.fleet_batch}; docs/migrate.md)")
     add_logging_flags(p)
     return p
 
@@ -103,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                            distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
                            distill_batch_size=args.distill_batch_size, distill_max_length=args.distill_max_length,
                            distill_loss=args.distill_loss, distill_temperature=args.distill_temperature,
-                           template=args.template, probe_limit=args.probe_limit, discriminator=args.discriminator)
+                           template=args.template, probe_limit=args.probe_limit, discriminator=args.discriminator,
+                           fleet_batch=args.fleet_batch, export=tuple(args.export))
     report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, args.prompts,
                      progress=not args.quiet)
     print(format_report(report))

@@ -36,7 +36,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -210,13 +210,14 @@ def filter_synthetic(old_base, seeds: Sequence[str], synthetic: Sequence[str], o
     return kept
 
 
-def recorded_or_derived(adapter: str | Path, num_layers: int, template: str | None = None) -> dict:
-    """The training config to distil ``adapter`` with, as a mapping for `student_config`: the one jtranspeft
-    recorded with it, else (an adapter made elsewhere, e.g. by peft) one derived from its adapter_config.json:
-    ``peft: lora`` and its ``lora`` section (r, lora_alpha, lora_dropout, target_modules, use_dora, use_rslora,
-    rank_pattern, alpha_pattern, layers_to_transform; `read_adapter_config` on a base of ``num_layers``), then
-    `FOREIGN_DEFAULTS` for the data and optimiser, with ``template`` when given."""
-    from jtranspeft.checkpoints.adapter_files import peft_type
+def recorded_or_derived(adapter: str | Path, base, template: str | None = None) -> dict:
+    """The training config to distil ``adapter`` (made for ``base``, the old base) with, as a mapping for
+    `student_config`: the one jtranspeft recorded with it, else (an adapter made elsewhere, e.g. by peft or
+    llama.cpp) one derived from its own settings: ``peft: lora`` and its ``lora`` section (r, alpha, dropout,
+    targets, use_dora, use_rslora, rank and alpha patterns, layers: from adapter_config.json by
+    `read_adapter_config`, or from a llama.cpp GGUF adapter's tensors and alpha), then `FOREIGN_DEFAULTS` for
+    the data and optimiser, with ``template`` when given."""
+    from jtranspeft.checkpoints.adapter_files import is_gguf_adapter, peft_type
     from jtranspeft.checkpoints.lora_format import read_adapter_config
     from jtranspeft.checkpoints.peft_format import read_metadata
     from jtranspeft.utils.config_io import to_dict
@@ -224,13 +225,41 @@ def recorded_or_derived(adapter: str | Path, num_layers: int, template: str | No
     recorded = read_metadata(adapter).get("config")
     if recorded:
         return recorded
-    kind = peft_type(adapter)
-    if kind != "LORA":
+    if is_gguf_adapter(adapter):
+        from jtranspeft.checkpoints.gguf_adapter import load_gguf_adapter
+
+        config = load_gguf_adapter(adapter, base).config
+    elif (kind := peft_type(adapter)) != "LORA":
         raise InputError(f"{adapter}: a {kind} adapter with no recorded training config; distillation derives "
                          "one from adapter_config.json for LoRA and DoRA adapters only")
+    else:
+        config = read_adapter_config(adapter, base.spec.num_layers)
     data = {**FOREIGN_DEFAULTS["data"], **({"template": template} if template else {})}
-    return {"peft": "lora", "lora": to_dict(read_adapter_config(adapter, num_layers)), "data": data,
-            "train": dict(FOREIGN_DEFAULTS["train"])}
+    return {"peft": "lora", "lora": to_dict(config), "data": data, "train": dict(FOREIGN_DEFAULTS["train"])}
+
+
+@dataclasses.dataclass
+class Student:
+    """A prepared distillation (`prepare_student`): the student's run config, its synthetic set and that set's
+    record, how the student starts ("moved" or "scratch") and the new base when the caller held it."""
+
+    cfg: Any  # RunConfig of the student's training run (output_dir: ``<out>/train``)
+    synthetic: Path
+    synthesis: dict
+    init: str
+    held: Any = None  # the loaded new base, or None (the run loads cfg.model)
+
+    def train(self, old_base) -> dict:
+        """Run (or resume) the student's own training run; its summary. ``old_base``: the teacher's base."""
+        from jtranspeft.training.finetune import train
+
+        return train(self.cfg, base=self.held, teacher=old_base)
+
+    def result(self, summary: dict) -> dict:
+        """What `distill_transfer` returns, given the training run's ``summary``."""
+        return {"adapter": str(Path(self.cfg.output_dir) / "adapter"), "synthetic": str(self.synthetic),
+                "records": self.synthetic.read_text(encoding="utf-8").count("\n"), "synthesis": self.synthesis,
+                "summary": summary, "init": self.init}
 
 
 def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[str],
@@ -241,7 +270,9 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                      recorded: dict | None = None) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new adapter of the same family on
     ``new_base``; returns {"adapter", "synthetic", "records", "synthesis", "summary", "init"} ("synthesis": the
-    record of ``out/synthesis.json``; "init": how the student started, "moved" or "scratch").
+    record of ``out/synthesis.json``; "init": how the student started, "moved" or "scratch"). It is
+    `prepare_student` (every argument but the training) then the student's training run (`Student.train`);
+    a fleet trains several prepared students in one run instead (`jtranspeft.training.fleet`).
 
     ``new_base``: the loaded new base (a `Base`: it writes the synthetic prompts and is trained on as it is,
     its source and dtypes are the run's model section), or its path (loaded once, with the storage and compute
@@ -269,9 +300,24 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     ``temperature``), the teacher (``old_base`` + ``adapter``) running beside the student in each train step;
     "mix" on ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
     """
+    student = prepare_student(old_base, adapter, new_base, seeds, out, samples=samples, steps=steps, init=init,
+                              moved=moved, lr=lr, seed=seed, loss=loss, temperature=temperature,
+                              token_weight=token_weight, max_new_tokens=max_new_tokens,
+                              discriminator=discriminator, held_out=held_out, recorded=recorded)
+    return student.result(student.train(old_base))
+
+
+def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str],
+                     out: str | Path, *, samples: int = 250, steps: int = 100, init: str = "moved",
+                     moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
+                     loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
+                     max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
+                     recorded: dict | None = None) -> "Student":
+    """Everything of `distill_transfer` but the training: checks, the student's run config, the synthetic set
+    (made, or reused from ``out``) and its record; returns the `Student` ready to train."""
     from jtranspeft.checkpoints.peft_format import load_peft
     from jtranspeft.models.base import Base
-    from jtranspeft.training.finetune import base_settings, load_model, train
+    from jtranspeft.training.finetune import base_settings, load_model
 
     overlap = {s.strip() for s in seeds} & {h.strip() for h in held_out}
     if overlap:
@@ -279,7 +325,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                          "a distilled adapter judged on its own training prompts looks better than it is")
     if init not in ("moved", "scratch"):
         raise InputError(f"init must be 'moved' or 'scratch', got {init!r}")
-    recorded = recorded or recorded_or_derived(adapter, old_base.spec.num_layers)
+    recorded = recorded or recorded_or_derived(adapter, old_base)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     synthetic = out / "synthetic.jsonl"
@@ -326,10 +372,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
         stored = [json.loads(line) for line in synthetic.read_text(encoding="utf-8").splitlines() if line.strip()]
         stats = synthesis_record(stored, real, held.tokenizer)
         write_text_atomic(record, json.dumps(stats, indent=1) + "\n")
-    records = synthetic.read_text(encoding="utf-8").count("\n")
-    summary = train(cfg, base=held, teacher=old_base)
-    return {"adapter": str(out / "train" / "adapter"), "synthetic": str(synthetic), "records": records,
-            "synthesis": stats, "summary": summary, "init": init}
+    return Student(cfg, synthetic, stats, init, held)
 
 
 def synthesis_record(records: Sequence[dict], seeds: Sequence[str], tokenizer, *, asked: int | None = None,

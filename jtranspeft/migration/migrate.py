@@ -15,15 +15,23 @@ KL(teacher || candidate) per token at or below ``threshold``, or top-1 agreement
 
 Probe prompts come from the adapter's ``probe_prompts.jsonl`` (stored at training time, ``data.probe_prompts``)
 or else from ``prompts`` (instructions, or a file of them, rendered in the adapter's template; checked before any
-model work: at least 2 distinct, none longer than the old base's context). An adapter made elsewhere (peft: no
-recorded training config) is distilled with settings derived from its adapter_config.json
+model work: at least 2 distinct, none longer than the old base's context). An adapter made elsewhere (peft, or a
+llama.cpp LoRA adapter GGUF: no recorded training config) is distilled with settings derived from its own
 (`jtranspeft.migration.distill.recorded_or_derived`), its prompts rendered in ``template``. They are split in two disjoint
 halves (alternate rows): one measures fidelity, the other seeds distillation, so a distilled adapter is never
 judged on its own training prompts (on SmolLM2 that inflated its top-1 agreement to 0.97-1.00). Outputs in ``out``: per adapter
 ``<name>/adapter`` (the chosen rung's adapter, PEFT format), ``<name>/candidates/`` and ``<name>/result.json``
 (written last: a finished adapter is skipped when the command is rerun; a result written for another adapter
 of the same name is an error), and for the fleet ``report.json``,
-``report.md`` and ``report.png``, each naming every adapter's family (`family_label`).
+``report.md`` and ``report.png``, each naming every adapter's family (`family_label`). ``export``: the migrated
+adapter again in other formats beside ``<name>/adapter`` (`export_adapter`: ``adapter.gguf`` for llama.cpp).
+
+A fleet (``fleet_batch`` K > 1): the adapters not finished yet climb K at a time (`_climb`). Each rung's
+fidelity pass is shared by the LoRA adapters (not DoRA) among them: teachers and candidates stacked as adapter
+banks, every probe in the same batches (`jtranspeft.migration.fidelity.fleet_fidelity`); distillation
+students whose settings agree train in one step (`jtranspeft.training.fleet`) under ``out/fleets/``; the others
+go alone. Results equal one-by-one up to float rounding (tests/test_migrate.py); a rung's ``seconds`` is then
+the fleet's wall time split evenly and ``fleet`` says how many shared it.
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ ACCEPT = {"kl": ("KL", True, 0.2, math.inf), "top1": ("top-1", False, 0.75, 1.0)
 # default threshold, largest valid threshold (the smallest is 0)
 
 
+EXPORTS = {"gguf-lora": "adapter.gguf"}  # format: the file written beside each migrated adapter/ (`export_adapter`)
+
+
 @dataclasses.dataclass(frozen=True)
 class MigrateConfig:
     """The ladder's settings: the fidelity threshold, the training-free methods, the distillation budget."""
@@ -72,6 +83,8 @@ class MigrateConfig:
     discriminator: bool = False  # filter the synthetic prompts with a real-vs-synthetic LoRA (Trans-LoRA)
     probe_limit: int = 64  # probe prompts per adapter (half measure fidelity, half seed distillation)
     fidelity_tokens: int = 32  # greedy teacher tokens per probe prompt
+    fleet_batch: int = 1  # adapters that climb together: shared fidelity passes, one distillation step for all
+    export: tuple[str, ...] = ()  # more formats of each migrated adapter: "gguf-lora" (llama.cpp, f32)
 
     def __post_init__(self):
         if self.accept not in ACCEPT:
@@ -85,13 +98,15 @@ class MigrateConfig:
         if unknown:
             raise InputError(f"methods {unknown}: the training-free rung takes project and/or rescale")
         for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens", "distill_batch_size",
-                     "distill_max_length"):
+                     "distill_max_length", "fleet_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distill_loss not in DISTILL_LOSSES:
             raise InputError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
         if not self.distill_temperature > 0:
             raise InputError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if set(self.export) - set(EXPORTS):
+            raise InputError(f"export formats {sorted(set(self.export) - set(EXPORTS))}: choose from {', '.join(EXPORTS)}")
         if self.template not in TEMPLATES:
             raise InputError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
 
@@ -214,9 +229,11 @@ NOT_APPLICABLE = {
 def family_label(directory: Path) -> str:
     """The adapter's family as reports name it, read from its files without the weights: lora, dora (LoRA with
     ``use_dora``), shira, rosa or bottleneck."""
-    from jtranspeft.checkpoints.adapter_files import CONFIG_FILE, ROSA_FILE, peft_type
+    from jtranspeft.checkpoints.adapter_files import CONFIG_FILE, ROSA_FILE, is_gguf_adapter, peft_type
     from jtranspeft.utils.validate import read_json_object
 
+    if is_gguf_adapter(directory):  # llama.cpp's adapter GGUF holds LoRA adapters only
+        return "lora"
     if (directory / ROSA_FILE).is_file():
         return "rosa"
     kind = peft_type(directory).lower()
@@ -235,10 +252,10 @@ def not_applicable(method: str, adapter) -> str:
 
 
 def _names(adapters: Sequence[Path]) -> list[str]:
-    """A distinct directory name per adapter (".../run/adapter" is named "run")."""
+    """A distinct directory name per adapter (".../run/adapter" is named "run", ".../math.gguf" "math")."""
     names = []
     for path in adapters:
-        name = path.parent.name if path.name == "adapter" else path.name
+        name = path.parent.name if path.name == "adapter" else path.stem if path.suffix == ".gguf" else path.name
         base, k = name, 1
         while name in names:
             k += 1
@@ -248,31 +265,20 @@ def _names(adapters: Sequence[Path]) -> list[str]:
 
 
 class _Ladder:
-    """The rungs for one adapter, each timed and scored by fidelity against the teacher."""
+    """One adapter's climb: its teacher, probes and seeds, and every rung scored so far (`_climb` drives it)."""
 
     def __init__(self, cfg: MigrateConfig, old, new, adapter: Path, out: Path, prompts):
         self.cfg, self.old, self.new, self.adapter, self.out = cfg, old, new, adapter, out
         self.prompts, self.rungs, self.teacher, self.template = prompts, [], None, "alpaca"
         self.probes, self.seeds = None, None  # fidelity probes and distillation seeds: disjoint halves
         self.reasons: list[str] = []
-        self.answers = None  # the teacher's answers to the probes (`teacher_answers`), made on first use
+        self.answers = None  # the teacher's answers to the probes (`TeacherAnswers`), made on first use
         self.skipped: list[dict] = []  # training-free methods that do not apply to the family, with the reason
+        self.best: dict | None = None
 
-    def score(self, name: str, lora, directory: Path, started: float) -> dict:
-        from jtranspeft.migration.fidelity import fidelity, teacher_answers
-
-        if self.answers is None:  # the teacher answers the probes once; every rung is measured against them
-            self.answers = teacher_answers(self.old, self.teacher, [p["prompt"] for p in self.probes],
-                                           max_new_tokens=self.cfg.fidelity_tokens,
-                                           add_special_tokens=self.template != "chat")
-        scores = fidelity(self.old, self.teacher, self.new, lora, self.answers, max_new_tokens=self.cfg.fidelity_tokens)
-        rung = {"rung": name, **scores, "adapter": str(directory), "seconds": round(time.perf_counter() - started, 1)}
-        self.rungs.append(rung)
-        logger.info("%s: %s KL %.4f top-1 %.3f", self.adapter, name, scores["kl"], scores["top1"])
-        return rung
-
-    def moved(self, method: str) -> dict | None:
-        """Transfer with ``method`` into candidates/<rung>; None (and the reasons) when incompatible."""
+    def moved(self, method: str) -> tuple | None:
+        """(rung name, adapter, directory, start time) of ``method``'s candidate, written to candidates/<rung>;
+        None (and the reasons) when incompatible."""
         from jtranspeft.checkpoints.peft_format import read_metadata
         from jtranspeft.migration.transfer import transfer, write_transfer
 
@@ -290,15 +296,24 @@ class _Ladder:
         directory = self.out / "candidates" / ("copy" if method == "reuse" else method)
         if not (directory / "adapter_config.json").is_file():
             write_transfer(result, self.new, out=directory)
-        return self.score("copy" if method == "reuse" else f"training-free ({method})", result.lora, directory,
-                          started)
+        return "copy" if method == "reuse" else f"training-free ({method})", result.lora, directory, started
+
+    def record(self, name: str, scores: dict, directory: Path, seconds: float, fleet: int = 1) -> dict:
+        """Add a scored rung (``fleet``: how many adapters shared its fidelity pass) and keep the best."""
+        rung = {"rung": name, **scores, "adapter": str(directory), "seconds": round(seconds, 1),
+                **({"fleet": fleet} if fleet > 1 else {})}
+        self.rungs.append(rung)
+        if self.best is None or self.cfg.better(rung, self.best):
+            self.best = rung
+        logger.info("%s: %s KL %.4f top-1 %.3f", self.adapter, name, scores["kl"], scores["top1"])
+        return rung
 
     def student(self) -> dict:
         """The training config to distil with: the adapter's recorded or derived one (`recorded_or_derived`), with
         the config's ``distill_batch_size`` and ``distill_max_length`` over it."""
         from jtranspeft.migration.distill import recorded_or_derived
 
-        recorded = recorded_or_derived(self.adapter, self.old.spec.num_layers, self.cfg.template)
+        recorded = recorded_or_derived(self.adapter, self.old, self.cfg.template)
         data, train = dict(recorded.get("data", {})), dict(recorded.get("train", {}))
         if self.cfg.distill_batch_size:
             train.update(batch_size=self.cfg.distill_batch_size, grad_accum=1)
@@ -307,40 +322,148 @@ class _Ladder:
             data.update(max_length=longest, buckets=[b for b in data.get("buckets", ()) if b < longest] + [longest])
         return {**recorded, "data": data, "train": train}
 
-    def run(self) -> dict:
-        """Climb until a rung reaches the threshold; the result dict of result.json."""
-        from jtranspeft.checkpoints.peft_format import load_peft
-        from jtranspeft.migration.distill import distill_transfer
-        from jtranspeft.peft.family import family_of
+    def prepare_student(self):
+        """The adapter's distillation, ready to train (`jtranspeft.migration.distill.prepare_student`): seeds,
+        held-out probes, the student's settings, starting from the best candidate so far."""
+        from jtranspeft.migration.distill import prepare_student
 
         cfg = self.cfg
-        copy = self.moved("reuse")
-        if copy is None:
+        return prepare_student(self.old, self.adapter, self.new, [p["instruction"] for p in self.seeds],
+                               self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
+                               moved=self.best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
+                               loss=cfg.distill_loss, temperature=cfg.distill_temperature,
+                               held_out=[p["instruction"] for p in self.probes], recorded=self.student())
+
+    def result(self) -> dict:
+        """The result dict of result.json."""
+        if self.best is None:
             return {"status": "incompatible", "family": family_label(self.adapter), "reasons": self.reasons,
                     "rungs": []}
-        best = copy
-        if not cfg.passes(best):
-            for method in cfg.methods:
-                if method not in family_of(self.teacher).transfer_methods:
-                    self.skipped.append({"rung": f"training-free ({method})",
-                                         "reason": not_applicable(method, self.teacher)})
-                    continue
-                rung = self.moved(method)
-                best = rung if cfg.better(rung, best) else best
-        if not cfg.passes(best) and cfg.distill:
-            started = time.perf_counter()
-            made = distill_transfer(self.old, self.adapter, self.new, [p["instruction"] for p in self.seeds],
-                                    self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
-                                    moved=best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
-                                    loss=cfg.distill_loss, temperature=cfg.distill_temperature,
-                                    held_out=[p["instruction"] for p in self.probes], recorded=self.student())
-            rung = self.score("distill", load_peft(made["adapter"], self.new), Path(made["adapter"]), started)
-            rung["init"] = made["init"]  # the student started from the best candidate ("moved") or afresh
-            best = rung if cfg.better(rung, best) else best
-        migrated = cfg.passes(best)
+        migrated = self.cfg.passes(self.best)
         return {"status": "migrated" if migrated else "retrain", "family": family_label(self.adapter),
-                "chosen": best["rung"] if migrated else None, "best": best, "rungs": self.rungs,
+                "chosen": self.best["rung"] if migrated else None, "best": self.best, "rungs": self.rungs,
                 "skipped": self.skipped, "probe_prompts": len(self.probes), "seed_prompts": len(self.seeds)}
+
+
+FLEET_DECODE_BATCH = 32  # rows per decoding batch when a fleet's adapters share the fidelity passes
+
+
+def _bankable(lora) -> bool:
+    """Whether an adapter can join a per-row `AdapterBank` (a LoRA that is not a DoRA)."""
+    from jtranspeft.peft.lora import Lora
+
+    return isinstance(lora, Lora) and not lora.config.use_dora
+
+
+def _score(scored: list[tuple], old, new, cfg: MigrateConfig) -> None:
+    """Score candidates ``(ladder, (rung name, adapter, directory, start time))`` by fidelity to their teachers
+    and record each rung. LoRA adapters (not DoRA) of several ladders share the passes: teachers and candidates
+    each stacked into an `AdapterBank`, the probes of all in the same batches (`fleet_fidelity`); the others, or
+    a single one, are scored alone. Each ladder's teacher answers its probes once, on first use."""
+    from jtranspeft.migration.fidelity import (TeacherAnswers, fidelity, fleet_fidelity, fleet_teacher_answers,
+                                               teacher_answers)
+    from jtranspeft.peft.bank import stack_adapters
+
+    shared = [k for k, (ladder, candidate) in enumerate(scored) if _bankable(ladder.teacher) and _bankable(candidate[1])]
+    groups = [[scored[k] for k in shared]] if len(shared) > 1 else []
+    groups += [[item] for k, item in enumerate(scored) if len(shared) < 2 or k not in shared]
+    tokens = cfg.fidelity_tokens
+    for group in groups:
+        ladders = [ladder for ladder, _ in group]
+        if len(group) == 1:
+            (ladder, (name, lora, directory, started)), = group
+            if ladder.answers is None:
+                ladder.answers = teacher_answers(old, ladder.teacher, [p["prompt"] for p in ladder.probes],
+                                                 max_new_tokens=tokens, add_special_tokens=ladder.template != "chat")
+            scores = fidelity(old, ladder.teacher, new, lora, ladder.answers, max_new_tokens=tokens)
+            ladder.record(name, scores, directory, time.perf_counter() - started)
+            continue
+        teachers = stack_adapters([ladder.teacher for ladder in ladders])
+        unanswered = [ladder for ladder in ladders if ladder.answers is None]
+        if unanswered:  # the teachers answer their probes together, one base pass for all
+            made = fleet_teacher_answers(old, stack_adapters([ladder.teacher for ladder in unanswered]),
+                                         [[p["prompt"] for p in ladder.probes] for ladder in unanswered],
+                                         max_new_tokens=tokens, batch_size=FLEET_DECODE_BATCH,
+                                         add_special_tokens=[ladder.template != "chat" for ladder in unanswered])
+            for i, ladder in enumerate(unanswered):
+                mine = [k for k, owner in enumerate(made.adapter_ids) if owner == i]
+                ladder.answers = TeacherAnswers([made.prompt_ids[k] for k in mine], [made.answers[k] for k in mine])
+        answers = TeacherAnswers([ids for ladder in ladders for ids in ladder.answers.prompt_ids],
+                                 [ids for ladder in ladders for ids in ladder.answers.answers],
+                                 [i for i, ladder in enumerate(ladders) for _ in ladder.answers.prompt_ids])
+        candidates = stack_adapters([candidate[1] for _, candidate in group])
+        results = fleet_fidelity(old, teachers, new, candidates, answers, max_new_tokens=tokens,
+                                 batch_size=FLEET_DECODE_BATCH)
+        first = min(candidate[3] for _, candidate in group)
+        share = (time.perf_counter() - first) / len(group)  # the fleet's wall time for this rung, split evenly
+        for (ladder, (name, _, directory, _)), scores in zip(group, results):
+            ladder.record(name, scores, directory, share, len(group))
+
+
+def _distill(ladders: list[_Ladder], old, new, out: Path) -> None:
+    """The distillation rung of ``ladders``: each one's synthetic set made (`_Ladder.prepare_student`), then the
+    students that can share a train step (`jtranspeft.training.fleet.fleet_key`) trained as one fleet under
+    ``out/fleets``, the others alone; every student scored (`_score`)."""
+    from jtranspeft.checkpoints.peft_format import load_peft
+    from jtranspeft.training.fleet import fleet_directory, fleet_key, train_fleet
+
+    started = time.perf_counter()
+    students = [ladder.prepare_student() for ladder in ladders]
+    groups: dict = {}
+    for ladder, student in zip(ladders, students):
+        key = fleet_key(student.cfg)
+        groups.setdefault(id(ladder) if key is None else key, []).append((ladder, student))
+    made = []
+    for group in groups.values():
+        if len(group) > 1:
+            cfgs = [student.cfg for _, student in group]
+            summaries = train_fleet(cfgs, fleet_directory(out / "fleets", cfgs), base=new, teacher=old)
+        else:
+            summaries = [group[0][1].train(old)]
+        for (ladder, student), summary in zip(group, summaries):
+            result = student.result(summary)
+            made.append((ladder, ("distill", load_peft(result["adapter"], new), Path(result["adapter"]), started),
+                         result["init"], len(group)))
+    _score([(ladder, candidate) for ladder, candidate, _, _ in made], old, new, ladders[0].cfg)
+    share = (time.perf_counter() - started) / len(ladders)  # synthesis, training and scoring, split evenly
+    for ladder, _, init, fleet in made:
+        rung = ladder.rungs[-1]
+        rung.update(init=init, seconds=round(share, 1))  # init: from the best candidate ("moved") or afresh
+        if fleet > 1:  # a distilled rung's fleet: the students trained together
+            rung["fleet"] = fleet
+        else:
+            rung.pop("fleet", None)
+
+
+def _climb(ladders: list[_Ladder], out: Path) -> None:
+    """Every ladder up the rungs until its best candidate passes (module docstring), the fleet's fidelity passes
+    and distillation shared where the adapters allow (`_score`, `_distill`)."""
+    from jtranspeft.peft.family import family_of
+
+    if not ladders:
+        return
+    cfg, old, new = ladders[0].cfg, ladders[0].old, ladders[0].new
+    live = []
+    for ladder in ladders:
+        copy = ladder.moved("reuse")
+        if copy is not None:
+            live.append((ladder, copy))
+    _score(live, old, new, cfg)
+    live = [ladder for ladder, _ in live]
+    for method in cfg.methods:
+        scored = []
+        for ladder in live:
+            if cfg.passes(ladder.best):
+                continue
+            if method not in family_of(ladder.teacher).transfer_methods:
+                ladder.skipped.append({"rung": f"training-free ({method})",
+                                       "reason": not_applicable(method, ladder.teacher)})
+                continue
+            scored.append((ladder, ladder.moved(method)))
+        _score(scored, old, new, cfg)
+    waiting = [ladder for ladder in live if not cfg.passes(ladder.best)]
+    if waiting and cfg.distill:
+        _distill(waiting, old, new, out)
 
 
 def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str | Path, out: str | Path,
@@ -348,7 +471,8 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
             progress: bool = True) -> dict:
     """Migrate every adapter (module docstring); returns the fleet report (also ``out/report.json``).
 
-    ``prompts``: probe instructions for adapters without stored ones, or a file of them (`labelled_prompts`)."""
+    ``prompts``: probe instructions for adapters without stored ones, or a file of them (`labelled_prompts`).
+    The adapters not finished yet climb ``config.fleet_batch`` at a time (`_climb`)."""
     import shutil
 
     from jtranspeft.checkpoints.adapter_files import check_adapter_dir
@@ -356,6 +480,12 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
     from jtranspeft.utils.progress import progress_bar
 
     adapters = [check_adapter_dir(a) for a in adapters]
+    if "gguf-lora" in config.export:
+        for adapter in adapters:
+            if family_label(adapter) != "lora":
+                raise InputError(f"{adapter}: a {family_label(adapter)} adapter cannot be written as a llama.cpp LoRA "
+                                 "adapter (--export gguf-lora); migrate without it and merge the result into the base "
+                                 "instead (python -m jtranspeft.export --format gguf)")
     labelled = None if prompts is None else labelled_prompts(prompts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -364,35 +494,61 @@ def migrate(adapters: Sequence[str | Path], old_base: str | Path, new_base: str 
         check_prompt_lengths(labelled, old)
         prompts = [text for _, text in labelled]
     new = load_base(new_base)
-    results = []
-    for adapter, name in progress_bar(list(zip(adapters, _names(adapters))), desc="adapters", unit="adapter",
-                                      enabled=progress):
-        target = out / name
-        done = target / "result.json"
+    results: dict[str, dict] = {}
+    pending = []
+    for adapter, name in zip(adapters, _names(adapters)):
+        done = out / name / "result.json"
         if done.is_file():
             finished = json.loads(done.read_text(encoding="utf-8"))
             if Path(finished.get("source", "")).resolve() != adapter.resolve():
                 raise InputError(f"{done}: written for adapter {finished.get('source')}, not {adapter} (both are "
-                                 f"named {name!r}); migrate into another --out or remove {target}")
-            results.append(finished)
-            continue
-        target.mkdir(exist_ok=True)
-        started = time.perf_counter()
-        result = _Ladder(config, old, new, adapter, target, prompts).run()
-        if result["status"] == "migrated":
-            final = target / "adapter"
-            if final.exists():
-                shutil.rmtree(final)
-            shutil.copytree(result["best"]["adapter"], final)
-        result.update(name=name, source=str(adapter), seconds=round(time.perf_counter() - started, 1))
-        write_text_atomic(done, json.dumps(result, indent=1) + "\n")  # last: marks the adapter finished
-        results.append(result)
+                                 f"named {name!r}); migrate into another --out or remove {out / name}")
+            results[name] = finished
+        else:
+            pending.append((adapter, name))
+    bar = progress_bar(total=len(adapters), initial=len(results), desc="adapters", unit="adapter", enabled=progress)
+    for start in range(0, len(pending), config.fleet_batch):
+        chunk = pending[start:start + config.fleet_batch]
+        tick = time.perf_counter()
+        ladders = []
+        for adapter, name in chunk:
+            (out / name).mkdir(exist_ok=True)
+            ladders.append(_Ladder(config, old, new, adapter, out / name, prompts))
+        _climb(ladders, out)
+        seconds = (time.perf_counter() - tick) / len(chunk)  # a fleet's wall time, split evenly
+        for ladder, (adapter, name) in zip(ladders, chunk):
+            result = ladder.result()
+            target = out / name
+            if result["status"] == "migrated":
+                final = target / "adapter"
+                if final.exists():
+                    shutil.rmtree(final)
+                shutil.copytree(result["best"]["adapter"], final)
+                export_adapter(final, new, config.export)
+            result.update(name=name, source=str(adapter), seconds=round(seconds, 1),
+                          **({"fleet": len(chunk)} if len(chunk) > 1 else {}))
+            write_text_atomic(target / "result.json", json.dumps(result, indent=1) + "\n")  # last: marks it finished
+            results[name] = result
+        bar.update(len(chunk))
+    bar.close()
     report = {"old_base": str(old_base), "new_base": str(new_base), "config": dataclasses.asdict(config),
-              "adapters": results}
+              "adapters": [results[name] for name in _names(adapters)]}
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(format_report(report), encoding="utf-8")
     plot_report(report, out / "report.png")
     return report
+
+
+def export_adapter(directory: Path, base, formats: Sequence[str]) -> None:
+    """Write the migrated adapter in ``directory`` (PEFT format) again in each of ``formats`` beside it
+    (`EXPORTS`): ``gguf-lora``, llama.cpp's LoRA adapter GGUF in float32 with the same metadata."""
+    from jtranspeft.checkpoints.gguf_adapter import save_gguf_adapter
+    from jtranspeft.checkpoints.peft_format import load_peft, read_metadata
+
+    for name in formats:
+        target = directory.parent / EXPORTS[name]
+        target.unlink(missing_ok=True)  # a rerun after a kill between the export and result.json
+        save_gguf_adapter(load_peft(directory, base), target, base, metadata=read_metadata(directory))
 
 
 def _config_of(report: dict) -> MigrateConfig:

@@ -17,8 +17,10 @@ Every function carries a DoRA adapter's magnitudes along with its factors.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import math
 
 import jax
@@ -30,19 +32,32 @@ from jtranspeft.models.spec import MODULE_BLOCK
 from jtranspeft.peft.lora import Lora, dora_magnitudes, layer_ranks, layer_scales, lora_from_factors, with_magnitudes
 
 _device_svd = jax.jit(functools.partial(jnp.linalg.svd, full_matrices=False))
+SUBSPACE_CACHE_BYTES = 512 << 20  # singular vectors kept for reuse (`top_singular_vectors`)
+_SUBSPACES: collections.OrderedDict = collections.OrderedDict()
 
 
 def top_singular_vectors(w_io, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k left [in, k] and right [out, k] singular vectors of one kernel [in, out] (float32, thin SVD).
 
     On CPU numpy's LAPACK (no compilation per shape); on an accelerator the device's SVD, much faster for
-    large kernels. Only the top k vectors are returned (as host arrays).
+    large kernels. Only the top k vectors are returned (as host arrays). Recent results are kept (by the
+    kernel's bytes, up to `SUBSPACE_CACHE_BYTES`): a fleet projected onto one new base decomposes each of its
+    kernels once, not once per adapter.
     """
+    w_io = np.asarray(w_io, np.float32)
+    key = (w_io.shape, k, hashlib.blake2b(w_io.tobytes(), digest_size=16).digest())
+    if key in _SUBSPACES:
+        _SUBSPACES.move_to_end(key)
+        return _SUBSPACES[key]
     if jax.default_backend() == "cpu":
-        u_im, _, vt_mo = np.linalg.svd(np.asarray(w_io, np.float32), full_matrices=False)
+        u_im, _, vt_mo = np.linalg.svd(w_io, full_matrices=False)
     else:
-        u_im, _, vt_mo = _device_svd(jnp.asarray(w_io, jnp.float32))
-    return np.asarray(u_im[:, :k]), np.asarray(vt_mo[:k]).T
+        u_im, _, vt_mo = _device_svd(jnp.asarray(w_io))
+    found = np.ascontiguousarray(u_im[:, :k]), np.ascontiguousarray(np.asarray(vt_mo[:k]).T)
+    _SUBSPACES[key] = found
+    while sum(u.nbytes + v.nbytes for u, v in _SUBSPACES.values()) > SUBSPACE_CACHE_BYTES:
+        _SUBSPACES.popitem(last=False)
+    return found
 
 
 def default_project_k(d_in: int, d_out: int) -> int:
