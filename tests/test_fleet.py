@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,13 +24,25 @@ def _data(path, words):
     return path
 
 
-def _members(tmp_path, tiny_model_dir, tiny_task_file, **extra):
-    """Two runs on different data, ranks and targets, with one LoRA scale (alpha / r = 2), no dropout."""
+def _teacher(base, directory, seed):
+    """A random LoRA (both factors non-zero) saved as a PEFT adapter: a distillation teacher."""
+    lora = jt.init_lora(base, jt.LoraConfig(r=2, alpha=4, targets=("q_proj", "v_proj")), jax.random.key(seed))
+    noise = jax.tree_util.tree_map(lambda x: 0.2 * jax.random.normal(jax.random.key(seed + 7), x.shape), lora)
+    jt.save_peft(noise, directory, base=base)
+    return str(directory)
+
+
+def _members(tmp_path, tiny_model_dir, tiny_task_file, teachers=None, **extra):
+    """Two runs on different data, ranks and targets, with one LoRA scale (alpha / r = 2), no dropout; with
+    ``teachers`` (two adapter directories on the tiny base) each distils its own with the logits loss."""
     other = _data(tmp_path / "spell.jsonl", ["cat", "house", "river", "mountain", "sky", "a"])
     specs = [(tiny_task_file, {"r": 4, "alpha": 8.0, "targets": ALL7}),
              (other, {"r": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj", "down_proj"]})]
     cfgs = []
     for i, (data, lora) in enumerate(specs):
+        if teachers:
+            extra["distill"] = {"loss": "logits", "temperature": 2.0, "teacher_model": {"path": str(tiny_model_dir)},
+                                "teacher_adapter": teachers[i]}
         recipe = _config_file(tmp_path / f"m{i}", tiny_model_dir, data, lora={**lora, "dropout": 0.0},
                               transpeft={"p_mask": 0.0, "p_drop": 0.0}, checkpoint={"every": 3},
                               train={"grad_accum": 1, "schedule": "cosine", "weight_decay": 0.01}, **extra)
@@ -37,17 +50,21 @@ def _members(tmp_path, tiny_model_dir, tiny_task_file, **extra):
     return cfgs
 
 
-def test_a_fleet_trains_each_member_as_it_would_train_alone(tmp_path, tiny_model_dir, tiny_task_file):
-    cfgs = _members(tmp_path, tiny_model_dir, tiny_task_file)
+@pytest.mark.parametrize("loss", ["tokens", "logits"])
+def test_a_fleet_trains_each_member_as_it_would_train_alone(tmp_path, tiny_model_dir, tiny_task_file, loss):
+    """Token loss, and logit distillation where each member's teacher (its own adapter) reads its rows from a
+    bank of the teachers."""
     base = jt.load_base(tiny_model_dir)
+    teachers = [_teacher(base, tmp_path / f"teacher{i}", i) for i in range(2)] if loss == "logits" else None
+    cfgs = _members(tmp_path, tiny_model_dir, tiny_task_file, teachers)
     alone = []
     for cfg in cfgs:
-        train(cfg, base=base)
+        train(cfg, base=base, teacher=base)
         alone.append(jt.load_peft(f"{cfg.output_dir}/adapter", base))
         (tmp_path / "alone").mkdir(exist_ok=True)
         (tmp_path / cfg.output_dir).rename(tmp_path / "alone" / f"{len(alone)}")
     fleet_dir = fleet_directory(tmp_path / "fleets", cfgs)
-    summaries = train_fleet(cfgs, fleet_dir, base=base)
+    summaries = train_fleet(cfgs, fleet_dir, base=base, teacher=base)
     assert [s["steps"] for s in summaries] == [8, 8]
     for cfg, lone in zip(cfgs, alone):
         together = jt.load_peft(f"{cfg.output_dir}/adapter", base)

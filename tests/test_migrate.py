@@ -313,6 +313,8 @@ def test_a_batched_fleet_gives_each_adapter_its_one_by_one_result(fleet, tiny_mo
         for x, y in zip(a["rungs"], b["rungs"]):
             assert _close(y["kl"], x["kl"], 1e-3) and abs(y["top1"] - x["top1"]) <= 0.05, (name, x, y)
             assert y["fleet"] == 2  # both LoRA adapters shared each rung's passes (distillation: one train step)
+        for rung in (a["rungs"][-1], b["rungs"][-1]):  # the distilled rung records its synthetic set and training
+            assert rung["synthesis"]["asked"] == 12 and rung["train_seconds"] > 0
     fleet_runs = list((tmp_path / "all" / "fleets").glob("fleet-*"))
     assert len(fleet_runs) == 1 and json.loads((fleet_runs[0] / "summary.json").read_text())["adapters"] == 2
     assert not (tmp_path / "one" / "fleets").exists()

@@ -423,12 +423,14 @@ def _distill(ladders: list[_Ladder], old, new, out: Path) -> None:
         for (ladder, student), summary in zip(group, summaries):
             result = student.result(summary)
             made.append((ladder, ("distill", load_peft(result["adapter"], new), Path(result["adapter"]), started),
-                         result["init"], len(group)))
+                         result, len(group)))
     _score([(ladder, candidate) for ladder, candidate, _, _ in made], old, new, ladders[0].cfg)
     share = (time.perf_counter() - started) / len(ladders)  # synthesis, training and scoring, split evenly
-    for ladder, _, init, fleet in made:
+    for ladder, _, result, fleet in made:
         rung = ladder.rungs[-1]
-        rung.update(init=init, seconds=round(share, 1))  # init: from the best candidate ("moved") or afresh
+        # init: from the best candidate ("moved") or afresh; synthesis: what the synthetic set was like (synthesis.json)
+        rung.update(init=result["init"], seconds=round(share, 1), synthesis=result["synthesis"],
+                    train_seconds=result["summary"].get("wall_s"))
         if fleet > 1:  # a distilled rung's fleet: the students trained together
             rung["fleet"] = fleet
         else:

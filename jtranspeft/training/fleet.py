@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -163,6 +164,7 @@ def _fleet_job(cfgs: list[RunConfig], out: Path, base: Base | None, teacher: Bas
                         max_targets, first.distill)
     pad_ids = [b.pad_id for b in batchers]
     last_loss: list = [None] * len(cfgs)
+    started = time.perf_counter()
 
     def batch_at(step: int) -> dict:
         return fleet_batch([b.batch_at(step) for b in batchers], pad_ids)
@@ -178,8 +180,10 @@ def _fleet_job(cfgs: list[RunConfig], out: Path, base: Base | None, teacher: Bas
         if is_main:
             write_text_atomic(run_dir / "members.json", json.dumps([c.output_dir for c in cfgs], indent=1) + "\n")
             for i, (cfg, (_, stats, probes)) in enumerate(zip(cfgs, prepared)):
+                wall = time.perf_counter() - started  # this process's share of the fleet: setup, steps, export
                 _export_member(cfg, unstack_adapter(trained, i, loras[i]), base, probes, steps, run_dir,
-                               {"data": stats, "last_loss": last_loss[i]})
+                               {"data": stats, "last_loss": last_loss[i], "wall_s": round(wall / len(cfgs), 1),
+                                "fleet_wall_s": round(wall, 1)})
         return {"members": [c.output_dir for c in cfgs]}
 
     return loop.Job(name="fleet", cfg=dataclasses.replace(first, output_dir=str(out)), state=state, frozen=frozen,
