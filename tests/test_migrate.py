@@ -375,6 +375,13 @@ def test_a_llama_cpp_adapter_climbs_the_ladder_and_migrate_exports_gguf(peft_fle
     teacher = jt.load_peft(root / "lora", old)
     jt.save_gguf_adapter(teacher, tmp_path / "colours.gguf", base=types.SimpleNamespace(spec=old.spec))  # no record
     assert jt.read_metadata(tmp_path / "colours.gguf").get("config") is None
+    from jtranspeft.cli.transfer import main as transfer_main
+
+    # no record of its base, no --old-base: read for the new base (same shapes here), moved as it is
+    assert transfer_main(["--adapter", str(tmp_path / "colours.gguf"), "--new-base", str(new_dir), "--out",
+                          str(tmp_path / "moved"), "--quiet"]) == 0
+    moved = jt.load_peft(tmp_path / "moved", new)
+    np.testing.assert_array_equal(np.asarray(moved.factors("q_proj")[1]), np.asarray(teacher.factors("q_proj")[1]))
     out = tmp_path / "out"
     args = ["--adapters", str(tmp_path / "colours.gguf"), "--old-base", str(tiny_model_dir), "--new-base",
             str(new_dir), "--out", str(out), "--prompts", str(root / "probes.txt"), "--threshold", "0",

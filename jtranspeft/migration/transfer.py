@@ -45,7 +45,7 @@ import numpy as np
 from jtranspeft.checkpoints.fingerprint import base_fingerprint, describe, fingerprint_differences, kernel_norms
 from jtranspeft.checkpoints.loading import load_base, save_base
 from jtranspeft.checkpoints.adapter_files import (WEIGHTS_FILE, UnsupportedTargets, bottleneck_key, check_adapter_dir,
-                                                  peft_key, shira_key, split_peft_key)
+                                                  is_gguf_adapter, peft_key, shira_key, split_peft_key)
 from jtranspeft.checkpoints.peft_format import adapter_layout, load_peft, read_metadata, save_peft
 from jtranspeft.checkpoints.safetensors_io import SafetensorsFile
 from jtranspeft.models.base import Base
@@ -201,6 +201,8 @@ def _made_for(directory: Path, old_base: Base | None, old_fp: dict | None, recor
             shapes[module] = (d_in, d_out)
         spec = dataclasses.replace(new_base.spec, hidden_size=recorded["spec"]["hidden_size"])
         return _shape_stand_in(spec, shapes, recorded["spec"]["num_layers"])
+    if is_gguf_adapter(directory):  # llama.cpp's adapter holds no record of its base: read it for the new one, where
+        return new_base  # a misfit is an error naming the tensor (`load_gguf_adapter`)
     depth = new_base.spec.num_layers if layer_map is None else 1 + max(layer_map)
     for part in ([directory / "lora", directory / "sparse"] if (directory / ROSA_FILE).is_file() else [directory]):
         with SafetensorsFile(part / WEIGHTS_FILE) as f:
