@@ -19,7 +19,9 @@ VARIANTS = {
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen2_bias_untied": ("qwen2", dict(tie_word_embeddings=False)),
     "qwen3": ("qwen3", dict(tie_word_embeddings=False, head_dim=24)),
-    "mistral": ("mistral", dict(tie_word_embeddings=False, sliding_window=64)),
+    "mistral": ("mistral", dict(tie_word_embeddings=False, sliding_window=5)),  # every layer slides
+    "qwen2_sliding": ("qwen2", dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=4,
+                                    max_window_layers=1)),  # layers 1 and 2 slide
     # Gemma 3: windows shorter than padded_batch's 12 tokens, mixed layer types, own rope per type, GQA / MQA.
     "gemma3_sliding_tied": ("gemma3", dict(
         tie_word_embeddings=True, head_dim=24, query_pre_attn_scalar=20, sliding_window=4,

@@ -52,15 +52,6 @@ def test_unsupported_config_values_name_the_field(llama_dir, field, value, words
         spec_from_hf_config(config)
 
 
-def test_sliding_window_needed_for_the_sequence_is_refused(llama_dir):
-    config = json.loads((llama_dir / "config.json").read_text())
-    config.update(model_type="mistral", sliding_window=4)
-    base = jt.load_base(llama_dir).replace(spec=spec_from_hf_config(config))
-    jt.apply(base, [[5, 6, 7, 8]])  # within the window: fine
-    with pytest.raises(SpecError, match="sliding_window=4"):
-        jt.apply(base, [[5, 6, 7, 8, 9]])
-
-
 def test_truncated_safetensors_names_the_file(llama_dir, tmp_path):
     broken = _copy(llama_dir, tmp_path / "m")
     weights = broken / "model.safetensors"

@@ -22,8 +22,8 @@ a prefill is a call on the (left-padded) prompt, a decode step a call on one tok
 tokens only, so a left-padded row gets the positions it would have alone. ``adapter_ids_b`` picks one
 adapter of a bank per row (see `jtranspeft.peft.bank`).
 
-Models whose `ModelSpec.layer_types` mix full and sliding-window layers (gemma3) get two masks and two rope
-tables, stacked on a leading kind axis (0 full, 1 sliding); each layer picks its own by its index. A sliding
+Models with sliding-window layers (`ModelSpec.layer_types`: gemma3 mixes them with full ones, mistral slides on
+every layer) get two masks and two rope tables, stacked on a leading kind axis (0 full, 1 sliding); each layer picks its own by its index. A sliding
 layer's query at slot q sees key slots (q - sliding_window, q], as transformers does: a row's real tokens
 occupy consecutive slots (padding sits before or after them), so slot distance is token distance. The cache
 keeps every slot on every layer; the sliding layers only mask the old ones.
@@ -278,7 +278,6 @@ class Decoder(_LayerSettings):
         spec, t = self.spec, input_ids_bt.shape[1]
         if self.fused_qkv and self.stacked:
             raise ValueError("fused_qkv needs the per-layer params of stacked=False (bind_for_decoding)")
-        spec.check_seq_len(t if cache is None else cache.max_len)
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
         valid_bt = attention_mask_bt.astype(bool)

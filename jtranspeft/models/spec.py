@@ -144,7 +144,7 @@ class ModelSpec:
     query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power, not head_dim's
     final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     # Per layer "full_attention" or "sliding_attention" (the latter sees the last `sliding_window` slots);
-    # None: every layer is full, and `sliding_window` (mistral, qwen2) only bounds the sequence length.
+    # None: every layer is full (mistral: all slide when sliding_window is set; qwen2/qwen3: those the config says).
     layer_types: tuple[str, ...] | None = None
     rope_local: RopeSpec | None = None  # rope of the sliding layers (gemma3); None: `rope` everywhere
 
@@ -218,15 +218,6 @@ class ModelSpec:
         per_layer += 2 * self.head_dim * self.qk_norm
         return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
-    def check_seq_len(self, seq_len: int) -> None:
-        """Refuse a sequence the sliding-window attention of this model would treat differently (a model
-        whose `layer_types` say which layers slide computes them; the others only allow the window)."""
-        if self.layer_types is None and self.sliding_window is not None and seq_len > self.sliding_window:
-            raise SpecError(
-                f"sequence length {seq_len} exceeds sliding_window={self.sliding_window}; "
-                "sliding-window attention is not implemented, so this would be computed wrongly"
-            )
-
     def to_hf_config(self) -> dict[str, Any]:
         """The transformers ``config.json`` dict for this spec (transformers-5 ``rope_parameters`` form)."""
         rope = _rope_dict(self.rope)
@@ -247,7 +238,8 @@ class ModelSpec:
         if self.family in ("qwen2", "qwen3", "mistral", "gemma3"):
             cfg["sliding_window"] = self.sliding_window
         if self.family in ("qwen2", "qwen3"):
-            cfg["use_sliding_window"] = False
+            cfg["use_sliding_window"] = any(self.sliding_layers)
+            cfg["layer_types"] = list(self.layer_types or ("full_attention",) * self.num_layers)
         if self.family == "gemma3":
             del cfg["hidden_act"], cfg["rope_theta"]
             cfg.update(hidden_activation=self.hidden_act, layer_types=list(self.layer_types or ()),
@@ -310,6 +302,26 @@ def _rope_spec(params: dict[str, Any], f: "Fields", field: str, default_theta: f
                     low_freq_factor=rope.get("low_freq_factor", float, minimum=0.0),
                     high_freq_factor=rope.get("high_freq_factor", float, minimum=0.0),
                     original_max_position_embeddings=rope.get("original_max_position_embeddings", int, minimum=1))
+
+
+def _sliding_layers(f: "Fields", family: str, num_layers: int) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) of a llama / qwen2 / qwen3 / mistral config, as transformers applies them:
+    mistral slides on every layer when ``sliding_window`` is set; qwen2 and qwen3 only with
+    ``use_sliding_window``, on the layers ``layer_types`` names (or, without it, from ``max_window_layers`` on);
+    llama never. layer_types is None when no layer slides."""
+    window = f.get("sliding_window", int, None, minimum=1)
+    if family == "mistral" and window is not None:
+        return window, ("sliding_attention",) * num_layers
+    if family not in ("qwen2", "qwen3") or window is None or not f.get("use_sliding_window", bool, False):
+        return window, None
+    layer_types = f.get("layer_types", list, None, nullable=True)
+    if layer_types is None:
+        first = f.get("max_window_layers", int, 28, minimum=0)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    unknown = sorted({str(t) for t in layer_types} - set(LAYER_TYPES))
+    if unknown:
+        raise SpecError(f"{f.path}: field layer_types holds {unknown}; supported: {', '.join(LAYER_TYPES)}")
+    return window, tuple(layer_types) if "sliding_attention" in layer_types else None
 
 
 GEMMA3_SLIDING_PATTERN = 6  # Gemma 3's convention: of every 6 layers, 5 slide and the 6th is global
@@ -401,11 +413,7 @@ def spec_from_hf_config(cfg: dict[str, Any], path: str | Path = "config.json") -
     head_dim = f.get("head_dim", int, None, minimum=1) or hidden // num_heads
     num_layers = f.get("num_hidden_layers", int, minimum=1)
     gemma3 = _gemma3_fields(f, num_layers) if family == "gemma3" else {}
-    window = None if gemma3 else f.get("sliding_window", int, None, minimum=1)
-    if family in ("qwen2", "qwen3") and not (
-        f.get("use_sliding_window", bool, False) or "sliding_attention" in (f.get("layer_types", list, None) or ())
-    ):
-        window = None
+    window, layer_types = (None, None) if gemma3 else _sliding_layers(f, family, num_layers)
     attention_bias = family in ("llama", "qwen3", "gemma3") and f.get("attention_bias", bool, False)
     eos = f.get("eos_token_id", (int, list), None)
     if isinstance(eos, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
@@ -426,6 +434,7 @@ def spec_from_hf_config(cfg: dict[str, Any], path: str | Path = "config.json") -
         o_bias=attention_bias,
         qk_norm=family == "qwen3",
         sliding_window=window,
+        layer_types=layer_types,
         max_position_embeddings=f.get("max_position_embeddings", int, 4096, minimum=1),
         bos_token_id=f.get("bos_token_id", int, None),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
