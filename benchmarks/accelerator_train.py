@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import time
 from pathlib import Path
 
+from machine import machine_info, machine_line
 from train_throughput import SHAPES as LLAMA_SHAPES
 from train_throughput import TARGETS
 
@@ -108,7 +108,7 @@ def run(shape: str, batch: int, seq: int, steps: int, remat: bool, peak_flops: f
     peak = peak_flops_per_device(jax.devices()[0].device_kind, override=peak_flops)
     return {"shape": shape, "batch": batch, "seq": seq, "steps": steps, "remat": remat, "dtype": "bfloat16",
             "devices": n_devices, "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-            "jax": jax.__version__, "python": platform.python_version(), "compile_s": round(compile_s, 2),
+            "machine": machine_info(), "compile_s": round(compile_s, 2),
             "first_step_s": round(times[0], 4), "median_step_s": round(median_s, 4),
             "tokens_per_s": round(tokens / median_s, 1), "model_flops_per_token": flops["total"],
             "model_flops_parts": flops, "peak_flops_per_device": peak, "mfu": None,
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="result file (default: results/accelerator_train_<device>.json)")
     args = parser.parse_args()
     result = run(args.shape, args.batch, args.seq, args.steps, args.remat, args.peak_flops)
+    print(machine_line(result["machine"]))
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (peak unknown: --peak-flops)"
     memory = result["peak_memory_bytes"]
     print(f"{args.shape} {args.batch}x{args.seq} on {result['devices']} x {result['device_kind']}: "

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from machine import machine_info, machine_line
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -77,6 +78,8 @@ def main() -> None:
 
     import jtranspeft as jt
 
+    info = machine_info()
+    print(machine_line(info))
     base = jt.load_base(args.model)
     results = {}
     for name, make in (("lora", _random_lora), ("shira", _random_shira)):
@@ -89,8 +92,7 @@ def main() -> None:
     ratio = results["lora"]["median_s"] / results["shira"]["median_s"]
     print(f"SHiRA switches {ratio:.1f}x faster than LoRA")
     record = {"model": args.model, "rank": args.rank, "rounds": args.rounds, "results": results,
-              "lora_over_shira": ratio, "backend": jax.default_backend(), "machine": platform.processor() or platform.machine(),
-              "cpu_count": __import__("os").cpu_count()}
+              "lora_over_shira": ratio, "backend": jax.default_backend(), "machine": info}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"written {args.out}")

@@ -21,6 +21,7 @@ import jtranspeft as jt
 import jtranspeft.inference.generate as generation
 from jtranspeft.checkpoints.assets import smollm2_gguf_path
 from jtranspeft.models.base import bind_for_decoding
+from machine import machine_info, machine_line
 
 NEW_TOKENS = 64
 
@@ -56,13 +57,15 @@ def main() -> None:
     summary = {"fused_median_ms": float(np.median(fused)), "separate_median_ms": float(np.median(separate)),
                "paired_saving_median_ms": float(np.median(saved)), "fused_faster_rounds": int((saved > 0).sum()),
                "rounds": args.rounds}
+    info = machine_info()
+    print(machine_line(info))
     print(f"ms per decode step, median of {args.rounds} rounds: fused {summary['fused_median_ms']:.2f}, separate "
           f"{summary['separate_median_ms']:.2f}; paired saving {summary['paired_saving_median_ms']:.2f} ms, "
           f"fused faster in {summary['fused_faster_rounds']} of {args.rounds} rounds")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": "SmolLM2-135M float32, batch 1", "new_tokens": NEW_TOKENS, **summary,
-                               "per_round_ms": ms}, indent=2) + "\n")
+                               "per_round_ms": ms, "machine": info}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from machine import machine_info, machine_line
 
 
 def _numbers(tree, path=""):
@@ -113,8 +114,9 @@ def main() -> None:
                              1 - np.sum((v_exact.T @ v_fast) ** 2) / args.top_k]
 
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average_at_start": load,
-                    "load_average_at_end": os.getloadavg()[0], "blas_threads": args.blas_threads or "default"},
+        "machine": machine_info(),
+        "load": {"load_average_at_start": load, "load_average_at_end": os.getloadavg()[0],
+                 "blas_threads": args.blas_threads or "default"},
         "setup": {"base": old.source, "new_base": f"+ noise {args.noise} x std on {args.perturb} kernels",
                   "adapter": "LoRA r=8 on 7 projections, random A and B", "top_k": args.top_k,
                   "subspaces_per_report": 2 * len(TARGET_MODULES) * old.spec.num_layers
@@ -127,6 +129,7 @@ def main() -> None:
         "subspace_distance": {"kernels_sampled": len(subspace) // 2, "max": float(max(subspace)),
                               "mean": float(np.mean(subspace))},
     }
+    print(machine_line(result["machine"]))
     print(json.dumps(result, indent=1))
     setting = f"perturb={args.perturb}, blas_threads={args.blas_threads or 'default'}"
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from machine import machine_info, machine_line
+
 
 def main() -> None:
     """Measure and print fidelity (and accuracy where scored) per candidate."""
@@ -62,9 +64,11 @@ def main() -> None:
         rows.append({"candidate": name, **scores, "accuracy": accuracy, "seconds": round(time.perf_counter() - tick, 1)})
         print(f"{name:<42} KL {scores['kl']:.4f}  top-1 {scores['top1']:.3f}  exact {scores['exact']:.3f}  "
               f"accuracy {'-' if accuracy is None else f'{accuracy:.3f}'}  ({rows[-1]['seconds']} s)")
+    info = machine_info()
+    print(machine_line(info))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"experiment": str(exp), "new": args.new, "probes": len(prompts),
-                                    "tokens": args.tokens, "rows": rows}, indent=1) + "\n")
+                                    "tokens": args.tokens, "rows": rows, "machine": info}, indent=1) + "\n")
     print(f"written {args.out}")
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import machine_info, machine_line
+
 RECIPE = Path(__file__).parents[1] / "configs" / "experiments" / "chain_sum_lora.yaml"
 TASKS = {  # name: (rg_kwargs, data.max_length, buckets); prompts need a third of max_length for distillation
     "chain_sum": ({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, 64, [48, 64]),
@@ -270,7 +272,7 @@ def main() -> None:
                "spearman_kl_accuracy": spearman(kl, acc) if enough else None,
                "spearman_top1_accuracy": spearman(top1, acc) if enough else None,
                "spearman_kl_agreement": spearman(kl, agree) if enough else None,
-               "spearman_top1_agreement": spearman(top1, agree) if enough else None}
+               "spearman_top1_agreement": spearman(top1, agree) if enough else None, "machine": machine_info()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "results.md").write_text(format_results(results), encoding="utf-8")
@@ -279,6 +281,7 @@ def main() -> None:
     for name in ("report.md", "report.json", "report.png"):
         if (work / "migrate" / name).is_file():
             shutil.copy(work / "migrate" / name, args.out / name)
+    print(machine_line(results["machine"]))
     print(format_results(results))
 
 

@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-import jax
 import torch
 import transformers
 
 import jtranspeft as jt
 from jtranspeft.checkpoints.assets import smollm2_gguf_path
+from machine import machine_info, machine_line
 
 PROMPTS = [
     "The capital of France is",
@@ -208,7 +206,9 @@ def main() -> None:
     def ratio(ours, theirs):
         return "-" if theirs is None else f"{ours / theirs['tokens_per_s']:.2f}x"
 
-    print("\n| batch | jtranspeft f32 call | transformers f32 | jtranspeft f32 decode | llama.cpp f32 decode | "
+    machine = {**machine_info(), "torch_threads": torch.get_num_threads(), "load_average_1_5_15min": os.getloadavg()}
+    print("\n" + machine_line(machine))
+    print("| batch | jtranspeft f32 call | transformers f32 | jtranspeft f32 decode | llama.cpp f32 decode | "
           "ratio | f32 bound | llama.cpp Q4_1 decode | Q4_1 bound | jtranspeft first call (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -218,11 +218,6 @@ def main() -> None:
               f"{r['bound_f32_tokens_per_s']:.0f} | {cell(r['llama.cpp Q4_1'])} | {r['bound_q4_1_tokens_per_s']:.0f} | "
               f"{ours['first_call_s']:.1f} |")
     tmp.cleanup()
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "load_average_1_5_15min": os.getloadavg(),
-               "jax_device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "torch": torch.__version__,
-               "transformers": transformers.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": path.name, "decoding": "greedy", "prompts": PROMPTS, "machine": machine,

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from machine import machine_info, machine_line
+
 LAYERS, D, F, PASSES = 30, 576, 1536, 10
 
 
@@ -58,11 +60,13 @@ def main() -> None:
     bytes_per_pass = LAYERS * 2 * D * F * 4
     result = {name: {"ms_per_pass": s / PASSES * 1e3, "gb_per_s": bytes_per_pass * PASSES / s / 1e9}
               for name, s in best.items()}
+    info = machine_info()
+    print(machine_line(info))
     for name, r in result.items():
         print(f"{name}: {r['ms_per_pass']:.2f} ms per pass over {bytes_per_pass / 1e6:.0f} MB, {r['gb_per_s']:.1f} GB/s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"jax": jax.__version__, "layers": LAYERS, "shape": [D, F], "results": result},
+    out.write_text(json.dumps({"machine": info, "layers": LAYERS, "shape": [D, F], "results": result},
                               indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from machine import machine_info, machine_line
+
 LAYOUTS = {  # name: (devices, (data, fsdp, tensor), bytes of memory per device)
     "v5e-16": (16, (1, 16, 1), 16 * 2**30),
     "1xGPU-80GB": (1, (1, 1, 1), 80 * 10**9),
@@ -101,6 +103,8 @@ def main() -> None:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     gib = 2**30
+    info = machine_info()
+    print(machine_line(info))
     print(f"{'layout':<12} {'base':>9} {'lora':>9} {'optim':>9} {'temps':>9} {'total':>9} {'device':>9}  fits")
     for r in results:
         temps = r.get("step_temporaries")
@@ -110,7 +114,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "memory_plan.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"recipe": "qwen2-7b_math_transpeft (bf16, r64 qkvo, batch 16x512, remat)",
-                               "results": results}, indent=2) + "\n")
+                               "results": results, "machine": info}, indent=2) + "\n")
     print(f"written {out}")
 
 

@@ -2,7 +2,8 @@
 
 Runs one compiled step (random-weight model of a `train_throughput.py` shape, LoRA r 8 on all seven
 projections, AdamW) under `jax.profiler.trace`, then prints the ops with the most total time (name, count,
-share of the step) and writes the optimized HLO next to the trace, so an op name can be looked up:
+share of the step), writes the optimized HLO next to the trace, so an op name can be looked up, and the top ops
+with the machine to benchmarks/results/profile_train_step.json (``_targets<N>`` with ``--targets``):
 
     python benchmarks/profile_train_step.py --shape smollm2 --batch 8 --seq 128
     python benchmarks/profile_train_step.py --shape smollm2 --targets 8     # response-only loss
@@ -18,12 +19,14 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, machine_line  # noqa: E402
 from train_throughput import TARGETS, _batch, _hf_model_dir, _loss_mask  # noqa: E402
 
 
@@ -36,7 +39,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=0, help="response-only loss on the last N tokens; 0 = all")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
-    parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile"), help="trace and HLO")
+    parser.add_argument("--json", type=Path, help="default: benchmarks/results/profile_train_step[_targets<N>].json")
     args = parser.parse_args()
 
     import jax
@@ -75,11 +79,23 @@ def main() -> None:
         if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk", "Slinky")):
             total_us[name] += event["dur"]
             count[name] += 1
-    print(f"step {seconds:.2f} s ({args.shape} {args.batch}x{args.seq}, targets {args.targets or 'all'})")
+    info = machine_info()
+    print(machine_line(info))
+    print(f"step {seconds:.2f} s ({args.shape} {args.batch}x{args.seq}, targets {args.targets or 'all'}), "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'op':<40} {'calls':>6} {'total ms':>10} {'share':>6}")
-    for name, us in total_us.most_common(args.top):
-        print(f"{name[:40]:<40} {count[name]:6d} {us / 1e3:10.1f} {us / 1e6 / seconds:6.1%}")
+    top = [{"op": name, "calls": count[name], "total_ms": us / 1e3, "share": us / 1e6 / seconds}
+           for name, us in total_us.most_common(args.top)]
+    for op in top:
+        print(f"{op['op'][:40]:<40} {op['calls']:6d} {op['total_ms']:10.1f} {op['share']:6.1%}")
     print(f"HLO: {args.out / 'step.hlo.txt'}")
+    suffix = f"_targets{args.targets}" if args.targets else ""
+    out = args.json or Path(__file__).parent / "results" / f"profile_train_step{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "shape": args.shape, "batch": args.batch, "seq": args.seq,
+                               "targets": args.targets, "step_s": seconds, "load_average_1min": os.getloadavg()[0],
+                               "top_ops": top}, indent=2) + "\n")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_info, machine_line
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -202,6 +203,8 @@ def main() -> None:
                 print(f"  {shape} b{batch} s{seq} round {round_} {framework}: "
                       f"{runs[-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr)
     summary = []
+    info = machine_info()
+    print(machine_line(info))
     print(f"{'case':<18} {'jax tok/s':>10} {'torch tok/s':>12} {'ratio':>6} {'jax RSS':>9} {'torch RSS':>10} "
           f"{'jax 1st step':>13} {'torch 1st':>10}")
     for shape, batch, seq in cases:
@@ -218,9 +221,8 @@ def main() -> None:
               f"{row['ratio']:6.2f} {row['jax']['peak_rss_mb']:8.0f}M {row['torch']['peak_rss_mb']:9.0f}M "
               f"{row['jax']['first_step_s']:12.1f}s {row['torch']['first_step_s']:9.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "allocator_env": ALLOCATOR}
-    args.out.write_text(json.dumps({"machine": machine, "summary": summary, "runs": runs}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": info, "allocator_env": ALLOCATOR, "summary": summary, "runs": runs},
+                                   indent=2) + "\n")
     print(f"written {args.out}")
 
 
