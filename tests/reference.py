@@ -83,7 +83,8 @@ def max_diff_on_tokens(a, b, mask):
 
 def tokenizer_probe_texts(n: int = 3000, extra_pieces=()) -> list[str]:
     """Seeded strings that exercise a tokenizer: reasoning-gym prompts, prose, code, numbers, every kind of
-    white space, accents, CJK, emoji, stray bytes of the byte alphabet and special tokens (plus ``extra_pieces``)."""
+    white space, accents, CJK, emoji, stray bytes of the byte alphabet and special tokens (plus
+    ``extra_pieces``)."""
     import random
 
     import reasoning_gym
@@ -100,17 +101,20 @@ def tokenizer_probe_texts(n: int = 3000, extra_pieces=()) -> list[str]:
     return texts
 
 
-def assert_same_tokenizer(ours, ref, texts: list[str], token_names=("bos_token", "eos_token", "pad_token", "unk_token")):
+def assert_same_tokenizer(ours, ref, texts: list[str],
+                          token_names=("bos_token", "eos_token", "pad_token", "unk_token")):
     """Ours against a transformers tokenizer: ids with and without special tokens, decoding with and without
     them, the special tokens, the vocabulary size and each named token with its id."""
     for special in (True, False):
-        assert ours(texts, add_special_tokens=special)["input_ids"] == ref(texts, add_special_tokens=special)["input_ids"]
+        assert ours(texts, add_special_tokens=special)["input_ids"] == \
+            ref(texts, add_special_tokens=special)["input_ids"]
     ids = ref(texts)["input_ids"]
     assert ours.batch_decode(ids) == ref.batch_decode(ids)
     assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
     assert ours.all_special_tokens == ref.all_special_tokens and len(ours) == len(ref)
     for name in token_names:
-        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == (getattr(ref, name), getattr(ref, f"{name}_id"))
+        assert (getattr(ours, name), getattr(ours, f"{name}_id")) == \
+            (getattr(ref, name), getattr(ref, f"{name}_id"))
 
 
 def run_without_torch(code: str) -> None:

@@ -577,8 +577,8 @@ def _fast_tokenizer(file: GgufFile, tokenizer, named: dict[str, str], vocab: dic
         bos = named["bos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=file.metadata.get("tokenizer.chat_template"),
-                                   add_bos_token=add_bos, **named)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, add_bos_token=add_bos,
+                                   chat_template=file.metadata.get("tokenizer.chat_template"), **named)
 
 
 def gemma_tokenizer(file: GgufFile):

@@ -23,10 +23,11 @@ tokens only, so a left-padded row gets the positions it would have alone. ``adap
 adapter of a bank per row (see `jtranspeft.peft.bank`).
 
 Models with sliding-window layers (`ModelSpec.layer_types`: gemma3 mixes them with full ones, mistral slides on
-every layer) get two masks and two rope tables, stacked on a leading kind axis (0 full, 1 sliding); each layer picks its own by its index. A sliding
-layer's query at slot q sees key slots (q - sliding_window, q], as transformers does: a row's real tokens
-occupy consecutive slots (padding sits before or after them), so slot distance is token distance. The cache
-keeps every slot on every layer; the sliding layers only mask the old ones.
+every layer) get two masks and two rope tables, stacked on a leading kind axis (0 full, 1 sliding); each layer
+picks its own by its index. A sliding layer's query at slot q sees key slots (q - sliding_window, q], as
+transformers does: a row's real tokens occupy consecutive slots (padding sits before or after them), so slot
+distance is token distance. The cache keeps every slot on every layer; the sliding layers only mask the old ones
+(a ring buffer of sliding_window slots on those layers would be the memory-right cache; not done yet).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ llama, qwen2, qwen3, mistral and gemma3 differ only through its fields (biases, 
 tied embeddings; for Gemma 3 also (1 + w) norms, four norms per layer, scaled embeddings, GeGLU, a query
 scale, final-logit softcapping, and sliding-window layers with their own rope base). Both config forms are
 read: transformers-5 ``rope_parameters`` and the older top-level ``rope_theta`` / ``rope_scaling``. Anything
-we cannot honour exactly is a `SpecError` naming the field; nothing is approximated silently. GGUF files reach this module through
-`jtranspeft.checkpoints.gguf.read_gguf_config`, which produces the same kind of dict.
+we cannot honour exactly is a `SpecError` naming the field; nothing is approximated silently. GGUF files reach
+this module through `jtranspeft.checkpoints.gguf.read_gguf_config`, which produces the same kind of dict.
 
 This module also holds THE table of a decoder layer's projections (`PROJECTIONS`): each one's Hugging Face
 name, the sub-block that holds it (``self_attn`` or ``mlp``: also its place in our params tree and in
