@@ -140,6 +140,25 @@ def test_captured_sublayers_match_the_transformers_hidden_states(tiny, tiny_mode
     assert captured["ffn_hidden"].shape == (2, 1, 6, base.spec.intermediate_size)
 
 
+def test_captured_ffn_input_of_gemma3_is_the_pre_feedforward_norms_input(tmp_path):
+    """Gemma 3 (sandwich norms): h is what transformers' pre_feedforward_layernorm reads, not the attention output."""
+    from reference import make_hf_model
+
+    model = make_hf_model("gemma3_sliding_tied").eval()
+    model.save_pretrained(tmp_path)
+    base = jt.load_base(tmp_path)
+    ids = np.array([[5, 60, 33, 7, 12, 4, 9, 41, 3, 17, 26, 8]], np.int32)
+    seen = []
+    hooks = [layer.pre_feedforward_layernorm.register_forward_hook(lambda m, args, out: seen.append(args[0].numpy()))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.tensor(ids))
+    for hook in hooks:
+        hook.remove()
+    captured = capture_sublayers(base, ids, np.ones_like(ids))
+    np.testing.assert_allclose(captured["ffn_in"], np.stack(seen), atol=1e-4)
+
+
 def test_dropping_one_layer_is_transpeft_knowledge_dropping(tiny):
     base = tiny
     cfg = jt.TransPeftConfig(p_drop=0.5)

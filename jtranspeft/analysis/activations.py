@@ -2,13 +2,14 @@
 
 Each decoder layer computes h = x + Attn(norm1(x)) and out = h + FFN(norm2(h)) with FFN(z) = u W_down,
 u = SiLU(z W_gate) * (z W_up). `capture_sublayers` records, for every layer, the attention sub-block
-output Attn(.), the FFN input h (the input of ``post_attention_layernorm``), the FFN intermediate u (the
-input of ``down_proj``) and the FFN sub-block output FFN(.).
+output Attn(.), the FFN input h (the input of ``post_attention_layernorm``; of ``pre_feedforward_layernorm`` in
+a model with sandwich norms, Gemma 3, where Attn(.) and FFN(.) are taken before their post-norms), the FFN
+intermediate u (the input of ``down_proj``) and the FFN sub-block output FFN(.).
 
 How they are captured: the decoder scans one layer module over the layer axis, and Flax's
 ``capture_intermediates`` / ``sow`` see nothing inside that scan (its ``variable_axes`` lists only the
 params and LoRA collections). Instead a method interceptor (``flax.linen.intercept_methods``) wraps the
-four sub-modules' ``__call__`` during tracing and hands each value to the host with an ordered
+sub-modules' ``__call__`` during tracing and hands each value to the host with an ordered
 ``jax.debug.callback``; within one forward pass the k-th value of a sub-module belongs to layer k. The
 model code is untouched and the forward pass is the ordinary `jtranspeft.apply`.
 
@@ -38,7 +39,10 @@ from jtranspeft.utils.progress import progress_bar
 
 # sub-module name -> (what is recorded, which value of its __call__)
 CAPTURED = {"self_attn": ("attn_out", "output"), "post_attention_layernorm": ("ffn_in", "input"),
-            "down_proj": ("ffn_hidden", "input"), "mlp": ("ffn_out", "output")}
+            "pre_feedforward_layernorm": ("ffn_in_sandwich", "input"), "down_proj": ("ffn_hidden", "input"),
+            "mlp": ("ffn_out", "output")}
+# Sandwich-norm models (Gemma 3) normalise the attention output with post_attention_layernorm and the FFN input
+# with pre_feedforward_layernorm: there h is the latter's input (the former's input is Attn(.)).
 _SINK: list[tuple[str, np.ndarray]] = []
 
 
@@ -72,6 +76,9 @@ def capture_sublayers(base: Base, input_ids, attention_mask, lora: Lora | None =
     for name, value in _SINK:
         values[name].append(value)
     _SINK.clear()
+    sandwich = values.pop("ffn_in_sandwich")
+    if base.spec.sandwich_norms:
+        values["ffn_in"] = sandwich
     num_layers = base.spec.num_layers
     for name, layers in values.items():
         if len(layers) != num_layers:
