@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -133,6 +134,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/jtranspeft_fleet_throughput")
     p.add_argument("--output", default=str(HERE / "results" / "fleet_throughput.json"))
+    p.add_argument("--reuse", action="store_true", help="keep a mode already measured in --work (its report and "
+                   "timing), e.g. after the other mode failed")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--new-base", help=argparse.SUPPRESS)
@@ -147,19 +150,24 @@ def main() -> None:
     new_dir, adapters, prompts = prepare(work, args.model, args.adapters, args.seed)
     info, modes = machine_info(), {}
     for mode, k in (("one by one", 1), ("batched", args.fleet_batch)):
-        out = work / f"out_k{k}"
-        if out.exists():
+        out, record = work / f"out_k{k}", work / f"child_k{k}.json"
+        reused = args.reuse and record.is_file() and (out / "report.json").is_file()
+        if out.exists() and not reused:
             import shutil
 
             shutil.rmtree(out)
-        record = work / f"child_k{k}.json"
         command = [sys.executable, __file__, "--child", str(record), "--out", str(out), "--model", args.model,
                    "--new-base", str(new_dir), "--prompts", str(prompts), "--adapter-dirs", *map(str, adapters),
                    "--fleet-batch", str(k), "--steps", str(args.steps), "--samples", str(args.samples),
                    "--probe-limit", str(args.probe_limit), "--fidelity-tokens", str(args.fidelity_tokens)]
-        subprocess.run(command, check=True)
+        if not reused:
+            record.unlink(missing_ok=True)
+            load = os.getloadavg()[0]
+            subprocess.run(command, check=True)
+            measured = {**json.loads(record.read_text()), "load_before": load, "load_after": os.getloadavg()[0]}
+            record.write_text(json.dumps(measured) + "\n")
         measured = json.loads(record.read_text())
-        modes[mode] = {"fleet_batch": k, **{key: round(v, 1) for key, v in measured.items()},
+        modes[mode] = {"fleet_batch": k, **{key: v if v is None else round(v, 2) for key, v in measured.items()},
                        "adapters_per_hour": round(args.adapters / measured["wall_s"] * 3600, 1), "split_s": split(out)}
     speedup = modes["batched"]["adapters_per_hour"] / modes["one by one"]["adapters_per_hour"]
     result = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k in (

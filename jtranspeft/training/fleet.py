@@ -3,9 +3,11 @@
 `train_fleet(cfgs, out)` takes the run configs of n students (each with its own data, adapter settings and
 ``output_dir``) and trains them together as a trainable `jtranspeft.peft.bank.AdapterBank`
 (`jtranspeft.training.step`): the batch of step s is every member's own batch s (its own data order, as
-alone) stacked row-wise, right-padded to the longest bucket, with each row's adapter in ``adapter_ids``; the
-frozen base (and a distillation teacher, whose adapters form a bank too) runs once over all rows; each adapter
-gets only its own rows' gradients and its own optimizer state. With LoRA dropout 0 every member ends where
+alone), right-padded to the longest bucket and interleaved row by row (`fleet_batch`), with each row's adapter
+in ``adapter_ids``; the step scans it in n x grad_accum micro-batches, each as large as one member's and holding
+rows of every member, so the frozen base (and a distillation teacher, whose adapters form a bank too) serves
+all adapters in each pass while the memory stays that of one member's step; each adapter gets only its own
+rows' gradients and its own optimizer state. With LoRA dropout 0 every member ends where
 it would have alone, up to float rounding (tests/test_fleet.py); with dropout the masks are drawn for the
 fleet's batch, so they differ from a lone run's (the same distribution).
 
@@ -78,16 +80,20 @@ def fleet_directory(root: str | Path, cfgs: Sequence[RunConfig]) -> Path:
 
 
 def fleet_batch(parts: Sequence[dict], pad_ids: Sequence[int]) -> dict:
-    """Member batches [B_i, T_i] -> one batch [sum B_i, max T_i] with ``adapter_ids`` (row i of part j is
-    adapter j's), each part right-padded (token ``pad_ids[j]``, attention and loss masks 0)."""
+    """Member batches [B, T_j] (one batch size B) -> one batch [n B, max T_j] with ``adapter_ids``, each part
+    right-padded (token ``pad_ids[j]``, attention and loss masks 0) and the rows interleaved: row r of member j
+    is row r n + j, so any run of consecutive rows holds every member alike (a micro-batch of B / grad_accum rows
+    takes the same rows of each member's micro-batches, in turn)."""
     width = max(p["input_ids"].shape[1] for p in parts)
     padded = []
     for part, pad_id in zip(parts, pad_ids):
         extra = width - part["input_ids"].shape[1]
         padded.append({k: np.pad(v, ((0, 0), (0, extra)), constant_values=pad_id if k == "input_ids" else 0)
                        for k, v in part.items()})
-    batch = {k: np.concatenate([p[k] for p in padded]) for k in padded[0]}
-    batch["adapter_ids"] = np.concatenate([np.full(len(p["input_ids"]), j, np.int32) for j, p in enumerate(parts)])
+    rows = len(padded[0]["input_ids"])
+    batch = {k: np.stack([p[k] for p in padded], axis=1).reshape(rows * len(parts), *padded[0][k].shape[1:])
+             for k in padded[0]}
+    batch["adapter_ids"] = np.tile(np.arange(len(parts), dtype=np.int32), rows)
     return batch
 
 
@@ -160,8 +166,10 @@ def _fleet_job(cfgs: list[RunConfig], out: Path, base: Base | None, teacher: Bas
         shardings = shardings._replace(base=(shardings.base, *teacher_sh))
         frozen = (base, *place((teacher_base, teachers), teacher_sh))
     max_targets = max(max_targets_of(b.examples) for b in batchers)
-    step_fn = make_step(optimizer, transpeft, first.train.grad_accum, first.train.seed, first.model.remat, shardings,
-                        max_targets, first.distill)
+    # one pass of the scanned step holds as many rows as one member's micro-batch, from every member in turn
+    # (`fleet_batch`): a fleet needs the activation memory of one member's step, not n times it
+    step_fn = make_step(optimizer, transpeft, first.train.grad_accum * len(cfgs), first.train.seed,
+                        first.model.remat, shardings, max_targets, first.distill)
     pad_ids = [b.pad_id for b in batchers]
     last_loss: list = [None] * len(cfgs)
     started = time.perf_counter()
