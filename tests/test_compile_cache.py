@@ -1,5 +1,6 @@
 """The CLIs' persistent compilation cache: a second process finds the train step the first one compiled."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from jtranspeft.cli.common import COMPILE_CACHE_ENV, add_logging_flags
+from jtranspeft.cli.tools import TOOLS
 
 REPO = Path(__file__).resolve().parents[1]
 # One tiny LoRA train step, compiled after the CLIs' setup (`setup_logging`); prints the cache directory in
@@ -85,3 +87,11 @@ def test_the_flag_sets_the_switch_every_cli_reads(argv, monkeypatch):
     add_logging_flags(parser)
     assert parser.parse_args(argv).no_compile_cache == bool(argv)
     assert os.environ.get(COMPILE_CACHE_ENV) == ("0" if argv else None)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_cli_help_offers_the_switch(tool, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"jtranspeft.cli.{tool}").main(["--help"])
+    assert exit_.value.code == 0
+    assert "--no-compile-cache" in capsys.readouterr().out
