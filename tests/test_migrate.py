@@ -100,7 +100,8 @@ def test_rerun_after_sigkill_redoes_nothing_finished(fleet, tiny_model_dir, tmp_
     out = tmp_path / "out"
     command = [sys.executable, "-m", "jtranspeft.migrate", "--adapters", str(root / "math"), str(root / "noprobes"),
                "--old-base", str(tiny_model_dir), "--new-base", str(new_dir), "--out", str(out),
-               "--prompts", str(root / "probes.txt"), "--threshold", "0.15", "--no-distill", "--quiet"]
+               "--prompts", str(root / "probes.txt"), "--threshold", "0.15", "--no-distill", "--fleet-batch", "1",
+               "--quiet"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -293,14 +294,14 @@ def _close(a: float, b: float, tol: float) -> bool:
 
 def test_a_batched_fleet_gives_each_adapter_its_one_by_one_result(fleet, tiny_model_dir, tmp_path):
     """--fleet-batch 3 (shared fidelity passes, both distillations trained as one fleet) against one adapter at
-    a time: the same rungs, decisions and, per rung, KL and top-1 within float tolerance. Measured here: the
-    largest KL difference 0.0 to 1e-6 (bank vs single adapter: folded scales, other batch shapes)."""
+    a time: the same rungs, decisions and, per rung, KL and top-1 within float tolerance. Measured here: KL and
+    top-1 identical on copy and training-free rungs, distilled KL 2.1e-7 apart, top-1 identical."""
     root, new_dir = fleet
     common = ["--adapters", str(root / "math"), str(root / "noprobes"), str(root / "foreign"),
               "--old-base", str(tiny_model_dir), "--new-base", str(new_dir), "--prompts", str(root / "probes.txt"),
               "--accept", "top1", "--threshold", "0.75", "--distill-samples", "12", "--distill-steps", "30",
               "--distill-lr", "2e-3", "--quiet"]
-    assert main(common + ["--out", str(tmp_path / "one")]) == 3
+    assert main(common + ["--out", str(tmp_path / "one"), "--fleet-batch", "1"]) == 3
     assert main(common + ["--out", str(tmp_path / "all"), "--fleet-batch", "3"]) == 3
     alone, together = ({r["name"]: r for r in json.loads((tmp_path / d / "report.json").read_text())["adapters"]}
                        for d in ("one", "all"))
