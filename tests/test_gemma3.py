@@ -128,6 +128,25 @@ def test_adapter_bank_rows_equal_each_adapter_alone_past_the_window(gemma3):
     assert np.abs(logits[0] - np.asarray(jt.apply(base, ids[:1], loras[0], mask[:1]))[0]).max() > 1e-2
 
 
+def test_shira_made_by_peft_on_gemma3_gives_peft_logits(gemma3, tmp_path):
+    """SHiRA on Gemma 3 (sparse deltas on the GeGLU FFN and the attention of sliding and full layers) against
+    peft's own SHiRA model, read from peft's files."""
+    import jax
+    import peft
+    import torch
+
+    _, directory, _ = gemma3
+    torch.manual_seed(5)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(make_hf_model("gemma3_sliding_tied"),
+                                peft.ShiraConfig(r=2, target_modules=targets, init_weights=False)).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    base = jt.load_base(directory)
+    shira = jt.load_peft(tmp_path / "adapter", base)
+    ids, mask = padded_batch(base.spec.vocab_size)
+    assert max_diff_on_tokens(jax.jit(jt.apply)(base, ids, shira, mask), hf_logits(model, ids, mask), mask) <= 1e-4
+
+
 def test_sharding_rules_name_every_gemma3_parameter(gemma3):
     """Every base and LoRA leaf (the four norms per layer and the q/k norms included) gets logical axes of its rank."""
     import jax
