@@ -111,6 +111,7 @@ def fleet_fidelity(teacher: Base, teacher_bank, candidate: Base, candidate_bank,
     rows_n = len(prompt_ids)
     owner = np.zeros(rows_n, np.int32) if ids is None else np.asarray(ids, np.int32)
     kl_n, hits_n, count_n = (np.zeros(rows_n) for _ in range(3))
+    width = max(8, -(-max(map(len, taught)) // 8) * 8)  # the longest answer, rounded up: one shape per length bucket
     for start in range(0, rows_n, batch_size):
         rows = np.arange(start, min(start + batch_size, rows_n))
         seqs = [prompt_ids[i] + taught[i] for i in rows]
@@ -121,7 +122,6 @@ def fleet_fidelity(teacher: Base, teacher_bank, candidate: Base, candidate_bank,
             ids_bt[r, :n], mask_bt[r, :n] = seqs[r], 1
             target_bt[r, n_prompt - 1:n - 1] = 1  # position t predicts continuation token t + 1
         row_ids = None if ids is None else np.pad(owner[rows], (0, batch_size - len(rows)))
-        width = max(8, -(-max(len(taught[i]) for i in rows) // 8) * 8)  # answer tokens per row, rounded up
         stats = _row_stats(teacher, teacher_bank, candidate, candidate_bank, ids_bt, mask_bt, target_bt, row_ids,
                            width=width)
         for total_n, stat_b in zip((kl_n, hits_n, count_n), stats):

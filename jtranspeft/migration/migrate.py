@@ -362,9 +362,7 @@ def _score(scored: list[tuple], old, new, cfg: MigrateConfig) -> None:
     and record each rung. LoRA adapters (not DoRA) of several ladders share the passes: teachers and candidates
     each stacked into an `AdapterBank`, the probes of all in the same batches (`fleet_fidelity`); the others, or
     a single one, are scored alone. Each ladder's teacher answers its probes once, on first use."""
-    from jtranspeft.migration.fidelity import (TeacherAnswers, fidelity, fleet_fidelity, fleet_teacher_answers,
-                                               teacher_answers)
-    from jtranspeft.peft.bank import stack_adapters
+    from jtranspeft.migration.fidelity import TeacherAnswers, fleet_fidelity, fleet_teacher_answers
 
     shared = [k for k, (ladder, candidate) in enumerate(scored) if _bankable(ladder.teacher) and _bankable(candidate[1])]
     groups = [[scored[k] for k in shared]] if len(shared) > 1 else []
@@ -372,34 +370,35 @@ def _score(scored: list[tuple], old, new, cfg: MigrateConfig) -> None:
     tokens = cfg.fidelity_tokens
     for group in groups:
         ladders = [ladder for ladder, _ in group]
-        if len(group) == 1:
-            (ladder, (name, lora, directory, started)), = group
-            if ladder.answers is None:
-                ladder.answers = teacher_answers(old, ladder.teacher, [p["prompt"] for p in ladder.probes],
-                                                 max_new_tokens=tokens, add_special_tokens=ladder.template != "chat")
-            scores = fidelity(old, ladder.teacher, new, lora, ladder.answers, max_new_tokens=tokens)
-            ladder.record(name, scores, directory, time.perf_counter() - started)
-            continue
-        teachers = stack_adapters([ladder.teacher for ladder in ladders])
+        batch_size = FLEET_DECODE_BATCH if len(group) > 1 else 8
         unanswered = [ladder for ladder in ladders if ladder.answers is None]
         if unanswered:  # the teachers answer their probes together, one base pass for all
-            made = fleet_teacher_answers(old, stack_adapters([ladder.teacher for ladder in unanswered]),
+            made = fleet_teacher_answers(old, _one_or_bank([ladder.teacher for ladder in unanswered]),
                                          [[p["prompt"] for p in ladder.probes] for ladder in unanswered],
-                                         max_new_tokens=tokens, batch_size=FLEET_DECODE_BATCH,
+                                         max_new_tokens=tokens, batch_size=batch_size,
                                          add_special_tokens=[ladder.template != "chat" for ladder in unanswered])
+            owners = made.adapter_ids or [0] * len(made.prompt_ids)
             for i, ladder in enumerate(unanswered):
-                mine = [k for k, owner in enumerate(made.adapter_ids) if owner == i]
+                mine = [k for k, owner in enumerate(owners) if owner == i]
                 ladder.answers = TeacherAnswers([made.prompt_ids[k] for k in mine], [made.answers[k] for k in mine])
         answers = TeacherAnswers([ids for ladder in ladders for ids in ladder.answers.prompt_ids],
                                  [ids for ladder in ladders for ids in ladder.answers.answers],
-                                 [i for i, ladder in enumerate(ladders) for _ in ladder.answers.prompt_ids])
-        candidates = stack_adapters([candidate[1] for _, candidate in group])
-        results = fleet_fidelity(old, teachers, new, candidates, answers, max_new_tokens=tokens,
-                                 batch_size=FLEET_DECODE_BATCH)
+                                 [i for i, ladder in enumerate(ladders) for _ in ladder.answers.prompt_ids]
+                                 if len(group) > 1 else None)
+        results = fleet_fidelity(old, _one_or_bank([ladder.teacher for ladder in ladders]), new,
+                                 _one_or_bank([candidate[1] for _, candidate in group]), answers,
+                                 max_new_tokens=tokens, batch_size=batch_size)
         first = min(candidate[3] for _, candidate in group)
-        share = (time.perf_counter() - first) / len(group)  # the fleet's wall time for this rung, split evenly
+        share = (time.perf_counter() - first) / len(group)  # the rung's wall time, split evenly over a fleet
         for (ladder, (name, _, directory, _)), scores in zip(group, results):
             ladder.record(name, scores, directory, share, len(group))
+
+
+def _one_or_bank(adapters: list):
+    """The one adapter itself (any family), or several LoRAs stacked into an `AdapterBank`."""
+    from jtranspeft.peft.bank import stack_adapters
+
+    return adapters[0] if len(adapters) == 1 else stack_adapters(adapters)
 
 
 def _distill(ladders: list[_Ladder], old, new, out: Path) -> None:

@@ -43,7 +43,7 @@ from jtranspeft.training.finetune import (_save_adapter, _start_from, init_adapt
 from jtranspeft.training.sharding import make_mesh, place
 from jtranspeft.training.step import (StepShardings, TrainState, base_shardings, init_opt_state, make_optimizer,
                                      make_step, max_targets_of)
-from jtranspeft.utils.config_io import to_dict, to_yaml
+from jtranspeft.utils.config_io import drop_settings, to_dict, to_yaml
 from jtranspeft.utils.errors import InputError
 from jtranspeft.utils.files import write_directory, write_text_atomic
 
@@ -61,13 +61,7 @@ def fleet_key(cfg: RunConfig) -> str | None:
     lora = cfg.lora
     if cfg.peft != "lora" or lora.use_dora or lora.rank_pattern or lora.alpha_pattern:
         return None
-    tree = to_dict(cfg)
-    for key in MEMBER_SETTINGS:
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p) or {}
-        node.pop(leaf, None)
+    tree = drop_settings(to_dict(cfg), MEMBER_SETTINGS)
     tree["lora_scale"] = lora.alpha / (lora.r ** 0.5 if lora.use_rslora else lora.r)
     return json.dumps(tree, sort_keys=True, default=str)
 

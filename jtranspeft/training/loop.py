@@ -41,7 +41,7 @@ from jtranspeft.training.metrics import MetricsLog
 from jtranspeft.training.sharding import place
 from jtranspeft.training.state import Checkpoints
 from jtranspeft.training.step import StepShardings, TrainState, lr_schedule
-from jtranspeft.utils.config_io import to_dict, to_yaml
+from jtranspeft.utils.config_io import drop_settings, to_dict, to_yaml
 from jtranspeft.utils.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_SIGTERM, RunStopped
 from jtranspeft.utils.files import new_directories, remove_unused
 from jtranspeft.utils.progress import progress_bar
@@ -89,14 +89,7 @@ def config_digest(cfg) -> str:
     train = tree.get("train", {})
     schedule_spans_run = train.get("schedule", "constant") != "constant" or (
         train.get("warmup_steps") is None and bool(train.get("warmup_ratio")))
-    for key in RESUMABLE_CHANGES:
-        if key == "train.max_steps" and schedule_spans_run:
-            continue
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
+    drop_settings(tree, [k for k in RESUMABLE_CHANGES if not (k == "train.max_steps" and schedule_spans_run)])
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -531,6 +531,18 @@ def to_dict(instance: Any) -> dict:
     return _plain(instance)
 
 
+def drop_settings(tree: dict, keys: Sequence[str]) -> dict:
+    """``tree`` (`to_dict` output) without the dotted ``keys`` ("train.lr", or a whole section "checkpoint"),
+    changed in place and returned; a key or section the tree lacks is skipped."""
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p) or {}
+        node.pop(leaf, None)
+    return tree
+
+
 def dump_yaml(instance: Any, path: str | Path) -> Path:
     """Write the resolved config to ``path`` (parents created); `load_config` reads it back equal."""
     path = Path(path)
