@@ -2,7 +2,8 @@
 
 The pair is SmolLM2-135M-Instruct (old) and the broad FFN update of the proof experiment at the lambda its gates
 chose (new; `configs/experiments/smollm2_update_proof.yaml`). Tasks that lean on different abilities: chain_sum
-(addition), products (the multiplication table), family_relationships (reading relations from a short story);
+(addition), products (the multiplication table), family_relationships (reading relations from a short story),
+word_sequence_reversal (two or three words in reverse order: copying, an attention task);
 leg_counting (facts about animals) and letter_counting (characters) were tried first and failed the gate.
 For each task:
 
@@ -13,15 +14,21 @@ For each task:
 2. `jt.migrate` with threshold 0, so every rung runs: copy, training-free (project, rescale), Trans-LoRA
    distillation (250 synthetic prompts, 100 steps, from the best earlier rung); the fidelity of each rung (KL and
    top-1 agreement on the held-out half of the probes; the other half seeds distillation), and of Fine-tune_n.
-3. Accuracy on the new base of every rung and of Fine-tune_n, on the same held-out items (paired), and of
-   Fine-tune_o and no adapter on the old base.
+   One migrate run per distillation loss (``--losses``: tokens = cross entropy on the teacher's answer, logits =
+   KL to the teacher's next-token distributions), every later one on the first one's synthetic set.
+3. Accuracy on the new base of copy, the training-free rung of lowest KL, every distilled rung and Fine-tune_n,
+   on the same held-out items (paired), and of Fine-tune_o and no adapter on the old base.
 
-Reported: accuracy per (task, rung); the share of the copy -> Fine-tune_n gap each rung recovers; the rung each
-acceptance rule (KL <= 0.2, top-1 >= 0.75) would pick; the Spearman rank correlation of KL and of top-1 with
-accuracy over the (adapter, rung or Fine-tune_n) pairs of the gated adapters; each rung's wall time. Every piece
-is cached, so a rerun resumes.
+``--families dora shira`` adds an adapter of each family on ``--family-task`` (chain_sum), through the same
+steps into the same family. Reported: accuracy per (task, rung), as a share of the teacher's own and of the
+copy -> Fine-tune_n gap, paired against Fine-tune_n and against the teacher; the rung each acceptance rule
+(KL <= 0.2, top-1 >= 0.75) would pick; each distilled rung's wall time split (synthesis, teacher answers,
+training steps, the rest) beside Fine-tune_n's training; the Spearman rank correlation of KL and of top-1 with
+accuracy over the (adapter, rung or Fine-tune_n) pairs of the gated adapters. Every piece is cached, so a rerun
+resumes.
 
-    python benchmarks/fleet_smollm2.py --new runs/experiments/smollm2_update_proof/bases/lambda_0.5
+    python benchmarks/fleet_smollm2.py --new runs/experiments/smollm2_update_proof/bases/lambda_0.5 \
+        --tasks chain_sum products family_relationships word_sequence_reversal --families dora shira
     python benchmarks/fleet_smollm2.py --gate --tasks spell_backward   # try a task: train Fine-tune_o, gate it
 
 Writes benchmarks/results/fleet_smollm2/{results.json,results.md,gates.json,predictions.jsonl} and the fleet report
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -41,32 +49,37 @@ import numpy as np
 from machine import machine_info, machine_line
 
 RECIPE = Path(__file__).parents[1] / "configs" / "experiments" / "chain_sum_lora.yaml"
-TASKS = {  # name: (rg_kwargs, data.max_length, buckets); prompts need a third of max_length for distillation
+TASKS = {  # name: (rg_kwargs, data.max_length, buckets[, answer tokens scored: 8]); prompts need a third of
+    # max_length for distillation
     "chain_sum": ({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, 64, [48, 64]),
     "leg_counting": ({"min_animals": 1, "max_animals": 2, "max_instances": 3}, 144, [80, 144]),
     "letter_counting": ({"min_words": 3, "max_words": 5}, 112, [64, 112]),
     "products": ({"min_digits": 1, "max_digits": 1}, 96, [64, 96]),
     "family_relationships": ({"min_family_size": 3, "max_family_size": 4}, 176, [80, 176]),
     "spell_backward": ({"min_word_len": 3, "max_word_len": 5}, 64, [48, 64]),
+    "word_sequence_reversal": ({"min_words": 2, "max_words": 3}, 128, [96, 128], 16),
 }
 DEFAULT_TASKS = ["chain_sum", "products", "family_relationships"]  # the gated fleet
 GATE_P = 0.05  # Fine-tune_o must beat no adapter on the old base at this McNemar p ...
 GATE_MAJORITY = 0.5  # ... and its most common answer must be under this share of the items
-RUNGS = ("copy", "training-free (project)", "training-free (rescale)", "distill")
+# other PEFT families (--families): the same recipe with these overrides (configs/experiments/smollm2_families.yaml)
+FAMILIES = {"lora": [], "dora": ["lora.use_dora=true"],
+            "shira": ["peft=shira", 'shira.targets=["q_proj","k_proj","v_proj","o_proj"]', "shira.r=8"]}
 
 
-def train_piece(task: str, base_path: str, out: Path, steps: int) -> tuple[Path, float | None]:
-    """Train (or reuse) the task's adapter on ``base_path``; (adapter dir, seconds or None when reused)."""
+def train_piece(task: str, base_path: str, out: Path, steps: int, family: str = "lora") -> tuple[Path, float | None]:
+    """Train (or reuse) the task's adapter of ``family`` (FAMILIES) on ``base_path``; (adapter dir, seconds or
+    None when reused)."""
     from jtranspeft.training.config import RunConfig
     from jtranspeft.training.finetune import train
     from jtranspeft.utils.config_io import load_config
 
     if (out / "summary.json").is_file():
         return out / "adapter", None
-    kwargs, max_length, buckets = TASKS[task]
+    kwargs, max_length, buckets = TASKS[task][:3]
     overrides = [f"output_dir={out}", f"model.path={base_path}", f"data.source=reasoning_gym:{task}", "data.rg_kwargs=",
                  f"data.rg_kwargs={json.dumps(kwargs)}", f"data.max_length={max_length}",
-                 f"data.buckets={json.dumps(buckets)}", f"train.max_steps={steps}", "checkpoint.every=50"]
+                 f"data.buckets={json.dumps(buckets)}", f"train.max_steps={steps}", "checkpoint.every=50", *FAMILIES[family]]
     tick = time.perf_counter()
     train(load_config(RunConfig, [RECIPE], overrides))
     return out / "adapter", round(time.perf_counter() - tick, 1)
@@ -78,20 +91,21 @@ def evaluate_piece(base, task: str, adapter: Path | None, out: Path, limit: int)
 
     if not (out / "results.json").is_file():
         config = EvalConfig(task=f"rg:{task}", rg_kwargs=TASKS[task][0], limit=limit, seed=42, batch_size=64,
-                            max_new_tokens=8, template="alpaca")
+                            max_new_tokens=(*TASKS[task], 8)[3], template="alpaca")
         evaluate(base, config, adapter=adapter, merge=adapter is not None, out=out)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     return {**json.loads((out / "results.json").read_text()), "predictions": rows}
 
 
-def gate(base, task: str, adapter: Path, work: Path, limit: int) -> dict:
-    """Did Fine-tune_o learn its task? Paired vs no adapter on the old base, and not one answer for everything."""
+def gate(base, task: str, adapter: Path, root: Path, limit: int) -> dict:
+    """Did Fine-tune_o learn its task? Paired vs no adapter on the old base, and not one answer for everything.
+    ``root``: the adapter's work folder (``work/<task>``, or ``work/<task>_<family>``)."""
     from collections import Counter
 
     from jtranspeft.analysis.paired import align, compare
 
-    tuned = evaluate_piece(base, task, adapter, work / task / "eval_fto", limit)
-    floor = evaluate_piece(base, task, None, work / task / "eval_none_old", limit)
+    tuned = evaluate_piece(base, task, adapter, root / "eval_fto", limit)
+    floor = evaluate_piece(base, task, None, root.parent / task / "eval_none_old", limit)
     paired = compare(*align(floor["predictions"], tuned["predictions"]))  # Fine-tune_o - no adapter
     answer, count = Counter(row["extracted"] for row in tuned["predictions"]).most_common(1)[0]
     majority = count / len(tuned["predictions"])
@@ -155,6 +169,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS),
                         help="the fleet, in this order (migrate names its adapters fine_tune_o, fine_tune_o-2, ... "
                              "by position, so keep the order of an existing work dir)")
+    parser.add_argument("--families", nargs="+", default=[], choices=sorted(set(FAMILIES) - {"lora"}),
+                        help="also an adapter of each of these families on --family-task (Fine-tune_o, Fine-tune_n "
+                             "and the ladder into the same family), after the LoRA fleet")
+    parser.add_argument("--family-task", default="chain_sum", choices=list(TASKS))
     parser.add_argument("--gate", action="store_true",
                         help="only train Fine-tune_o, score it and no adapter on the old base and print the gate "
                              "(did the adapter learn its task?): for choosing tasks")
@@ -162,6 +180,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
     parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--losses", nargs="+", default=["tokens", "logits"], choices=["tokens", "logits", "mix"],
+                        help="one migrate run per distillation loss (migrate's --distill-loss), each in its own "
+                             "work dir, all on the first one's synthetic set: the table gets a distilled row per loss")
     parser.add_argument("--kl-threshold", type=float, help="for the 'chosen at KL' column (default: migrate's)")
     parser.add_argument("--top1-threshold", type=float, help="for the 'chosen at top-1' column (default: migrate's)")
     parser.add_argument("--report", action="store_true",
@@ -190,34 +211,45 @@ def main() -> None:
             seconds[key] = value
             (work / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
 
-    adapters = {}
+    adapters, peaks = {}, {}
     old = jt.load_base(old_path) if args.gate else None
     gates = json.loads((args.out / "gates.json").read_text()) if (args.out / "gates.json").is_file() else {}
-    for task in args.tasks:
+    names = list(args.tasks) + [f"{args.family_task}_{f}" for f in args.families if f != "lora"]
+    task_of = {name: name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1] in FAMILIES else name for name in names}
+    family_of = {name: name.rsplit("_", 1)[-1] if name != task_of[name] else "lora" for name in names}
+    for name in names:
+        task = task_of[name]
         if args.report:
-            adapters[task] = work / task / "fine_tune_o" / "adapter"
+            adapters[name] = work / name / "fine_tune_o" / "adapter"
             continue
-        adapters[task], spent = train_piece(task, str(old_path), work / task / "fine_tune_o", args.steps)
-        note(f"{task}/fine_tune_o", spent)
+        adapters[name], spent = train_piece(task, str(old_path), work / name / "fine_tune_o", args.steps, family_of[name])
+        note(f"{name}/fine_tune_o", spent)
         if args.gate:
-            gates[task] = gate(old, task, adapters[task], work, args.limit)
-            print(format_gate(task, gates[task]), flush=True)
+            gates[name] = gate(old, task, adapters[name], work / name, args.limit)
+            print(format_gate(name, gates[name]), flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
             continue
-        _, spent = train_piece(task, args.new, work / task / "fine_tune_n", args.steps)
-        note(f"{task}/fine_tune_n", spent)
+        _, spent = train_piece(task, args.new, work / name / "fine_tune_n", args.steps, family_of[name])
+        note(f"{name}/fine_tune_n", spent)
     if args.gate:
         return
-    if args.report:  # only the adapters migrate has finished; nothing trained or migrated here
-        finished = [json.loads(f.read_text()) for f in sorted((work / "migrate").glob("*/result.json"))]
-        by_source = {r["source"]: r for r in finished}
-        args.tasks = [t for t in args.tasks if str(adapters[t]) in by_source]
-        report = {"adapters": [by_source[str(adapters[t])] for t in args.tasks]}
-    else:
-        report = migrate([adapters[t] for t in args.tasks], old_path, args.new, work / "migrate",
-                         MigrateConfig(threshold=0.0, distill_samples=args.distill_samples,
-                                       distill_steps=args.distill_steps), progress=True)
+    reports = {}
+    for i, loss in enumerate(args.losses):
+        directory = migrate_dir(work, loss)
+        if args.report:  # only the adapters migrate has finished; nothing trained or migrated here
+            finished = [json.loads(f.read_text()) for f in sorted(directory.glob("*/result.json"))]
+            by_source = {r["source"]: r for r in finished}
+            reports[loss] = [by_source.get(str(adapters[name])) for name in names]
+            continue
+        if i:  # the same synthetic set for every loss: paired rows, and synthesis paid once
+            share_synthetic(migrate_dir(work, args.losses[0]), directory)
+        config = MigrateConfig(threshold=0.0, distill_samples=args.distill_samples, distill_steps=args.distill_steps,
+                               distill_loss=loss)
+        reports[loss] = migrate([adapters[name] for name in names], old_path, args.new, directory, config,
+                                progress=True)["adapters"]
+        peaks[loss] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, the process's peak so far
+    finished = [name for k, name in enumerate(names) if all(reports[loss][k] for loss in args.losses)]
     old, new = jt.load_base(old_path), jt.load_base(args.new)
     rows, pairs, kept = [], [], []  # kept: every scored answer, for predictions.jsonl
 
@@ -225,49 +257,68 @@ def main() -> None:
         kept.extend({"task": task, "row": row_name, **{k: r[k] for k in ("index", "extracted", "gold", "correct")}}
                     for r in predictions)
 
-    for task, result in zip(args.tasks, report["adapters"]):
-        gated = gate(old, task, adapters[task], work, args.limit)
-        reference = evaluate_piece(new, task, work / task / "fine_tune_n" / "adapter", work / task / "eval_ftn", args.limit)
-        teacher = evaluate_piece(old, task, adapters[task], work / task / "eval_fto", args.limit)["predictions"]
+    for name in finished:
+        task, root = task_of[name], work / name
+        results = {loss: reports[loss][names.index(name)] for loss in args.losses}
+        first = results[args.losses[0]]
+        gated = gate(old, task, adapters[name], root, args.limit)
+        reference = evaluate_piece(new, task, root / "fine_tune_n" / "adapter", root / "eval_ftn", args.limit)
+        teacher = evaluate_piece(old, task, adapters[name], root / "eval_fto", args.limit)["predictions"]
         reference["agreement"] = agreement(teacher, reference["predictions"])
-        keep(task, "fine_tune_o on old", teacher)
-        keep(task, "no adapter on old", evaluate_piece(old, task, None, work / task / "eval_none_old", args.limit)["predictions"])
-        keep(task, "fine_tune_n", reference["predictions"])
+        keep(name, "fine_tune_o on old", teacher)
+        keep(name, "no adapter on old", evaluate_piece(old, task, None, work / task / "eval_none_old", args.limit)["predictions"])
+        keep(name, "fine_tune_n", reference["predictions"])
+        # the rows: copy, the training-free rung of lowest KL, the distilled rung of every loss
+        ladder = {r["rung"]: r for r in first["rungs"]}
+        training_free = min((r for r in ladder if r.startswith("training-free")), key=lambda r: ladder[r]["kl"],
+                            default=None)
+        chosen_rungs = {"copy": ladder["copy"], **({training_free: ladder[training_free]} if training_free else {})}
+        for loss, result in results.items():
+            chosen_rungs[f"distill ({loss})"] = next(r for r in result["rungs"] if r["rung"] == "distill")
         rungs = {}
-        for rung in result["rungs"]:
-            name = rung["rung"]
-            scored = evaluate_piece(new, task, Path(rung["adapter"]), work / task / "eval" / name.split(" ")[-1].strip("()"),
-                                    args.limit)
-            rungs[name] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
-                           "accuracy": scored["accuracy"], "agreement": agreement(teacher, scored["predictions"]),
-                           "predictions": scored["predictions"]}
-            keep(task, name, scored["predictions"])
+        for label, rung in chosen_rungs.items():
+            slug = label.replace("training-free ", "").replace("distill ", "distill_").strip("()").replace("(", "")
+            scored = evaluate_piece(new, task, Path(rung["adapter"]), root / "eval" / slug, args.limit)
+            rungs[label] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
+                            "accuracy": scored["accuracy"], "agreement": agreement(teacher, scored["predictions"]),
+                            "predictions": scored["predictions"]}
+            if label.startswith("distill"):
+                rungs[label]["cost"] = distill_cost(rung, shared=label != f"distill ({args.losses[0]})")
+            keep(name, label, scored["predictions"])
             if gated["passed"]:
-                pairs.append((rung["kl"], rung["top1"], scored["accuracy"], rungs[name]["agreement"]))
-        ftn_fidelity = reference_fidelity(old, new, adapters[task], work / task)
+                pairs.append((rung["kl"], rung["top1"], scored["accuracy"], rungs[label]["agreement"]))
+        ftn_fidelity = reference_fidelity(old, new, adapters[name], root)
         if gated["passed"]:
             pairs.append((ftn_fidelity["kl"], ftn_fidelity["top1"], reference["accuracy"], reference["agreement"]))
-        copy_acc, ftn_acc = rungs["copy"]["accuracy"], reference["accuracy"]
+        copy_acc, ftn_acc, teacher_acc = rungs["copy"]["accuracy"], reference["accuracy"], gated["fine_tune_o_on_old"]
         gap = ftn_acc - copy_acc
-        training_free = min((r for r in rungs if r.startswith("training-free")), key=lambda r: rungs[r]["kl"])
         chosen = {}
         for measure, rule in rules.items():
-            passing = [r for r in RUNGS if r in rungs and rule.passes(rungs[r])]
+            passing = [r for r in rungs if rule.passes(rungs[r])]
             chosen[measure] = passing[0] if passing else "retrain"
-        row = {"task": task, "gate": gated, "fine_tune_o_on_old": gated["fine_tune_o_on_old"],
+        row = {"task": name, "family": family_of[name], "gate": gated, "fine_tune_o_on_old": teacher_acc,
                "fine_tune_n": ftn_acc, "fine_tune_n_fidelity": ftn_fidelity,
                "fine_tune_n_agreement": reference["agreement"],
-               "train_seconds": seconds.get(f"{task}/fine_tune_o"), "chosen": chosen,
+               "fine_tune_n_minus_teacher": compare(*align(teacher, reference["predictions"])),
+               "train_seconds": seconds.get(f"{name}/fine_tune_o"),
+               "fine_tune_n_train_seconds": seconds.get(f"{name}/fine_tune_n"), "chosen": chosen,
                "best_training_free": training_free, "rungs": {}}
-        for name, rung in rungs.items():
-            paired = compare(*align(reference["predictions"], rung["predictions"]))  # rung - Fine-tune_n
-            row["rungs"][name] = {k: v for k, v in rung.items() if k != "predictions"} | {
+        for label, rung in rungs.items():
+            row["rungs"][label] = {k: v for k, v in rung.items() if k != "predictions"} | {
                 "gap_recovered": (rung["accuracy"] - copy_acc) / gap if gap > 0 else None,
-                "minus_fine_tune_n": paired}
+                "of_teacher": rung["accuracy"] / teacher_acc if teacher_acc else None,
+                "minus_fine_tune_n": compare(*align(reference["predictions"], rung["predictions"])),
+                "minus_teacher": compare(*align(teacher, rung["predictions"]))}
+        distilled = [rungs[f"distill ({loss})"]["predictions"] for loss in args.losses]
+        if len(distilled) > 1:  # every other loss against the first, paired
+            row["distill_vs_first_loss"] = {loss: compare(*align(distilled[0], other))
+                                            for loss, other in zip(args.losses[1:], distilled[1:])}
         rows.append(row)
     kl, top1, acc, agree = zip(*pairs) if pairs else ((), (), (), ())
     enough = len(pairs) > 2
     results = {"old": str(old_path), "new": args.new, "steps": args.steps, "limit": args.limit,
+               "losses": args.losses, "distill_samples": args.distill_samples, "distill_steps": args.distill_steps,
+               "peak_rss_mb_after": peaks or None,
                "thresholds": {m: rule.threshold for m, rule in rules.items()}, "tasks": rows, "pairs": len(pairs),
                "spearman_kl_accuracy": spearman(kl, acc) if enough else None,
                "spearman_top1_accuracy": spearman(top1, acc) if enough else None,
@@ -278,44 +329,77 @@ def main() -> None:
     (args.out / "results.md").write_text(format_results(results), encoding="utf-8")
     (args.out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
                                                 encoding="utf-8")
-    for name in ("report.md", "report.json", "report.png"):
-        if (work / "migrate" / name).is_file():
-            shutil.copy(work / "migrate" / name, args.out / name)
+    for loss in args.losses:  # migrate's own fleet report of each run: report.md, report_logits.md, ...
+        for name in ("report.md", "report.json", "report.png"):
+            if (migrate_dir(work, loss) / name).is_file():
+                shutil.copy(migrate_dir(work, loss) / name, args.out / name.replace(".", suffix(loss) + "."))
     print(machine_line(results["machine"]))
     print(format_results(results))
 
 
 def format_results(results: dict) -> str:
-    """The fleet table in markdown: the gate, one row per (task, rung), the references and the correlations."""
+    """The fleet table in markdown: the gate, one row per (task, rung), the references, the distillation cost and
+    the correlations."""
     t = results["thresholds"]
     lines = ["# Fleet migration on SmolLM2 (benchmarks/fleet_smollm2.py)", "",
              f"old `{results['old']}` -> new `{results['new']}`; {results['limit']} held-out items per task, the same "
              "items for every row; accuracy = exact match. Fidelity (KL, top-1 agreement with old base + adapter) on "
-             "the held-out half of the adapter's stored training prompts (the other half seeds distillation). Gap "
-             "recovered = (rung - copy) / (Fine-tune_n - copy). Paired difference vs Fine-tune_n: McNemar exact p and "
-             "the bootstrap 95% CI. Answers as teacher: the share of the items on which the row gives Fine-tune_o's answer on "
-             "the old base, right or wrong (what a fidelity measure estimates).", "",
-             "| task | row | accuracy | answers as teacher | KL (fidelity) | top-1 | gap recovered | "
-             "vs Fine-tune_n [95% CI], p | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "the held-out half of the adapter's stored training prompts (the other half seeds distillation). "
+             f"Distillation: {results.get('distill_samples')} synthetic prompts, {results.get('distill_steps')} steps, "
+             "one run per loss on the same synthetic set (tokens: cross entropy on the teacher's answer; logits: "
+             "KL(teacher || student) of the next-token distributions, the teacher beside the student in the step). "
+             "Of teacher = accuracy / the teacher's own accuracy (on the old base). Gap recovered = (rung - copy) / "
+             "(Fine-tune_n - copy). Paired differences: McNemar exact p and the bootstrap 95% CI. Answers as teacher: "
+             "the share of the items on which the row gives Fine-tune_o's answer on the old base, right or wrong (what "
+             "a fidelity measure estimates). Best training-free: the training-free rung of lowest KL.", "",
+             "| task | row | accuracy | of teacher | answers as teacher | KL (fidelity) | top-1 | gap recovered | "
+             "vs Fine-tune_n [95% CI], p | vs teacher [95% CI], p | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def paired(d):
+        return f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], p {d['p_mcnemar']:.3g}"
+
     for row in results["tasks"]:
         task, g = row["task"], row["gate"]
-        lines.append(f"| {task} | no adapter on old | {100 * g['no_adapter_on_old']:.1f} | - | - | - | - | - | - |")
-        lines.append(f"| {task} | Fine-tune_o on old (teacher) | {100 * row['fine_tune_o_on_old']:.1f} | 100 | - | - | - "
-                     "| - | "
-                     f"{row['train_seconds'] or '-'} |")
+        lines.append(f"| {task} | no adapter on old | {100 * g['no_adapter_on_old']:.1f} | - | - | - | - | - | - | - | - |")
+        lines.append(f"| {task} | Fine-tune_o on old (teacher) | {100 * row['fine_tune_o_on_old']:.1f} | 100% | 100 | - | "
+                     f"- | - | - | - | {row['train_seconds'] or '-'} |")
         for name, rung in row["rungs"].items():
-            d = rung["minus_fine_tune_n"]
             gap = "-" if rung["gap_recovered"] is None else f"{100 * rung['gap_recovered']:.0f}%"
-            lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {100 * rung['agreement']:.1f} | "
-                         f"{rung['kl']:.3f} | {rung['top1']:.3f} | "
-                         f"{gap} | {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
-                         f"p {d['p_mcnemar']:.3g} | {rung['seconds']} |")
+            share = "-" if rung.get("of_teacher") is None else f"{100 * rung['of_teacher']:.0f}%"
+            lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {share} | {100 * rung['agreement']:.1f} | "
+                         f"{rung['kl']:.3f} | {rung['top1']:.3f} | {gap} | {paired(rung['minus_fine_tune_n'])} | "
+                         f"{paired(rung['minus_teacher']) if 'minus_teacher' in rung else '-'} | "
+                         f"{rung.get('cost', {}).get('total', rung['seconds'])} |")
         f = row["fine_tune_n_fidelity"]
-        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | {100 * row['fine_tune_n_agreement']:.1f} "
-                     f"| {f['kl']:.3f} | {f['top1']:.3f} | 100% | - | - |")
+        vs_teacher = paired(row["fine_tune_n_minus_teacher"]) if "fine_tune_n_minus_teacher" in row else "-"
+        of_teacher = f"{100 * row['fine_tune_n'] / row['fine_tune_o_on_old']:.0f}%" if row["fine_tune_o_on_old"] else "-"
+        lines.append(f"| {task} | Fine-tune_n | {100 * row['fine_tune_n']:.1f} | {of_teacher} | "
+                     f"{100 * row['fine_tune_n_agreement']:.1f} | {f['kl']:.3f} | {f['top1']:.3f} | 100% | - | {vs_teacher} | "
+                     f"{row.get('fine_tune_n_train_seconds') or '-'} |")
         lines.append(f"| {task} | *chosen at KL <= {t['kl']} / top-1 >= {t['top1']}* | {row['chosen']['kl']} / "
-                     f"{row['chosen']['top1']} | | | | | | |")
+                     f"{row['chosen']['top1']} | | | | | | | | |")
+    costs = [(row["task"], name, rung["cost"], row.get("fine_tune_n_train_seconds"))
+             for row in results["tasks"] for name, rung in row["rungs"].items() if "cost" in rung]
+    if costs:
+        lines += ["", "Wall seconds per adapter of each distilled rung (a fleet's shared passes split evenly over its "
+                  "adapters; a later loss reuses the first one's synthetic set, whose seconds are counted in its total "
+                  "too), beside Fine-tune_n's training with labels:", "",
+                  "| task | row | synthesis | teacher answers | training steps | fidelity and the rest | total | "
+                  "Fine-tune_n training | total / Fine-tune_n |", "|---|---|---|---|---|---|---|---|---|"]
+        for task, name, c, ftn in costs:
+            ratio = f"{c['total'] / ftn:.2f}x" if ftn and c["total"] is not None else "-"
+            lines.append(f"| {task} | {name} | {c['synthesis']} | {c['teacher']} | {c['train']} | {c['rest']} | "
+                         f"{c['total']} | {ftn or '-'} | {ratio} |")
+    versus = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_first_loss", {}).items()]
+    if versus:
+        first = results["losses"][0]
+        lines += ["", f"Distilled with another loss minus distilled with {first} (paired, same items, same synthetic "
+                  "set): " + "; ".join(f"{task} {loss}: {paired(d)}" for task, loss, d in versus)]
+    if results.get("peak_rss_mb_after"):
+        lines += ["", "Peak RSS of the process after each migrate run (MB; cumulative, so a later run shows its own peak "
+                  "only where it is higher): " + ", ".join(f"{loss} {mb:.0f}" for loss, mb in
+                                                            results["peak_rss_mb_after"].items())]
     lines += ["", "Gate (did Fine-tune_o learn its task?): " + "; ".join(
         format_gate(row["task"], row["gate"]) for row in results["tasks"]), ""]
     if results["spearman_kl_accuracy"] is not None:
@@ -325,6 +409,42 @@ def format_results(results: dict) -> str:
                   f"the share of answers as the teacher's: KL {results['spearman_kl_agreement']:.2f}, top-1 "
                   f"{results['spearman_top1_agreement']:.2f}.", ""]
     return "\n".join(lines)
+
+
+def migrate_dir(work: Path, loss: str) -> Path:
+    """The migrate run of one distillation loss: ``work/migrate`` for tokens, ``work/migrate_<loss>`` else."""
+    return work / f"migrate{suffix(loss)}"
+
+
+def suffix(loss: str) -> str:
+    """"" for the tokens loss, "_<loss>" for another: names the run's directory and its copied report."""
+    return "" if loss == "tokens" else f"_{loss}"
+
+
+def share_synthetic(source: Path, target: Path) -> None:
+    """Give every adapter of the migrate run in ``target`` the synthetic set (and its record) that the run in
+    ``source`` made, unless it has one: migrate reuses a stored set, so the losses are compared on the same data."""
+    for made in sorted(source.glob("*/distill/synthetic.jsonl")):
+        directory = target / made.parent.relative_to(source)
+        if not (directory / "synthetic.jsonl").is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            for name in ("synthesis.json", "synthetic.jsonl"):  # the set last: it marks the copy complete
+                if (made.parent / name).is_file():
+                    shutil.copy(made.parent / name, directory / name)
+
+
+def distill_cost(rung: dict, shared: bool) -> dict:
+    """The wall seconds of a distilled rung split into synthesis, teacher answers, training steps and the rest
+    (fidelity, loading); ``shared``: the synthetic set was made by another run, whose synthesis and teacher
+    seconds are added to the total (what this loss would cost alone)."""
+    synthesis = rung.get("synthesis") or {}
+    made, answered, trained = (synthesis.get("synthesis_seconds"), synthesis.get("teacher_seconds"),
+                               rung.get("train_seconds"))
+    parts = [x for x in (made, answered) if x is not None]
+    spent = rung["seconds"] + (sum(parts) if shared else 0)
+    before = sum(parts) + (trained or 0)
+    return {"synthesis": None if made is None else round(made, 1), "teacher": None if answered is None else round(answered, 1),
+            "train": trained, "rest": round(spent - before, 1), "total": round(spent, 1)}
 
 
 if __name__ == "__main__":

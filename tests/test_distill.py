@@ -325,6 +325,9 @@ def test_a_rerun_reads_the_synthesis_record_back_or_recomputes_it(pair, tiny_mod
     synthetic = (tmp_path / "synthetic.jsonl").read_text()
     again = distill_transfer(old, adapter, new_dir, prompts, tmp_path, samples=4, steps=2, max_new_tokens=6)
     assert again["synthesis"] == first["synthesis"] and (tmp_path / "synthetic.jsonl").read_text() == synthetic
+    assert (first["synthesis"]["shots"], first["synthesis"]["synthesis_temperature"]) == (3, 0.8)
+    with pytest.raises(InputError, match=r"synthesis\.json.*shots=3 \(asked: 2\)"):  # not a set of another recipe
+        distill_transfer(old, adapter, new_dir, prompts, tmp_path, samples=4, steps=2, max_new_tokens=6, shots=2)
     (tmp_path / "synthesis.json").unlink()
     redone = distill_transfer(old, adapter, new_dir, prompts, tmp_path, samples=4, steps=2, max_new_tokens=6)
     assert (tmp_path / "synthetic.jsonl").read_text() == synthetic

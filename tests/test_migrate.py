@@ -136,6 +136,10 @@ def test_bad_fleet_inputs_are_clear_errors(fleet, tiny_model_dir, tmp_path, caps
     assert "the training-free rung takes project and/or rescale" in capsys.readouterr().err
     assert main(["--adapters", str(root / "math"), "--distill-steps", "0"] + base) == 2
     assert "distill_steps must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["--adapters", str(root / "math"), "--synthesis-shots", "0"] + base) == 2
+    assert "synthesis_shots must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["--adapters", str(root / "math"), "--synthesis-temperature", "0"] + base) == 2
+    assert "synthesis_temperature must be > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_a_finished_result_of_another_adapter_with_the_same_name_is_not_reused(fleet, tiny_model_dir, tmp_path,

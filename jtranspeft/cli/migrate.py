@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"distributions (KL, the teacher runs beside the student), or a mix (default {d.distill_loss})")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
                    help=f"softmax temperature of the logits and mix losses (default {d.distill_temperature:g})")
+    p.add_argument("--synthesis-shots", type=int, default=d.synthesis_shots, metavar="N",
+                   help=f"seed instructions shown to the new base per synthetic prompt it writes (default "
+                        f"{d.synthesis_shots})")
+    p.add_argument("--synthesis-temperature", type=float, default=d.synthesis_temperature, metavar="T",
+                   help=f"sampling temperature of the synthetic prompts (default {d.synthesis_temperature:g})")
     p.add_argument("--template", choices=TEMPLATES, default=d.template,
                    help="prompt template of adapters made elsewhere (no recorded training config): --prompts are "
                         f"rendered in it and distillation trains in it (default {d.template})")
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                            distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
                            distill_batch_size=args.distill_batch_size, distill_max_length=args.distill_max_length,
                            distill_loss=args.distill_loss, distill_temperature=args.distill_temperature,
+                           synthesis_shots=args.synthesis_shots, synthesis_temperature=args.synthesis_temperature,
                            template=args.template, probe_limit=args.probe_limit, discriminator=args.discriminator,
                            fleet_batch=args.fleet_batch, export=tuple(args.export))
     report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, args.prompts,

@@ -267,7 +267,7 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
                      loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
-                     recorded: dict | None = None) -> dict:
+                     recorded: dict | None = None, shots: int = 3, synthesis_temperature: float = 0.8) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new adapter of the same family on
     ``new_base``; returns {"adapter", "synthetic", "records", "synthesis", "summary", "init"} ("synthesis": the
     record of ``out/synthesis.json``; "init": how the student started, "moved" or "scratch"). It is
@@ -299,11 +299,13 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     "logits" on T^2 KL(teacher || student) of the next-token distributions at every answer position (T =
     ``temperature``), the teacher (``old_base`` + ``adapter``) running beside the student in each train step;
     "mix" on ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
+    ``shots`` and ``synthesis_temperature``: `synthesize_prompts`'s ``shots`` and ``temperature``.
     """
     student = prepare_student(old_base, adapter, new_base, seeds, out, samples=samples, steps=steps, init=init,
                               moved=moved, lr=lr, seed=seed, loss=loss, temperature=temperature,
                               token_weight=token_weight, max_new_tokens=max_new_tokens,
-                              discriminator=discriminator, held_out=held_out, recorded=recorded)
+                              discriminator=discriminator, held_out=held_out, recorded=recorded, shots=shots,
+                              synthesis_temperature=synthesis_temperature)
     return student.result(student.train(old_base))
 
 
@@ -312,7 +314,7 @@ def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
                      loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
-                     recorded: dict | None = None) -> "Student":
+                     recorded: dict | None = None, shots: int = 3, synthesis_temperature: float = 0.8) -> "Student":
     """Everything of `distill_transfer` but the training: checks, the student's run config, the synthetic set
     (made, or reused from ``out``) and its record; returns the `Student` ready to train."""
     from jtranspeft.checkpoints.peft_format import load_peft
@@ -344,13 +346,14 @@ def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str
                                   **({"teacher_model": base_settings(old_base), "teacher_adapter": str(adapter)}
                                      if loss != "tokens" else {})})
     record = out / "synthesis.json"
+    recipe = {"shots": shots, "synthesis_temperature": synthesis_temperature}  # how the synthetic prompts are made
     real = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
     if not synthetic.is_file():
         if held is None:
             held = load_model(cfg.model)
         counts, started = {}, time.perf_counter()
-        instructions = synthesize_prompts(held, seeds, samples, seed=seed, max_new_tokens=max_new_tokens,
-                                          exclude=held_out, counts=counts)
+        instructions = synthesize_prompts(held, seeds, samples, shots=shots, seed=seed, temperature=synthesis_temperature,
+                                          max_new_tokens=max_new_tokens, exclude=held_out, counts=counts)
         made, synthesized = len(instructions), time.perf_counter()
         if discriminator:
             instructions = filter_synthetic(old_base, real, instructions, out, seed=seed,
@@ -361,11 +364,16 @@ def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str
         stats = synthesis_record(records, real, held.tokenizer, asked=samples, sampled=counts["sampled"],
                                  distinct=counts["distinct"], generated=made,
                                  seconds={"synthesis": synthesized - started, "teacher": time.perf_counter() - filtered,
-                                          "filter": filtered - synthesized if discriminator else None})
+                                          "filter": filtered - synthesized if discriminator else None}) | recipe
         write_text_atomic(record, json.dumps(stats, indent=1) + "\n")  # before the set it describes
         write_text_atomic(synthetic, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     elif record.is_file():
         stats = json.loads(record.read_text(encoding="utf-8"))
+        other = {k: (stats[k], v) for k, v in recipe.items() if stats.get(k, v) != v}
+        if other:  # a set written with another recipe would silently stand in for the one asked for
+            raise InputError(f"{record}: the stored synthetic set was made with " + ", ".join(
+                f"{k}={was} (asked: {now})" for k, (was, now) in other.items()) + f"; remove {synthetic} and "
+                f"{record} to make it again, or ask for the recipe it was made with")
     else:  # a set stored without its record (an older run, or one copied in): what the set itself shows
         if held is None:
             held = load_model(cfg.model)

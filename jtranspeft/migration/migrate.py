@@ -79,6 +79,8 @@ class MigrateConfig:
     distill_max_length: int | None = None  # None: the adapter's recorded data.max_length (likewise)
     distill_loss: str = "tokens"  # tokens | logits | mix: what the student learns of the teacher (DistillConfig)
     distill_temperature: float = 1.0  # softmax temperature of the logits / mix losses (> 0)
+    synthesis_shots: int = 3  # seed instructions shown to the new base per synthetic prompt it writes
+    synthesis_temperature: float = 0.8  # sampling temperature of the synthetic prompts (> 0)
     template: str = "alpaca"  # the prompt template of adapters made elsewhere (jtranspeft's record their own)
     discriminator: bool = False  # filter the synthetic prompts with a real-vs-synthetic LoRA (Trans-LoRA)
     probe_limit: int = 64  # probe prompts per adapter (half measure fidelity, half seed distillation)
@@ -100,13 +102,14 @@ class MigrateConfig:
         if unknown:
             raise InputError(f"methods {unknown}: the training-free rung takes project and/or rescale")
         for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens", "distill_batch_size",
-                     "distill_max_length", "fleet_batch"):
+                     "distill_max_length", "fleet_batch", "synthesis_shots"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distill_loss not in DISTILL_LOSSES:
             raise InputError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
-        if not self.distill_temperature > 0:
-            raise InputError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        for name in ("distill_temperature", "synthesis_temperature"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if set(self.export) - set(EXPORTS):
             raise InputError(f"export formats {sorted(set(self.export) - set(EXPORTS))}: choose from {', '.join(EXPORTS)}")
         if self.template not in TEMPLATES:
@@ -334,6 +337,7 @@ class _Ladder:
                                self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
                                moved=self.best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
                                loss=cfg.distill_loss, temperature=cfg.distill_temperature,
+                               shots=cfg.synthesis_shots, synthesis_temperature=cfg.synthesis_temperature,
                                held_out=[p["instruction"] for p in self.probes], recorded=self.student())
 
     def result(self) -> dict:
