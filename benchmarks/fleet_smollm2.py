@@ -15,7 +15,8 @@ For each task:
    distillation (250 synthetic prompts, 100 steps, from the best earlier rung); the fidelity of each rung (KL and
    top-1 agreement on the held-out half of the probes; the other half seeds distillation), and of Fine-tune_n.
    One migrate run per distillation loss (``--losses``: tokens = cross entropy on the teacher's answer, logits =
-   KL to the teacher's next-token distributions), every later one on the first one's synthetic set.
+   KL to the teacher's next-token distributions, the teacher in every step; logits@32 = the same KL over the
+   teacher's top 32 tokens and a bucket, stored once), every later one on the first one's synthetic set.
 3. Accuracy on the new base of copy, the training-free rung of lowest KL, every distilled rung and Fine-tune_n,
    on the same held-out items (paired), and of Fine-tune_o and no adapter on the old base.
 
@@ -180,9 +181,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
     parser.add_argument("--distill-steps", type=int, default=100)
-    parser.add_argument("--losses", nargs="+", default=["tokens", "logits"], choices=["tokens", "logits", "mix"],
-                        help="one migrate run per distillation loss (migrate's --distill-loss), each in its own "
-                             "work dir, all on the first one's synthetic set: the table gets a distilled row per loss")
+    parser.add_argument("--losses", nargs="+", default=["tokens", "logits", "logits@32"], type=loss_spec,
+                        help="one migrate run per distillation loss (migrate's --distill-loss; LOSS@K: with the "
+                             "teacher's top K stored, --distill-top-k), each in its own work dir, all on the first one's "
+                             "synthetic set: the table gets a distilled row per loss")
     parser.add_argument("--kl-threshold", type=float, help="for the 'chosen at KL' column (default: migrate's)")
     parser.add_argument("--top1-threshold", type=float, help="for the 'chosen at top-1' column (default: migrate's)")
     parser.add_argument("--report", action="store_true",
@@ -244,8 +246,9 @@ def main() -> None:
             continue
         if i:  # the same synthetic set for every loss: paired rows, and synthesis paid once
             share_synthetic(migrate_dir(work, args.losses[0]), directory)
+        kind, _, top_k = loss.partition("@")
         config = MigrateConfig(threshold=0.0, distill_samples=args.distill_samples, distill_steps=args.distill_steps,
-                               distill_loss=loss)
+                               distill_loss=kind, distill_top_k=int(top_k) if top_k else None)
         reports[loss] = migrate([adapters[name] for name in names], old_path, args.new, directory, config,
                                 progress=True)["adapters"]
         peaks[loss] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, the process's peak so far
@@ -347,7 +350,8 @@ def format_results(results: dict) -> str:
              "the held-out half of the adapter's stored training prompts (the other half seeds distillation). "
              f"Distillation: {results.get('distill_samples')} synthetic prompts, {results.get('distill_steps')} steps, "
              "one run per loss on the same synthetic set (tokens: cross entropy on the teacher's answer; logits: "
-             "KL(teacher || student) of the next-token distributions, the teacher beside the student in the step). "
+             "KL(teacher || student) of the next-token distributions, the teacher beside the student in the step; "
+             "logits@K: that KL over the teacher's top K and one bucket for the rest, stored once before training). "
              "Of teacher = accuracy / the teacher's own accuracy (on the old base). Gap recovered = (rung - copy) / "
              "(Fine-tune_n - copy). Paired differences: McNemar exact p and the bootstrap 95% CI. Answers as teacher: "
              "the share of the items on which the row gives Fine-tune_o's answer on the old base, right or wrong (what "
@@ -417,8 +421,17 @@ def migrate_dir(work: Path, loss: str) -> Path:
 
 
 def suffix(loss: str) -> str:
-    """"" for the tokens loss, "_<loss>" for another: names the run's directory and its copied report."""
-    return "" if loss == "tokens" else f"_{loss}"
+    """"" for the tokens loss, "_<loss>" for another ("_logits_top32" for logits@32): names the run's directory
+    and its copied report."""
+    return "" if loss == "tokens" else "_" + loss.replace("@", "_top")
+
+
+def loss_spec(text: str) -> str:
+    """A --losses entry: tokens, logits or mix, optionally @K (the teacher's top K stored, logits and mix)."""
+    kind, at, k = text.partition("@")
+    if kind not in ("tokens", "logits", "mix") or (at and (kind == "tokens" or not k.isdigit() or int(k) < 1)):
+        raise argparse.ArgumentTypeError(f"{text!r}: tokens, logits or mix, the last two optionally @K (K >= 1)")
+    return text
 
 
 def share_synthetic(source: Path, target: Path) -> None:

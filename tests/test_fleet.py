@@ -32,9 +32,10 @@ def _teacher(base, directory, seed):
     return str(directory)
 
 
-def _members(tmp_path, tiny_model_dir, tiny_task_file, teachers=None, **extra):
+def _members(tmp_path, tiny_model_dir, tiny_task_file, teachers=None, top_k=None, **extra):
     """Two runs on different data, ranks and targets, with one LoRA scale (alpha / r = 2), no dropout; with
-    ``teachers`` (two adapter directories on the tiny base) each distils its own with the logits loss."""
+    ``teachers`` (two adapter directories on the tiny base) each distils its own with the logits loss (from
+    the teacher's stored ``top_k``, if given)."""
     other = _data(tmp_path / "spell.jsonl", ["cat", "house", "river", "mountain", "sky", "a"])
     specs = [(tiny_task_file, {"r": 4, "alpha": 8.0, "targets": ALL7}),
              (other, {"r": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj", "down_proj"]})]
@@ -42,7 +43,7 @@ def _members(tmp_path, tiny_model_dir, tiny_task_file, teachers=None, **extra):
     for i, (data, lora) in enumerate(specs):
         if teachers:
             extra["distill"] = {"loss": "logits", "temperature": 2.0, "teacher_model": {"path": str(tiny_model_dir)},
-                                "teacher_adapter": teachers[i]}
+                                "teacher_adapter": teachers[i], "top_k": top_k}
         recipe = _config_file(tmp_path / f"m{i}", tiny_model_dir, data, lora={**lora, "dropout": 0.0},
                               transpeft={"p_mask": 0.0, "p_drop": 0.0}, checkpoint={"every": 3},
                               train={"grad_accum": 1, "schedule": "cosine", "weight_decay": 0.01}, **extra)
@@ -50,13 +51,13 @@ def _members(tmp_path, tiny_model_dir, tiny_task_file, teachers=None, **extra):
     return cfgs
 
 
-@pytest.mark.parametrize("loss", ["tokens", "logits"])
+@pytest.mark.parametrize("loss", ["tokens", "logits", "logits top-k"])
 def test_a_fleet_trains_each_member_as_it_would_train_alone(tmp_path, tiny_model_dir, tiny_task_file, loss):
-    """Token loss, and logit distillation where each member's teacher (its own adapter) reads its rows from a
-    bank of the teachers."""
+    """Token loss; logit distillation where each member's teacher (its own adapter) reads its rows from a bank
+    of the teachers; and from each teacher's stored top 5 (computed at the fleet's width, not the member's)."""
     base = jt.load_base(tiny_model_dir)
-    teachers = [_teacher(base, tmp_path / f"teacher{i}", i) for i in range(2)] if loss == "logits" else None
-    cfgs = _members(tmp_path, tiny_model_dir, tiny_task_file, teachers)
+    teachers = [_teacher(base, tmp_path / f"teacher{i}", i) for i in range(2)] if loss != "tokens" else None
+    cfgs = _members(tmp_path, tiny_model_dir, tiny_task_file, teachers, top_k=5 if loss == "logits top-k" else None)
     alone = []
     for cfg in cfgs:
         train(cfg, base=base, teacher=base)

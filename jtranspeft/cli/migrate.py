@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"distributions (KL, the teacher runs beside the student), or a mix (default {d.distill_loss})")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
                    help=f"softmax temperature of the logits and mix losses (default {d.distill_temperature:g})")
+    p.add_argument("--distill-top-k", type=int, metavar="K",
+                   help="logits and mix losses: store the teacher's K most likely next tokens (and the rest of its "
+                        "mass as one bucket) once before training instead of running it beside the student in every "
+                        "step (default: beside)")
     p.add_argument("--synthesis-shots", type=int, default=d.synthesis_shots, metavar="N",
                    help=f"seed instructions shown to the new base per synthetic prompt it writes (default "
                         f"{d.synthesis_shots})")
@@ -114,13 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, args.verbose)
     from jtranspeft.migration.migrate import MigrateConfig, format_report, migrate
 
-    config = MigrateConfig(accept=args.accept, threshold=args.threshold, methods=tuple(args.methods), distill=not args.no_distill,
-                           distill_samples=args.distill_samples, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                           distill_batch_size=args.distill_batch_size, distill_max_length=args.distill_max_length,
-                           distill_loss=args.distill_loss, distill_temperature=args.distill_temperature,
-                           synthesis_shots=args.synthesis_shots, synthesis_temperature=args.synthesis_temperature,
-                           template=args.template, probe_limit=args.probe_limit, discriminator=args.discriminator,
-                           fleet_batch=args.fleet_batch, export=tuple(args.export))
+    names = ("accept", "threshold", "distill_samples", "distill_steps", "distill_lr", "distill_batch_size",
+             "distill_max_length", "distill_loss", "distill_temperature", "distill_top_k", "synthesis_shots",
+             "synthesis_temperature", "template", "probe_limit", "discriminator", "fleet_batch")
+    config = MigrateConfig(**{name: getattr(args, name) for name in names}, methods=tuple(args.methods),
+                           distill=not args.no_distill, export=tuple(args.export))
     report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, args.prompts,
                      progress=not args.quiet)
     print(format_report(report))

@@ -72,7 +72,8 @@ class Batcher:
     """Seeded, resumable batches over tokenised examples (see the module docstring for the order).
 
     `batch_at(position)` returns ``input_ids`` int32 [B, T], ``attention_mask`` int32 [B, T] and
-    ``loss_mask`` float32 [B, T], right-padded with `pad_id` to T = the smallest bucket that fits.
+    ``loss_mask`` float32 [B, T], right-padded with `pad_id` to T = the smallest bucket that fits
+    (`pad_examples`, which also stacks any other per-example arrays).
     """
 
     def __init__(self, examples: Sequence[dict], batch_size: int, buckets: Sequence[int], pad_id: int,
@@ -106,15 +107,25 @@ class Batcher:
 
     def batch_at(self, position: int) -> dict[str, np.ndarray]:
         """The padded batch at global step `position` (reproducible without visiting earlier steps)."""
-        idx_b = self.indices_at(position)
-        longest = int(self.lengths[idx_b].max())
-        t = next(b for b in self.buckets if b >= longest)
-        ids_bt = np.full((len(idx_b), t), self.pad_id, np.int32)
-        attention_bt = np.zeros((len(idx_b), t), np.int32)
-        loss_bt = np.zeros((len(idx_b), t), np.float32)
-        for row, i in enumerate(idx_b):
-            n = self.lengths[i]
-            ids_bt[row, :n] = self.examples[i]["input_ids"]
-            attention_bt[row, :n] = 1
-            loss_bt[row, :n] = self.examples[i]["loss_mask"]
-        return {"input_ids": ids_bt, "attention_mask": attention_bt, "loss_mask": loss_bt}
+        return pad_examples([self.examples[i] for i in self.indices_at(position)], self.buckets, self.pad_id)
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")  # the [B, T] arrays of a batch (padded on T)
+
+
+def pad_examples(examples: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+    """``examples`` as one batch: ``input_ids`` int32 [B, T], ``attention_mask`` int32 [B, T] and ``loss_mask``
+    float32 [B, T], right-padded with ``pad_id`` to T = the smallest of ``buckets`` that holds the longest; any
+    other per-example array (of one shape in every example, e.g. a stored teacher's top k) stacked as it is."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    t = next(b for b in sorted(buckets) if b >= longest)
+    ids_bt = np.full((len(examples), t), pad_id, np.int32)
+    attention_bt = np.zeros((len(examples), t), np.int32)
+    loss_bt = np.zeros((len(examples), t), np.float32)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids_bt[row, :n] = example["input_ids"]
+        attention_bt[row, :n] = 1
+        loss_bt[row, :n] = example["loss_mask"]
+    extras = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key not in TOKEN_KEYS}
+    return {"input_ids": ids_bt, "attention_mask": attention_bt, "loss_mask": loss_bt, **extras}

@@ -267,7 +267,8 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
                      loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
-                     recorded: dict | None = None, shots: int = 3, synthesis_temperature: float = 0.8) -> dict:
+                     recorded: dict | None = None, shots: int = 3, synthesis_temperature: float = 0.8,
+                     top_k: int | None = None) -> dict:
     """Distil ``adapter`` (HF PEFT dir, trained on ``old_base``) into a new adapter of the same family on
     ``new_base``; returns {"adapter", "synthetic", "records", "synthesis", "summary", "init"} ("synthesis": the
     record of ``out/synthesis.json``; "init": how the student started, "moved" or "scratch"). It is
@@ -299,13 +300,15 @@ def distill_transfer(old_base, adapter: str | Path, new_base, seeds: Sequence[st
     "logits" on T^2 KL(teacher || student) of the next-token distributions at every answer position (T =
     ``temperature``), the teacher (``old_base`` + ``adapter``) running beside the student in each train step;
     "mix" on ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
+    ``top_k`` (logits / mix): None runs the teacher beside the student in every step; k stores its k most likely
+    next tokens at each answer position once before training instead (`DistillConfig.top_k`).
     ``shots`` and ``synthesis_temperature``: `synthesize_prompts`'s ``shots`` and ``temperature``.
     """
     student = prepare_student(old_base, adapter, new_base, seeds, out, samples=samples, steps=steps, init=init,
                               moved=moved, lr=lr, seed=seed, loss=loss, temperature=temperature,
                               token_weight=token_weight, max_new_tokens=max_new_tokens,
                               discriminator=discriminator, held_out=held_out, recorded=recorded, shots=shots,
-                              synthesis_temperature=synthesis_temperature)
+                              synthesis_temperature=synthesis_temperature, top_k=top_k)
     return student.result(student.train(old_base))
 
 
@@ -314,7 +317,8 @@ def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str
                      moved: str | Path | None = None, lr: float | None = None, seed: int = 0,
                      loss: str = "tokens", temperature: float = 1.0, token_weight: float = 0.5,
                      max_new_tokens: int = 64, discriminator: bool = False, held_out: Sequence[str] = (),
-                     recorded: dict | None = None, shots: int = 3, synthesis_temperature: float = 0.8) -> "Student":
+                     recorded: dict | None = None, shots: int = 3, synthesis_temperature: float = 0.8,
+                     top_k: int | None = None) -> "Student":
     """Everything of `distill_transfer` but the training: checks, the student's run config, the synthetic set
     (made, or reused from ``out``) and its record; returns the `Student` ready to train."""
     from jtranspeft.checkpoints.peft_format import load_peft
@@ -343,8 +347,8 @@ def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str
                          out / "train", steps=steps, seed=seed, lr=lr,
                          init_adapter=str(moved or adapter) if init == "moved" else None,
                          distill={"loss": loss, "temperature": temperature, "token_weight": token_weight,
-                                  **({"teacher_model": base_settings(old_base), "teacher_adapter": str(adapter)}
-                                     if loss != "tokens" else {})})
+                                  **({"teacher_model": base_settings(old_base), "teacher_adapter": str(adapter),
+                                      "top_k": top_k} if loss != "tokens" else {})})
     record = out / "synthesis.json"
     recipe = {"shots": shots, "synthesis_temperature": synthesis_temperature}  # how the synthetic prompts are made
     real = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))  # the seed examples are data too
@@ -352,8 +356,9 @@ def prepare_student(old_base, adapter: str | Path, new_base, seeds: Sequence[str
         if held is None:
             held = load_model(cfg.model)
         counts, started = {}, time.perf_counter()
-        instructions = synthesize_prompts(held, seeds, samples, shots=shots, seed=seed, temperature=synthesis_temperature,
-                                          max_new_tokens=max_new_tokens, exclude=held_out, counts=counts)
+        instructions = synthesize_prompts(held, seeds, samples, shots=shots, seed=seed,
+                                          temperature=synthesis_temperature, max_new_tokens=max_new_tokens,
+                                          exclude=held_out, counts=counts)
         made, synthesized = len(instructions), time.perf_counter()
         if discriminator:
             instructions = filter_synthetic(old_base, real, instructions, out, seed=seed,

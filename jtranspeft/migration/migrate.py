@@ -79,6 +79,7 @@ class MigrateConfig:
     distill_max_length: int | None = None  # None: the adapter's recorded data.max_length (likewise)
     distill_loss: str = "tokens"  # tokens | logits | mix: what the student learns of the teacher (DistillConfig)
     distill_temperature: float = 1.0  # softmax temperature of the logits / mix losses (> 0)
+    distill_top_k: int | None = None  # logits / mix: None = the teacher beside the student; k = its top k, stored
     synthesis_shots: int = 3  # seed instructions shown to the new base per synthetic prompt it writes
     synthesis_temperature: float = 0.8  # sampling temperature of the synthetic prompts (> 0)
     template: str = "alpaca"  # the prompt template of adapters made elsewhere (jtranspeft's record their own)
@@ -102,7 +103,7 @@ class MigrateConfig:
         if unknown:
             raise InputError(f"methods {unknown}: the training-free rung takes project and/or rescale")
         for name in ("distill_samples", "distill_steps", "probe_limit", "fidelity_tokens", "distill_batch_size",
-                     "distill_max_length", "fleet_batch", "synthesis_shots"):
+                     "distill_max_length", "fleet_batch", "synthesis_shots", "distill_top_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distill_loss not in DISTILL_LOSSES:
@@ -336,7 +337,7 @@ class _Ladder:
         return prepare_student(self.old, self.adapter, self.new, [p["instruction"] for p in self.seeds],
                                self.out / "distill", samples=cfg.distill_samples, steps=cfg.distill_steps,
                                moved=self.best["adapter"], lr=cfg.distill_lr, discriminator=cfg.discriminator,
-                               loss=cfg.distill_loss, temperature=cfg.distill_temperature,
+                               loss=cfg.distill_loss, temperature=cfg.distill_temperature, top_k=cfg.distill_top_k,
                                shots=cfg.synthesis_shots, synthesis_temperature=cfg.synthesis_temperature,
                                held_out=[p["instruction"] for p in self.probes], recorded=self.student())
 

@@ -110,19 +110,25 @@ class DistillConfig:
     teacher's next-token distribution on the same sequence (``logits``: T^2 KL(teacher_T || student_T), both
     softened by ``temperature`` T), or ``mix``: ``token_weight`` * cross entropy + (1 - ``token_weight``) * that KL.
     The teacher, ``teacher_model`` + ``teacher_adapter``, runs frozen beside the student in the train step
-    (`jtranspeft.training.step.make_step`); distillation onto a new base sets it (`jtranspeft.migration.distill`)."""
+    (`jtranspeft.training.step.make_step`); or, with ``top_k``, it runs once before training over every example
+    and only its k most likely next tokens at each target position, their log-probabilities at T and the rest
+    of its mass as one bucket are kept (`jtranspeft.training.finetune.attach_teacher_topk`, stored in the run
+    directory), so the step holds no second model. Distillation onto a new base sets it
+    (`jtranspeft.migration.distill`)."""
 
     loss: str = "tokens"  # one of DISTILL_LOSSES
     temperature: float = 1.0
     token_weight: float = 0.5  # mix only: the cross entropy's share of the loss
     teacher_model: ModelConfig | None = None
     teacher_adapter: str | None = None
+    top_k: int | None = None  # None: the teacher beside the student in every step; k: its top k, computed once
 
     def __post_init__(self):
         if self.loss not in DISTILL_LOSSES:
             raise ValueError(f"loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.loss!r}")
         check_range("temperature", self.temperature, above=0)
         check_range("token_weight", self.token_weight, minimum=0, maximum=1)
+        check_range("top_k", self.top_k, minimum=1, optional=True)
         if self.loss != "tokens" and (self.teacher_model is None or not self.teacher_adapter):
             raise ValueError(f"loss {self.loss!r} needs a teacher: set teacher_model and teacher_adapter")
 
@@ -130,6 +136,14 @@ class DistillConfig:
         """(weight of the token cross entropy, weight of the temperature-scaled KL) in the loss."""
         token = {"tokens": 1.0, "logits": 0.0, "mix": self.token_weight}[self.loss]
         return token, 1.0 - token
+
+    def beside(self) -> bool:
+        """Whether the teacher runs in the train step (a KL term without ``top_k``)."""
+        return self.weights()[1] > 0 and self.top_k is None
+
+    def stored(self) -> bool:
+        """Whether the KL term reads the teacher's top k, computed once before training (``top_k`` set)."""
+        return self.weights()[1] > 0 and self.top_k is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,6 +190,58 @@ def load_teacher(cfg: RunConfig, base: Base, teacher: Base | None = None) -> tup
     return teacher, load_peft(cfg.distill.teacher_adapter, teacher)
 
 
+TOPK_FILE = "teacher_topk.npz"  # a run's stored teacher top k (`attach_teacher_topk`), in its output_dir
+TOPK_KEYS = ("teacher_ids", "teacher_logp", "teacher_rest")
+
+
+def attach_teacher_topk(cfg: RunConfig, examples: list[dict], taught: tuple[Base, Any], max_targets: int,
+                        pad_id: int) -> None:
+    """Give each example the teacher's top ``cfg.distill.top_k`` at each of its targets (`teacher_topk` of the
+    teacher's logits at temperature ``cfg.distill.temperature``; row k of ``max_targets`` holds the k-th target,
+    the rows past its last target are padding), computed once in batches of ``train.batch_size`` and stored in
+    ``output_dir/teacher_topk.npz`` (atomically) with a digest of what they depend on (teacher, k, T, width, the
+    examples' tokens): a resumed run reads them back instead of running the teacher; a file of another digest is
+    computed again."""
+    import hashlib
+    import os
+
+    import numpy as np
+
+    from jtranspeft.data.batches import pad_examples
+    from jtranspeft.training.step import target_logits, teacher_topk
+
+    k, path = cfg.distill.top_k, Path(cfg.output_dir) / TOPK_FILE
+    digest = hashlib.sha256(json.dumps([str(cfg.distill.teacher_adapter), str(cfg.distill.teacher_model), k,
+                                        cfg.distill.temperature, max_targets]).encode())
+    for example in examples:
+        digest.update(np.asarray(example["input_ids"], np.int32).tobytes() + b"|")
+    digest = digest.hexdigest()
+    arrays = None
+    if path.is_file():
+        with np.load(path) as stored:
+            if str(stored["digest"]) == digest:
+                arrays = {key: stored[key] for key in TOPK_KEYS}
+    if arrays is None:
+        @jax.jit
+        def top(teacher_base, teacher_lora, batch):
+            logits_bkv = target_logits(teacher_base, teacher_lora, batch, max_targets, at_targets=True)[0]
+            return teacher_topk(logits_bkv, k, cfg.distill.temperature)
+
+        size, parts = cfg.train.batch_size, []
+        for start in range(0, len(examples), size):
+            batch = pad_examples(examples[start:start + size], cfg.data.bucket_lengths, pad_id)
+            parts.append(jax.device_get(top(*taught, batch)))
+        arrays = {key: np.concatenate([part[key] for part in parts]) for key in TOPK_KEYS}
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial")
+            with open(partial, "wb") as f:
+                np.savez(f, digest=np.asarray(digest), **arrays)
+            os.replace(partial, path)
+    for i, example in enumerate(examples):
+        example.update({key: arrays[key][i] for key in TOPK_KEYS})
+
+
 def _job(cfg: RunConfig, base: Base | None, teacher: Base | None = None) -> loop.Job:
     """The LoRA training job of ``cfg`` for the shared loop (model, data, state, step, export)."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.all_rules()
@@ -204,13 +256,16 @@ def _job(cfg: RunConfig, base: Base | None, teacher: Base | None = None) -> loop
     state = TrainState(lora, optimizer.init(trainable(lora)), jnp.asarray(0, jnp.int32))
     shardings = step_shardings(mesh, rules, base, state, optimizer)
     base, state = place(base, shardings.base), place(state, shardings.state)
-    frozen, taught = base, load_teacher(cfg, base, teacher)
-    if taught is not None:  # the teacher's base and adapter are frozen inputs of the step, placed like the base
+    frozen, taught, max_targets = base, load_teacher(cfg, base, teacher), max_targets_of(batcher.examples)
+    if cfg.distill.stored():  # the teacher's top k once, into the examples; the step holds no teacher
+        attach_teacher_topk(cfg, batcher.examples, taught, max_targets, batcher.pad_id)
+    elif taught is not None:  # the teacher's base and adapter are frozen inputs of the step, placed like the base
         teacher_sh = (base_shardings(mesh, rules, taught[0]), tree_shardings(taught[1], mesh, rules))
         shardings = shardings._replace(base=(shardings.base, *teacher_sh))
         frozen = (base, *place(taught, teacher_sh))
+    del taught
     step_fn = make_step(optimizer, transpeft, cfg.train.grad_accum, cfg.train.seed, cfg.model.remat, shardings,
-                        max_targets_of(batcher.examples), cfg.distill)
+                        max_targets, cfg.distill)
 
     def row_extras(step, batch, metrics):
         return {"target_tokens": int(metrics["tokens"]), "seq_len": batch["input_ids"].shape[1]}

@@ -34,12 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtranspeft.checkpoints.peft_format import load_peft
+from jtranspeft.data.batches import TOKEN_KEYS
 from jtranspeft.models.base import Base
 from jtranspeft.peft.bank import stack_adapters, unstack_adapter
 from jtranspeft.training import loop
 from jtranspeft.training.config import RunConfig
-from jtranspeft.training.finetune import (_save_adapter, _start_from, init_adapter, load_model, load_teacher,
-                                         prepare_batches, total_steps)
+from jtranspeft.training.finetune import (_save_adapter, _start_from, attach_teacher_topk, init_adapter, load_model,
+                                         load_teacher, prepare_batches, total_steps)
 from jtranspeft.training.sharding import make_mesh, place
 from jtranspeft.training.step import (StepShardings, TrainState, base_shardings, init_opt_state, make_optimizer,
                                      make_step, max_targets_of)
@@ -75,7 +76,8 @@ def fleet_directory(root: str | Path, cfgs: Sequence[RunConfig]) -> Path:
 
 def fleet_batch(parts: Sequence[dict], pad_ids: Sequence[int]) -> dict:
     """Member batches [B, T_j] (one batch size B) -> one batch [n B, max T_j] with ``adapter_ids``, each part
-    right-padded (token ``pad_ids[j]``, attention and loss masks 0) and the rows interleaved: row r of member j
+    right-padded (token ``pad_ids[j]``, attention and loss masks 0; other arrays, such as a stored teacher's top
+    k, have one shape in every member and are not padded) and the rows interleaved: row r of member j
     is row r n + j, so any run of consecutive rows holds every member alike (a micro-batch of B / grad_accum rows
     takes the same rows of each member's micro-batches, in turn)."""
     width = max(p["input_ids"].shape[1] for p in parts)
@@ -83,7 +85,7 @@ def fleet_batch(parts: Sequence[dict], pad_ids: Sequence[int]) -> dict:
     for part, pad_id in zip(parts, pad_ids):
         extra = width - part["input_ids"].shape[1]
         padded.append({k: np.pad(v, ((0, 0), (0, extra)), constant_values=pad_id if k == "input_ids" else 0)
-                       for k, v in part.items()})
+                       if k in TOKEN_KEYS else v for k, v in part.items()})
     rows = len(padded[0]["input_ids"])
     batch = {k: np.stack([p[k] for p in padded], axis=1).reshape(rows * len(parts), *padded[0][k].shape[1:])
              for k in padded[0]}
@@ -153,13 +155,18 @@ def _fleet_job(cfgs: list[RunConfig], out: Path, base: Base | None, teacher: Bas
                               replicated=replicated)
     base, state = place(base, shardings.base), place(state, shardings.state)
     frozen, taught = base, load_teacher(first, base, teacher)
-    if taught is not None:  # the teachers' adapters as one bank (scales folded), read with the same row ids
+    max_targets = max(max_targets_of(b.examples) for b in batchers)
+    if first.distill.stored():  # each member's teacher top k once, into its examples, at the fleet's width
+        for cfg, batcher in zip(cfgs, batchers):
+            member = (taught[0], load_peft(cfg.distill.teacher_adapter, taught[0]))
+            attach_teacher_topk(cfg, batcher.examples, member, max_targets, batcher.pad_id)
+    elif taught is not None:  # the teachers' adapters as one bank (scales folded), read with the same row ids
         teacher_base = taught[0]
         teachers = stack_adapters([load_peft(cfg.distill.teacher_adapter, teacher_base) for cfg in cfgs])
         teacher_sh = (base_shardings(mesh, rules, teacher_base), jax.tree_util.tree_map(lambda _: replicated, teachers))
         shardings = shardings._replace(base=(shardings.base, *teacher_sh))
         frozen = (base, *place((teacher_base, teachers), teacher_sh))
-    max_targets = max(max_targets_of(b.examples) for b in batchers)
+    del taught
     # one pass of the scanned step holds as many rows as one member's micro-batch, from every member in turn
     # (`fleet_batch`): a fleet needs the activation memory of one member's step, not n times it
     step_fn = make_step(optimizer, transpeft, first.train.grad_accum * len(cfgs), first.train.seed,

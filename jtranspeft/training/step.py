@@ -105,16 +105,19 @@ def target_positions(loss_mask_bt, k: int):
     return pos_bk, valid_bk
 
 
-def target_logits(base: Base, lora: Any, batch: dict, max_targets: int | None = None, **kwargs):
+def target_logits(base: Base, lora: Any, batch: dict, max_targets: int | None = None, at_targets: bool = False,
+                  **kwargs):
     """(logits [B, K, vocab] at the positions that predict a target, their target tokens [B, K], weights [B, K]:
     1 for a real target, 0 for padding). With ``max_targets`` (at least the most target tokens of any row, below
     T - 1) the LM head runs only at those K = ``max_targets`` positions: for response-only losses most of the
-    vocabulary projection is skipped; otherwise K = T - 1 and the weights are ``loss_mask[:, 1:]``.
+    vocabulary projection is skipped; otherwise K = T - 1 and the weights are ``loss_mask[:, 1:]``. With
+    ``at_targets`` K is ``max_targets`` whatever T is: row k holds the k-th target (what per-target data such as
+    a stored teacher's top k is indexed by).
     ``kwargs`` go to `apply` (rng, transpeft, remat, transpeft_scale), and so do ``batch["adapter_ids"]``
     if the batch has them (then ``lora`` is an `AdapterBank`)."""
     ids_bt = batch["input_ids"]
     kwargs["adapter_ids"] = batch.get("adapter_ids")  # a bank's rows (each row's adapter), else None
-    if max_targets is None or max_targets >= ids_bt.shape[1] - 1:
+    if max_targets is None or (max_targets >= ids_bt.shape[1] - 1 and not at_targets):
         logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], **kwargs)
         return logits_btv[:, :-1], ids_bt[:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
     pos_bk, valid_bk = target_positions(batch["loss_mask"], max_targets)
@@ -159,20 +162,59 @@ def token_loss(base: Base, lora: Any, batch: dict, rng, transpeft: FfnPerturbati
     return adapter_totals(lora, batch, nll_bk * weight_bk, weight_bk)
 
 
-def distill_loss(base: Base, lora: Any, teacher: tuple[Base, Any], batch: dict, distill: DistillConfig, rng,
+EMPTY_LOG = -1e30  # the log of an empty bucket: finite, so 0 * (EMPTY_LOG - x) is 0 and no gradient is NaN
+
+
+def log_rest(log_p_bkv, ids_bkk):
+    """log of the mass of every id but ``ids_bkk`` [B, K, k] under ``log_p_bkv`` [B, K, V], computed over those
+    ids themselves (exact, not log(1 - the top k's sum)); about `EMPTY_LOG` when the ids cover the vocabulary."""
+    outside_bkv = jax.vmap(jax.vmap(lambda row, ids: row.at[ids].set(False)))(jnp.ones_like(log_p_bkv, bool), ids_bkk)
+    return jax.nn.logsumexp(jnp.where(outside_bkv, log_p_bkv, EMPTY_LOG), axis=-1)
+
+
+def topk_kl(teacher: dict, logits_bkv):
+    """KL(p || q) [B, K] over the teacher's top k and one bucket for the rest of the vocabulary: p from
+    ``teacher`` (`teacher_topk`: ``teacher_ids`` int [B, K, k], their log-probabilities ``teacher_logp`` and
+    the rest's ``teacher_rest`` [B, K]), q = softmax(``logits_bkv``) read at the same ids and summed over the
+    others. With k = vocab it is the full KL; the bucket keeps every q a distribution, so q's mass outside the
+    teacher's top k is pulled to what the teacher left there."""
+    log_q_bkv = jax.nn.log_softmax(logits_bkv.astype(jnp.float32))
+    ids_bkk, log_p_bkk, log_p_rest_bk = teacher["teacher_ids"], teacher["teacher_logp"], teacher["teacher_rest"]
+    log_q_bkk = jnp.take_along_axis(log_q_bkv, ids_bkk, axis=-1)
+    top_bk = jnp.sum(jnp.exp(log_p_bkk) * (log_p_bkk - log_q_bkk), axis=-1)
+    return top_bk + jnp.exp(log_p_rest_bk) * (log_p_rest_bk - log_rest(log_q_bkv, ids_bkk))
+
+
+def teacher_topk(logits_bkv, k: int, temperature: float = 1.0) -> dict:
+    """The stored form of a teacher's next-token distributions (`topk_kl`): at each of the K positions the ids
+    of its ``k`` most likely tokens at ``temperature``, their log-probabilities, and the log of the mass left
+    to the others (`log_rest`)."""
+    log_p_bkv = jax.nn.log_softmax(logits_bkv.astype(jnp.float32) / temperature)
+    log_p_bkk, ids_bkk = jax.lax.top_k(log_p_bkv, k)
+    return {"teacher_ids": ids_bkk.astype(jnp.int32), "teacher_logp": log_p_bkk,
+            "teacher_rest": log_rest(log_p_bkv, ids_bkk)}
+
+
+def distill_loss(base: Base, lora: Any, teacher: tuple[Base, Any] | None, batch: dict, distill: DistillConfig, rng,
                  transpeft: FfnPerturbation, remat: bool = False, max_targets: int | None = None, transpeft_scale=1.0):
     """(token-summed loss, number of target tokens) of a student (``base`` + ``lora``) taught by ``teacher``
     (base, adapter) on the same batch: per target position, ``w_tokens`` * NLL of the data's token +
     ``w_kl`` * T^2 KL(softmax(teacher / T) || softmax(student / T)), weights and T from ``distill``
     (`DistillConfig.weights`). The teacher runs deterministically, at the same positions, without gradient.
     For a bank student the sums are per adapter (`adapter_totals`) and the teacher's adapter is a bank too,
-    read with the same ``adapter_ids``."""
-    logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, rng=rng, transpeft=transpeft,
-                                                     remat=remat, transpeft_scale=transpeft_scale)
-    teacher_bkv = jax.lax.stop_gradient(target_logits(*teacher, batch, max_targets)[0])
+    read with the same ``adapter_ids``. ``teacher`` None (``distill.top_k``): the batch carries the teacher's
+    stored top k at each target (`teacher_topk`; row k of K = ``max_targets`` is the k-th target) and the KL is
+    `topk_kl`."""
+    stored = teacher is None
+    logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, at_targets=stored, rng=rng,
+                                                     transpeft=transpeft, remat=remat, transpeft_scale=transpeft_scale)
     w_tokens, w_kl = distill.weights()
     t = distill.temperature
-    loss_bk = w_kl * t * t * position_kl(teacher_bkv / t, logits_bkv / t)
+    if stored:
+        loss_bk = w_kl * t * t * topk_kl(batch, logits_bkv / t)
+    else:
+        teacher_bkv = jax.lax.stop_gradient(target_logits(*teacher, batch, max_targets)[0])
+        loss_bk = w_kl * t * t * position_kl(teacher_bkv / t, logits_bkv / t)
     if w_tokens:
         loss_bk += w_tokens * optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
     return adapter_totals(lora, batch, loss_bk * weight_bk, weight_bk)
@@ -282,16 +324,19 @@ def make_step(optimizer: optax.GradientTransformation, transpeft: TransPeftConfi
               remat: bool = False, shardings: "StepShardings | None" = None, max_targets: int | None = None,
               distill: DistillConfig | None = None):
     """The LoRA / Trans-PEFT step ``(state, base, batch) -> (state, metrics)``; ``max_targets``: see
-    `target_logits`. With a ``distill`` config whose loss reads a teacher (`DistillConfig.weights`: a KL weight
-    above 0) the step is ``(state, (base, teacher base, teacher adapter), batch)`` and the loss `distill_loss`."""
+    `target_logits`. With a ``distill`` config whose loss reads a teacher beside the student
+    (`DistillConfig.beside`) the step is ``(state, (base, teacher base, teacher adapter), batch)`` and the loss
+    `distill_loss`; with the teacher's stored top k (`DistillConfig.stored`) the step is as without a teacher
+    and the batch carries them."""
     base_key = jax.random.key(seed)
-    taught = distill is not None and distill.weights()[1] > 0
 
     def micro_loss(lora, frozen, mb, step, index):
         key = jax.random.fold_in(jax.random.fold_in(base_key, step), index)
         settings = (key, transpeft, remat, max_targets, warmup_scale(step, transpeft))
-        if taught:
+        if distill is not None and distill.beside():
             return distill_loss(frozen[0], lora, frozen[1:], mb, distill, *settings)
+        if distill is not None and distill.stored():  # the batch carries the teacher's top k
+            return distill_loss(frozen, lora, None, mb, distill, *settings)
         return token_loss(frozen, lora, mb, *settings)
 
     return compile_step(micro_loss, optimizer, grad_accum, shardings)
