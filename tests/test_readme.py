@@ -37,3 +37,21 @@ def test_readme_python_snippets_run_as_pasted(tiny_model_dir, tmp_path):
     assert (tmp_path / "runs" / "my_adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "runs" / "merged" / "config.json").is_file()
     assert (tmp_path / "runs" / "q2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_readme_performance_table_is_the_one_the_benchmark_results_give():
+    """Every speed figure in README's performance block comes from benchmarks/results/*.json: the block equals
+    what benchmarks/readme_performance.py makes of them (rerun it with --write after a benchmark)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the script imports its neighbour machine.py
+    try:
+        spec = importlib.util.spec_from_file_location("readme_performance", folder / "readme_performance.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    made = module.block()
+    assert module.readme_block(module.README.read_text(encoding="utf-8")) == made
+    assert "| A |" in made and "- A: `machine: " in made  # every row names a recorded machine
