@@ -189,6 +189,21 @@ def test_sampling_is_seeded_and_low_temperature_is_greedy(llama_base):
     assert sample(temperature=5.0, top_p=1e-6, seed=7) == greedy  # the nucleus keeps only the top token
 
 
+def test_sampling_without_a_nucleus_skips_the_sort_and_draws_the_same_tokens():
+    """top_p = 1 keeps every token, so the sort of the vocabulary is skipped (nucleus=False): the same key and
+    logits must give the same token as the sorted top-p path."""
+    from jtranspeft.inference.generate import _choose
+
+    logits_bv = 3.0 * jax.random.normal(jax.random.key(0), (64, 500))
+    for seed in range(5):
+        key = jax.random.key(seed)
+        full = _choose(logits_bv, key, 0.8, jnp.float32(1.0), True, nucleus=True)
+        fast = _choose(logits_bv, key, 0.8, jnp.float32(1.0), True, nucleus=False)
+        assert np.array_equal(np.asarray(full), np.asarray(fast))
+    nucleus = _choose(logits_bv, key, 0.8, jnp.float32(0.5), True, nucleus=True)
+    assert not np.array_equal(np.asarray(nucleus), np.asarray(fast))  # a real nucleus does cut the tail
+
+
 def test_truncate_at_stop_cuts_at_the_earliest_stop_string():
     assert truncate_at_stop("a b ### Instruction: c Response:", ("Response:", "### Instruction:")) == "a b "
     assert truncate_at_stop("no stop here", ("Response:",)) == "no stop here"

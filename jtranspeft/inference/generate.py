@@ -56,11 +56,14 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
-def _choose(logits_bv, key, temperature, top_p, sampling: bool):
-    """Next token per row: argmax, or a sample from the temperature-scaled top-p nucleus."""
+def _choose(logits_bv, key, temperature, top_p, sampling: bool, nucleus: bool = True):
+    """Next token per row: argmax, or a sample from the temperature-scaled top-p nucleus. ``nucleus`` False
+    (top_p = 1: every token is in it) samples without sorting the vocabulary, which gives the same token."""
     if not sampling:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = logits_bv / temperature
+    if not nucleus:
+        return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
     sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
     probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
     mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
@@ -70,9 +73,10 @@ def _choose(logits_bv, key, temperature, top_p, sampling: bool):
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-def _record(state: _DecodeState, logits_bv, eos_e, temperature, top_p, sampling: bool) -> _DecodeState:
+def _record(state: _DecodeState, logits_bv, eos_e, temperature, top_p, sampling: bool,
+            nucleus: bool) -> _DecodeState:
     """Pick the token at ``state.step`` from its logits, write it, and mark rows that hit EOS."""
-    token_b = _choose(logits_bv, jax.random.fold_in(state.key, state.step), temperature, top_p, sampling)
+    token_b = _choose(logits_bv, jax.random.fold_in(state.key, state.step), temperature, top_p, sampling, nucleus)
     token_b = jnp.where(state.done_b, _NO_TOKEN, token_b)
     tokens_bn = jax.lax.dynamic_update_slice(state.tokens_bn, token_b[:, None], (0, state.step))
     done_b = state.done_b | jnp.isin(token_b, eos_e)
@@ -80,21 +84,21 @@ def _record(state: _DecodeState, logits_bv, eos_e, temperature, top_p, sampling:
                                step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "new_len", "sampling"))
+@functools.partial(jax.jit, static_argnames=("module", "new_len", "sampling", "nucleus"))
 def _prefill(module, variables, ids_bt, mask_bt, adapter_ids_b, done_b, key, eos_e, temperature, top_p, *,
-             new_len: int, sampling: bool) -> _DecodeState:
+             new_len: int, sampling: bool, nucleus: bool) -> _DecodeState:
     """Run the prompts through the decoder into a fresh cache and choose the first new token."""
     b, t = ids_bt.shape
     cache = init_cache(module.spec, b, t + new_len, module.dtype, stacked=module.stacked)
     logits_b1v, cache = forward_cached(module, variables, ids_bt, cache, mask_bt, adapter_ids_b, last_only=True)
     state = _DecodeState(tokens_bn=jnp.full((b, new_len), _NO_TOKEN, jnp.int32), last_b=jnp.zeros(b, jnp.int32),
                          done_b=done_b, step=jnp.zeros((), jnp.int32), cache=cache, key=key)
-    return _record(state, logits_b1v[:, 0], eos_e, temperature, top_p, sampling)
+    return _record(state, logits_b1v[:, 0], eos_e, temperature, top_p, sampling, nucleus)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "sampling"))
+@functools.partial(jax.jit, static_argnames=("module", "sampling", "nucleus"))
 def _decode(module, variables, state: _DecodeState, adapter_ids_b, limit, eos_e, temperature, top_p, *,
-            sampling: bool) -> _DecodeState:
+            sampling: bool, nucleus: bool) -> _DecodeState:
     """Decode one token per step until ``state.step == limit`` or every row is done."""
 
     def not_finished(s: _DecodeState):
@@ -103,7 +107,8 @@ def _decode(module, variables, state: _DecodeState, adapter_ids_b, limit, eos_e,
     def step(s: _DecodeState) -> _DecodeState:
         feed_b1 = s.last_b[:, None]
         logits_b1v, cache = forward_cached(module, variables, feed_b1, s.cache, jnp.ones_like(feed_b1), adapter_ids_b)
-        return _record(dataclasses.replace(s, cache=cache), logits_b1v[:, 0], eos_e, temperature, top_p, sampling)
+        return _record(dataclasses.replace(s, cache=cache), logits_b1v[:, 0], eos_e, temperature, top_p, sampling,
+                       nucleus)
 
     return jax.lax.while_loop(not_finished, step, state)
 
@@ -142,7 +147,7 @@ def _left_padded(prompts: Sequence[Sequence[int]], rows: int, width: int) -> tup
 
 
 def _decode_batch(bound, prompts: Sequence[Sequence[int]], adapter_ids, key, *, rows: int,
-                  max_new_tokens: int, eos_e, temperature, top_p, sampling: bool,
+                  max_new_tokens: int, eos_e, temperature, top_p, sampling: bool, nucleus: bool,
                   should_stop: Callable[[list[int]], bool] | None) -> list[list[int]]:
     """Prefill and decode one batch (padded to ``rows`` rows); new ids per prompt."""
     ids_bt, mask_bt = _left_padded(prompts, rows, _bucket(max(map(len, prompts)), 16))
@@ -150,11 +155,12 @@ def _decode_batch(bound, prompts: Sequence[Sequence[int]], adapter_ids, key, *, 
     padding_row_b = np.arange(rows) >= len(prompts)  # done from the start
     module, variables = bound
     state = _prefill(module, variables, ids_bt, mask_bt, adapter_b, padding_row_b, key, eos_e, temperature, top_p,
-                     new_len=_bucket(max_new_tokens, 16), sampling=sampling)
+                     new_len=_bucket(max_new_tokens, 16), sampling=sampling, nucleus=nucleus)
     chunk = STOP_CHECK_EVERY if should_stop else max_new_tokens
     while True:
         limit = min(int(state.step) + chunk, max_new_tokens)
-        state = _decode(module, variables, state, adapter_b, limit, eos_e, temperature, top_p, sampling=sampling)
+        state = _decode(module, variables, state, adapter_b, limit, eos_e, temperature, top_p, sampling=sampling,
+                        nucleus=nucleus)
         done_b, step = np.array(state.done_b), int(state.step)
         if should_stop is not None:
             tokens_bn = np.asarray(state.tokens_bn)
@@ -187,7 +193,7 @@ def generate_ids(base: Base, prompt_ids: Sequence[Sequence[int]], lora: Any = No
     bank_ids = _check_adapters(lora, adapter_ids, len(prompt_ids))
     eos_ids = eos_token_ids(base) if eos is True else () if eos is False else tuple(int(i) for i in eos)
     sampling = temperature > 0
-    settings = dict(max_new_tokens=max_new_tokens, sampling=sampling, should_stop=should_stop,
+    settings = dict(max_new_tokens=max_new_tokens, sampling=sampling, nucleus=top_p < 1, should_stop=should_stop,
                     eos_e=jnp.asarray(eos_ids or (_NO_TOKEN - 1,), jnp.int32),  # an id no token has: EOS off
                     temperature=jnp.float32(temperature if sampling else 1.0), top_p=jnp.float32(top_p))
     key = jax.random.key(seed)
