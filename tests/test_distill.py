@@ -377,6 +377,16 @@ def test_logit_distillation_lowers_held_out_kl_more_than_token_distillation(tmp_
     assert yaml.safe_load((tmp_path / "tokens" / "train" / "config.yaml").read_text())["distill"]["loss"] == "tokens"
 
 
+def test_a_blank_line_ends_a_synthetic_instruction_only_when_no_seed_has_one():
+    """Instructions with paragraphs (a blank line inside) must not be cut at their first blank line: on SmolLM2's
+    word_sequence_reversal every sample came out as its first line, "Solve the following problem.", and 1 of 250
+    synthetic prompts was kept."""
+    from jtranspeft.migration.distill import synthesis_stops
+
+    assert synthesis_stops(["What is 2 + 3?", "Add 4 and 5."]) == ("\n\n", "###")
+    assert synthesis_stops(["Solve the following problem.\n\nReverse this list of words: a, b", "Add 4."]) == ("###",)
+
+
 def test_near_duplicate_is_word_set_jaccard_against_any_seed():
     """Lower-cased word sets: |A & B| / |A | B| >= NEAR_DUPLICATE_JACCARD (0.8) against some seed."""
     assert NEAR_DUPLICATE_JACCARD == 0.8

@@ -92,7 +92,7 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
             contexts.append(SYNTHESIS_HEADER + "".join(f"{INSTRUCTION_MARK}{seeds[i]}\n\n" for i in picks)
                             + INSTRUCTION_MARK)
         texts = generate(base, contexts, temperature=temperature, max_new_tokens=max_new_tokens,
-                         seed=seed * 1000 + rounds - 1, stop=("\n\n", "###"), batch_size=batch_size)
+                         seed=seed * 1000 + rounds - 1, stop=synthesis_stops(seeds), batch_size=batch_size)
         before, sampled = len(found), sampled + len(texts)
         for text in texts:
             text = text.strip()
@@ -106,6 +106,13 @@ def synthesize_prompts(base, seeds: Sequence[str], n: int, *, shots: int = 3, se
     if len(prompts) < n:
         logger.warning("synthesized %d of %d distinct prompts in %d rounds", len(prompts), n, rounds)
     return prompts
+
+
+def synthesis_stops(seeds: Sequence[str]) -> tuple[str, ...]:
+    """Where a sampled instruction ends: at the next instruction mark ("###"), and at a blank line unless some
+    seed holds one (a task whose instructions have paragraphs, e.g. reasoning-gym's word_sequence_reversal:
+    cut at the blank line, every sample would be its first line)."""
+    return ("###",) if any("\n\n" in s for s in seeds) else ("\n\n", "###")
 
 
 def word_set(text: str) -> frozenset[str]:
