@@ -178,7 +178,8 @@ def test_table_file_source_reads_its_text_column(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_evolve_recipes_resolve(recipe):
     cfg = load_config(EvolveConfig, [CONFIGS / recipe])
-    assert cfg.model.path == "smollm2" and cfg.corpus.seq_len == 128 and cfg.train.b2 == 0.95
+    model = "gemma3-270m" if recipe.startswith("gemma3") else "smollm2"  # each recipe names its base
+    assert cfg.model.path == model and cfg.corpus.seq_len == 128 and cfg.train.b2 == 0.95
 
 
 def test_recipes_differ_as_documented():
