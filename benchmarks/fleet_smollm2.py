@@ -374,7 +374,7 @@ def format_results(results: dict) -> str:
             lines.append(f"| {task} | {name} | {100 * rung['accuracy']:.1f} | {share} | {100 * rung['agreement']:.1f} | "
                          f"{rung['kl']:.3f} | {rung['top1']:.3f} | {gap} | {paired(rung['minus_fine_tune_n'])} | "
                          f"{paired(rung['minus_teacher']) if 'minus_teacher' in rung else '-'} | "
-                         f"{rung.get('cost', {}).get('total', rung['seconds'])} |")
+                         f"{rung['seconds']} |")
         f = row["fine_tune_n_fidelity"]
         vs_teacher = paired(row["fine_tune_n_minus_teacher"]) if "fine_tune_n_minus_teacher" in row else "-"
         of_teacher = f"{100 * row['fine_tune_n'] / row['fine_tune_o_on_old']:.0f}%" if row["fine_tune_o_on_old"] else "-"
@@ -383,18 +383,21 @@ def format_results(results: dict) -> str:
                      f"{row.get('fine_tune_n_train_seconds') or '-'} |")
         lines.append(f"| {task} | *chosen at KL <= {t['kl']} / top-1 >= {t['top1']}* | {row['chosen']['kl']} / "
                      f"{row['chosen']['top1']} | | | | | | | | |")
-    costs = [(row["task"], name, rung["cost"], row.get("fine_tune_n_train_seconds"))
+    costs = [(row["task"], name, rung["cost"], row.get("train_seconds"))
              for row in results["tasks"] for name, rung in row["rungs"].items() if "cost" in rung]
     if costs:
-        lines += ["", "Wall seconds per adapter of each distilled rung (a fleet's shared passes split evenly over its "
-                  "adapters; a later loss reuses the first one's synthetic set, whose seconds are counted in its total "
-                  "too), beside Fine-tune_n's training with labels:", "",
-                  "| task | row | synthesis | teacher answers | training steps | fidelity and the rest | total | "
-                  "Fine-tune_n training | total / Fine-tune_n |", "|---|---|---|---|---|---|---|---|---|"]
-        for task, name, c, ftn in costs:
-            ratio = f"{c['total'] / ftn:.2f}x" if ftn and c["total"] is not None else "-"
-            lines.append(f"| {task} | {name} | {c['synthesis']} | {c['teacher']} | {c['train']} | {c['rest']} | "
-                         f"{c['total']} | {ftn or '-'} | {ratio} |")
+        lines += ["", "Wall seconds per adapter of each distilled rung: synthesis, teacher answers and training steps are "
+                  "the adapter's own (a later loss reuses the first one's synthetic set; its synthesis and teacher "
+                  "seconds are counted in the sum, as what the loss costs alone); the whole rung is migrate's record, "
+                  "its fleet's wall time split evenly over the adapters (fidelity passes included). Beside them the "
+                  "training with labels of the same recipe (Fine-tune_o's 100 steps on the old base; Fine-tune_n's "
+                  "run of chain_sum was resumed halfway, so its seconds do not count a whole run):", "",
+                  "| task | row | synthesis | teacher answers | training steps | sum | whole rung (fleet average) | "
+                  "training with labels | sum / labels |", "|---|---|---|---|---|---|---|---|---|"]
+        for task, name, c, labels in costs:
+            ratio = f"{c['sum'] / labels:.2f}x" if labels else "-"
+            lines.append(f"| {task} | {name} | {c['synthesis']} | {c['teacher']} | {c['train']} | {c['sum']} | "
+                         f"{c['rung']} | {labels or '-'} | {ratio} |")
     versus = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_first_loss", {}).items()]
     if versus:
         first = results["losses"][0]
@@ -447,17 +450,17 @@ def share_synthetic(source: Path, target: Path) -> None:
 
 
 def distill_cost(rung: dict, shared: bool) -> dict:
-    """The wall seconds of a distilled rung split into synthesis, teacher answers, training steps and the rest
-    (fidelity, loading); ``shared``: the synthetic set was made by another run, whose synthesis and teacher
-    seconds are added to the total (what this loss would cost alone)."""
+    """A distilled rung's own wall seconds: synthesis, teacher answers and training steps (these are per
+    adapter), their sum, and the whole rung as migrate records it (its fleet's wall time split evenly over the
+    adapters, so fidelity passes are included as an average). ``shared``: the synthetic set was made by an
+    earlier run, whose synthesis and teacher seconds count in the sum (what this loss would cost alone) but
+    not in this run's rung seconds."""
     synthesis = rung.get("synthesis") or {}
     made, answered, trained = (synthesis.get("synthesis_seconds"), synthesis.get("teacher_seconds"),
                                rung.get("train_seconds"))
-    parts = [x for x in (made, answered) if x is not None]
-    spent = rung["seconds"] + (sum(parts) if shared else 0)
-    before = sum(parts) + (trained or 0)
+    own = [x for x in (made, answered, trained) if x is not None]
     return {"synthesis": None if made is None else round(made, 1), "teacher": None if answered is None else round(answered, 1),
-            "train": trained, "rest": round(spent - before, 1), "total": round(spent, 1)}
+            "train": trained, "sum": round(sum(own), 1), "rung": rung["seconds"], "shared": shared}
 
 
 if __name__ == "__main__":

@@ -77,7 +77,10 @@ class MigrateConfig:
     distill_lr: float | None = None  # None: the adapter's recorded learning rate (made elsewhere: FOREIGN_DEFAULTS)
     distill_batch_size: int | None = None  # None: the adapter's recorded batch size (likewise)
     distill_max_length: int | None = None  # None: the adapter's recorded data.max_length (likewise)
-    distill_loss: str = "tokens"  # tokens | logits | mix: what the student learns of the teacher (DistillConfig)
+    # tokens | logits | mix: what the student learns of the teacher (DistillConfig). logits: on SmolLM2's fleet
+    # (benchmarks/fleet_smollm2.py) it ended closer to the teacher than tokens for all 6 adapters (KL 1.4-5.8x
+    # lower); accuracy +8.3 points on one task, -3.0 on another, no significant difference on 4 (docs/migrate.md)
+    distill_loss: str = "logits"
     distill_temperature: float = 1.0  # softmax temperature of the logits / mix losses (> 0)
     distill_top_k: int | None = None  # logits / mix: None = the teacher beside the student; k = its top k, stored
     synthesis_shots: int = 3  # seed instructions shown to the new base per synthetic prompt it writes
