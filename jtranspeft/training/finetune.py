@@ -39,7 +39,7 @@ from jtranspeft.training.step import (TrainState, base_shardings, make_optimizer
                                      step_shardings, token_loss, trainable)
 from jtranspeft.utils.config_io import to_dict
 from jtranspeft.utils.errors import InputError
-from jtranspeft.utils.files import write_directory
+from jtranspeft.utils.files import write_bytes_atomic, write_directory
 
 
 def base_settings(base: Base) -> dict:
@@ -203,7 +203,7 @@ def attach_teacher_topk(cfg: RunConfig, examples: list[dict], taught: tuple[Base
     examples' tokens): a resumed run reads them back instead of running the teacher; a file of another digest is
     computed again."""
     import hashlib
-    import os
+    import io
 
     import numpy as np
 
@@ -234,10 +234,9 @@ def attach_teacher_topk(cfg: RunConfig, examples: list[dict], taught: tuple[Base
         arrays = {key: np.concatenate([part[key] for part in parts]) for key in TOPK_KEYS}
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.partial")
-            with open(partial, "wb") as f:
-                np.savez(f, digest=np.asarray(digest), **arrays)
-            os.replace(partial, path)
+            buffer = io.BytesIO()
+            np.savez(buffer, digest=np.asarray(digest), **arrays)
+            write_bytes_atomic(path, buffer.getvalue())
     for i, example in enumerate(examples):
         example.update({key: arrays[key][i] for key in TOPK_KEYS})
 
