@@ -16,7 +16,9 @@ For each task:
    top-1 agreement on the held-out half of the probes; the other half seeds distillation), and of Fine-tune_n.
    One migrate run per distillation loss (``--losses``: tokens = cross entropy on the teacher's answer, logits =
    KL to the teacher's next-token distributions, the teacher in every step; logits@32 = the same KL over the
-   teacher's top 32 tokens and a bucket, stored once), every later one on the first one's synthetic set.
+   teacher's top 32 tokens and a bucket, stored once; logits/s6/t1.0 = the logits loss on a synthetic set written
+   with 6 seed shots at temperature 1.0 instead of 3 at 0.8), every later one on the synthetic set of the first
+   one of its synthesis recipe.
 3. Accuracy on the new base of copy, the training-free rung of lowest KL, every distilled rung and Fine-tune_n,
    on the same held-out items (paired), and of Fine-tune_o and no adapter on the old base.
 
@@ -183,8 +185,10 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--losses", nargs="+", default=["tokens", "logits", "logits@32"], type=loss_spec,
                         help="one migrate run per distillation loss (migrate's --distill-loss; LOSS@K: with the "
-                             "teacher's top K stored, --distill-top-k), each in its own work dir, all on the first one's "
-                             "synthetic set: the table gets a distilled row per loss")
+                             "teacher's top K stored, --distill-top-k; LOSS/sN/tT: a synthesis recipe of N shots at "
+                             "temperature T, --synthesis-shots/--synthesis-temperature, default s3/t0.8), each in its own "
+                             "work dir, each on the synthetic set of the first entry of its recipe: the table gets a "
+                             "distilled row per entry")
     parser.add_argument("--kl-threshold", type=float, help="for the 'chosen at KL' column (default: migrate's)")
     parser.add_argument("--top1-threshold", type=float, help="for the 'chosen at top-1' column (default: migrate's)")
     parser.add_argument("--report", action="store_true",
@@ -244,11 +248,12 @@ def main() -> None:
             by_source = {r["source"]: r for r in finished}
             reports[loss] = [by_source.get(str(adapters[name])) for name in names]
             continue
-        if i:  # the same synthetic set for every loss: paired rows, and synthesis paid once
-            share_synthetic(migrate_dir(work, args.losses[0]), directory)
-        kind, _, top_k = loss.partition("@")
+        if first_of_recipe(args.losses, loss) != loss:  # one synthetic set per recipe: paired rows, paid once
+            share_synthetic(migrate_dir(work, first_of_recipe(args.losses, loss)), directory)
+        kind, top_k, shots, temperature = parse_loss(loss)
         config = MigrateConfig(threshold=0.0, distill_samples=args.distill_samples, distill_steps=args.distill_steps,
-                               distill_loss=kind, distill_top_k=int(top_k) if top_k else None)
+                               distill_loss=kind, distill_top_k=top_k, synthesis_shots=shots,
+                               synthesis_temperature=temperature)
         reports[loss] = migrate([adapters[name] for name in names], old_path, args.new, directory, config,
                                 progress=True)["adapters"]
         peaks[loss] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, the process's peak so far
@@ -280,13 +285,14 @@ def main() -> None:
             chosen_rungs[f"distill ({loss})"] = next(r for r in result["rungs"] if r["rung"] == "distill")
         rungs = {}
         for label, rung in chosen_rungs.items():
-            slug = label.replace("training-free ", "").replace("distill ", "distill_").strip("()").replace("(", "")
+            slug = label.replace("training-free ", "").replace("distill ", "distill_").strip("()").replace("(", "").replace("/", "_")
             scored = evaluate_piece(new, task, Path(rung["adapter"]), root / "eval" / slug, args.limit)
             rungs[label] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
                             "accuracy": scored["accuracy"], "agreement": agreement(teacher, scored["predictions"]),
                             "predictions": scored["predictions"]}
             if label.startswith("distill"):
-                rungs[label]["cost"] = distill_cost(rung, shared=label != f"distill ({args.losses[0]})")
+                loss = label[len("distill ("):-1]
+                rungs[label]["cost"] = distill_cost(rung, shared=first_of_recipe(args.losses, loss) != loss)
             keep(name, label, scored["predictions"])
             if gated["passed"]:
                 pairs.append((rung["kl"], rung["top1"], scored["accuracy"], rungs[label]["agreement"]))
@@ -401,8 +407,8 @@ def format_results(results: dict) -> str:
     versus = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_first_loss", {}).items()]
     if versus:
         first = results["losses"][0]
-        lines += ["", f"Distilled with another loss minus distilled with {first} (paired, same items, same synthetic "
-                  "set): " + "; ".join(f"{task} {loss}: {paired(d)}" for task, loss, d in versus)]
+        lines += ["", f"Distilled with another loss minus distilled with {first} (paired, same items; the same synthetic "
+                  "set where the recipe is the same): " + "; ".join(f"{task} {loss}: {paired(d)}" for task, loss, d in versus)]
     if results.get("peak_rss_mb_after"):
         lines += ["", "Peak RSS of the process after each migrate run (MB; cumulative, so a later run shows its own peak "
                   "only where it is higher): " + ", ".join(f"{loss} {mb:.0f}" for loss, mb in
@@ -426,15 +432,42 @@ def migrate_dir(work: Path, loss: str) -> Path:
 def suffix(loss: str) -> str:
     """"" for the tokens loss, "_<loss>" for another ("_logits_top32" for logits@32): names the run's directory
     and its copied report."""
-    return "" if loss == "tokens" else "_" + loss.replace("@", "_top")
+    return "" if loss == "tokens" else "_" + loss.replace("@", "_top").replace("/", "_")
 
 
 def loss_spec(text: str) -> str:
-    """A --losses entry: tokens, logits or mix, optionally @K (the teacher's top K stored, logits and mix)."""
-    kind, at, k = text.partition("@")
-    if kind not in ("tokens", "logits", "mix") or (at and (kind == "tokens" or not k.isdigit() or int(k) < 1)):
-        raise argparse.ArgumentTypeError(f"{text!r}: tokens, logits or mix, the last two optionally @K (K >= 1)")
+    """A --losses entry (`parse_loss`), checked."""
+    try:
+        parse_loss(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def parse_loss(text: str) -> tuple[str, int | None, int, float]:
+    """A --losses entry LOSS[@K][/sN][/tT] -> (loss, top K or None, synthesis shots, synthesis temperature): tokens,
+    logits or mix; @K the teacher's top K stored (logits and mix); sN / tT the synthesis recipe (default s3 / t0.8)."""
+    head, *recipe = text.split("/")
+    kind, at, k = head.partition("@")
+    shots, temperature = 3, 0.8
+    try:
+        for part in recipe:
+            if part[:1] == "s" and int(part[1:]) >= 1:
+                shots = int(part[1:])
+            elif part[:1] == "t" and float(part[1:]) > 0:
+                temperature = float(part[1:])
+            else:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"{text!r}: a recipe part is sN (N >= 1 shots) or tT (temperature T > 0)") from None
+    if kind not in ("tokens", "logits", "mix") or (at and (kind == "tokens" or not k.isdigit() or int(k) < 1)):
+        raise ValueError(f"{text!r}: tokens, logits or mix, the last two optionally @K (K >= 1)")
+    return kind, int(k) if at else None, shots, temperature
+
+
+def first_of_recipe(losses: list[str], loss: str) -> str:
+    """The first entry of ``losses`` with ``loss``'s synthesis recipe: the run whose synthetic set it shares."""
+    return next(other for other in losses if parse_loss(other)[2:] == parse_loss(loss)[2:])
 
 
 def share_synthetic(source: Path, target: Path) -> None:
