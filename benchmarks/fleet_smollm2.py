@@ -70,9 +70,10 @@ FAMILIES = {"lora": [], "dora": ["lora.use_dora=true"],
             "shira": ["peft=shira", 'shira.targets=["q_proj","k_proj","v_proj","o_proj"]', "shira.r=8"]}
 
 
-def train_piece(task: str, base_path: str, out: Path, steps: int, family: str = "lora") -> tuple[Path, float | None]:
-    """Train (or reuse) the task's adapter of ``family`` (FAMILIES) on ``base_path``; (adapter dir, seconds or
-    None when reused)."""
+def train_piece(task: str, base_path: str, out: Path, steps: int, family: str = "lora",
+                template: str = "alpaca") -> tuple[Path, float | None]:
+    """Train (or reuse) the task's adapter of ``family`` (FAMILIES) on ``base_path`` in ``template``; (adapter dir,
+    seconds or None when reused)."""
     from jtranspeft.training.config import RunConfig
     from jtranspeft.training.finetune import train
     from jtranspeft.utils.config_io import load_config
@@ -82,33 +83,34 @@ def train_piece(task: str, base_path: str, out: Path, steps: int, family: str = 
     kwargs, max_length, buckets = TASKS[task][:3]
     overrides = [f"output_dir={out}", f"model.path={base_path}", f"data.source=reasoning_gym:{task}", "data.rg_kwargs=",
                  f"data.rg_kwargs={json.dumps(kwargs)}", f"data.max_length={max_length}",
-                 f"data.buckets={json.dumps(buckets)}", f"train.max_steps={steps}", "checkpoint.every=50", *FAMILIES[family]]
+                 f"data.buckets={json.dumps(buckets)}", f"train.max_steps={steps}", "checkpoint.every=50",
+                 f"data.template={template}", *FAMILIES[family]]
     tick = time.perf_counter()
     train(load_config(RunConfig, [RECIPE], overrides))
     return out / "adapter", round(time.perf_counter() - tick, 1)
 
 
-def evaluate_piece(base, task: str, adapter: Path | None, out: Path, limit: int) -> dict:
-    """Accuracy of ``adapter`` merged into ``base`` on the task's held-out items (cached in ``out``)."""
+def evaluate_piece(base, task: str, adapter: Path | None, out: Path, limit: int, template: str = "alpaca") -> dict:
+    """Accuracy of ``adapter`` merged into ``base`` on the task's held-out items in ``template`` (cached in ``out``)."""
     from jtranspeft.eval.evaluate import EvalConfig, evaluate
 
     if not (out / "results.json").is_file():
         config = EvalConfig(task=f"rg:{task}", rg_kwargs=TASKS[task][0], limit=limit, seed=42, batch_size=64,
-                            max_new_tokens=(*TASKS[task], 8)[3], template="alpaca")
+                            max_new_tokens=(*TASKS[task], 8)[3], template=template)
         evaluate(base, config, adapter=adapter, merge=adapter is not None, out=out)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     return {**json.loads((out / "results.json").read_text()), "predictions": rows}
 
 
-def gate(base, task: str, adapter: Path, root: Path, limit: int) -> dict:
+def gate(base, task: str, adapter: Path, root: Path, limit: int, template: str = "alpaca") -> dict:
     """Did Fine-tune_o learn its task? Paired vs no adapter on the old base, and not one answer for everything.
     ``root``: the adapter's work folder (``work/<task>``, or ``work/<task>_<family>``)."""
     from collections import Counter
 
     from jtranspeft.analysis.paired import align, compare
 
-    tuned = evaluate_piece(base, task, adapter, root / "eval_fto", limit)
-    floor = evaluate_piece(base, task, None, root.parent / task / "eval_none_old", limit)
+    tuned = evaluate_piece(base, task, adapter, root / "eval_fto", limit, template)
+    floor = evaluate_piece(base, task, None, root.parent / task / "eval_none_old", limit, template)
     paired = compare(*align(floor["predictions"], tuned["predictions"]))  # Fine-tune_o - no adapter
     answer, count = Counter(row["extracted"] for row in tuned["predictions"]).most_common(1)[0]
     majority = count / len(tuned["predictions"])
@@ -125,7 +127,7 @@ def format_gate(task: str, g: dict) -> str:
             f"on {100 * g['majority_share']:.0f}% of items -> {'learned' if g['passed'] else 'NOT learned'}")
 
 
-def reference_fidelity(old, new, adapter: Path, work: Path) -> dict:
+def reference_fidelity(old, new, adapter: Path, work: Path, template: str = "alpaca") -> dict:
     """Fidelity of Fine-tune_n (re-tuned on the new base) to the teacher, on migrate's held-out probe half."""
     from jtranspeft.checkpoints.peft_format import load_peft
     from jtranspeft.migration.fidelity import fidelity
@@ -133,7 +135,7 @@ def reference_fidelity(old, new, adapter: Path, work: Path) -> dict:
 
     cached = work / "fine_tune_n" / "fidelity.json"
     if not cached.is_file():
-        probes, _ = probe_halves(adapter, None, "alpaca", old.tokenizer, MigrateConfig().probe_limit)
+        probes, _ = probe_halves(adapter, None, template, old.tokenizer, MigrateConfig().probe_limit)
         scores = fidelity(old, load_peft(adapter, old), new, load_peft(work / "fine_tune_n" / "adapter", new),
                           [p["prompt"] for p in probes], max_new_tokens=MigrateConfig().fidelity_tokens)
         cached.write_text(json.dumps(scores, indent=1) + "\n")
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--gate", action="store_true",
                         help="only train Fine-tune_o, score it and no adapter on the old base and print the gate "
                              "(did the adapter learn its task?): for choosing tasks")
+    parser.add_argument("--template", default="alpaca", choices=["alpaca", "plain"],
+                        help="prompt template of every adapter and evaluation (plain for a base model that is not instruction-tuned, e.g. --old gemma3-270m)")
     parser.add_argument("--steps", type=int, default=100, help="training steps of every adapter")
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
@@ -228,15 +232,16 @@ def main() -> None:
         if args.report:
             adapters[name] = work / name / "fine_tune_o" / "adapter"
             continue
-        adapters[name], spent = train_piece(task, str(old_path), work / name / "fine_tune_o", args.steps, family_of[name])
+        adapters[name], spent = train_piece(task, str(old_path), work / name / "fine_tune_o", args.steps, family_of[name],
+                                              args.template)
         note(f"{name}/fine_tune_o", spent)
         if args.gate:
-            gates[name] = gate(old, task, adapters[name], work / name, args.limit)
+            gates[name] = gate(old, task, adapters[name], work / name, args.limit, args.template)
             print(format_gate(name, gates[name]), flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
             continue
-        _, spent = train_piece(task, args.new, work / name / "fine_tune_n", args.steps, family_of[name])
+        _, spent = train_piece(task, args.new, work / name / "fine_tune_n", args.steps, family_of[name], args.template)
         note(f"{name}/fine_tune_n", spent)
     if args.gate:
         return
@@ -269,12 +274,14 @@ def main() -> None:
         task, root = task_of[name], work / name
         results = {loss: reports[loss][names.index(name)] for loss in args.losses}
         first = results[args.losses[0]]
-        gated = gate(old, task, adapters[name], root, args.limit)
-        reference = evaluate_piece(new, task, root / "fine_tune_n" / "adapter", root / "eval_ftn", args.limit)
-        teacher = evaluate_piece(old, task, adapters[name], root / "eval_fto", args.limit)["predictions"]
+        gated = gate(old, task, adapters[name], root, args.limit, args.template)
+        reference = evaluate_piece(new, task, root / "fine_tune_n" / "adapter", root / "eval_ftn", args.limit,
+                                   args.template)
+        teacher = evaluate_piece(old, task, adapters[name], root / "eval_fto", args.limit, args.template)["predictions"]
         reference["agreement"] = agreement(teacher, reference["predictions"])
         keep(name, "fine_tune_o on old", teacher)
-        keep(name, "no adapter on old", evaluate_piece(old, task, None, work / task / "eval_none_old", args.limit)["predictions"])
+        keep(name, "no adapter on old", evaluate_piece(old, task, None, work / task / "eval_none_old", args.limit,
+                                                           args.template)["predictions"])
         keep(name, "fine_tune_n", reference["predictions"])
         # the rows: copy, the training-free rung of lowest KL, the distilled rung of every loss
         ladder = {r["rung"]: r for r in first["rungs"]}
@@ -286,7 +293,7 @@ def main() -> None:
         rungs = {}
         for label, rung in chosen_rungs.items():
             slug = label.replace("training-free ", "").replace("distill ", "distill_").strip("()").replace("(", "").replace("/", "_")
-            scored = evaluate_piece(new, task, Path(rung["adapter"]), root / "eval" / slug, args.limit)
+            scored = evaluate_piece(new, task, Path(rung["adapter"]), root / "eval" / slug, args.limit, args.template)
             rungs[label] = {"kl": rung["kl"], "top1": rung["top1"], "exact": rung["exact"], "seconds": rung["seconds"],
                             "accuracy": scored["accuracy"], "agreement": agreement(teacher, scored["predictions"]),
                             "predictions": scored["predictions"]}
@@ -296,7 +303,7 @@ def main() -> None:
             keep(name, label, scored["predictions"])
             if gated["passed"]:
                 pairs.append((rung["kl"], rung["top1"], scored["accuracy"], rungs[label]["agreement"]))
-        ftn_fidelity = reference_fidelity(old, new, adapters[name], root)
+        ftn_fidelity = reference_fidelity(old, new, adapters[name], root, args.template)
         if gated["passed"]:
             pairs.append((ftn_fidelity["kl"], ftn_fidelity["top1"], reference["accuracy"], reference["agreement"]))
         copy_acc, ftn_acc, teacher_acc = rungs["copy"]["accuracy"], reference["accuracy"], gated["fine_tune_o_on_old"]
@@ -322,10 +329,16 @@ def main() -> None:
         if len(distilled) > 1:  # every other loss against the first, paired
             row["distill_vs_first_loss"] = {loss: compare(*align(distilled[0], other))
                                             for loss, other in zip(args.losses[1:], distilled[1:])}
+        for loss in args.losses:  # a recipe variant against the same loss on the first entry's recipe, paired
+            same = [other for other in args.losses if parse_loss(other)[:2] == parse_loss(loss)[:2]
+                    and parse_loss(other)[2:] == parse_loss(args.losses[0])[2:]]
+            if same and same[0] != loss:
+                row.setdefault("distill_vs_recipe", {})[loss] = {"against": same[0], **compare(*align(
+                    rungs[f"distill ({same[0]})"]["predictions"], rungs[f"distill ({loss})"]["predictions"]))}
         rows.append(row)
     kl, top1, acc, agree = zip(*pairs) if pairs else ((), (), (), ())
     enough = len(pairs) > 2
-    results = {"old": str(old_path), "new": args.new, "steps": args.steps, "limit": args.limit,
+    results = {"old": str(old_path), "new": args.new, "template": args.template, "steps": args.steps, "limit": args.limit,
                "losses": args.losses, "distill_samples": args.distill_samples, "distill_steps": args.distill_steps,
                "peak_rss_mb_after": peaks or None,
                "thresholds": {m: rule.threshold for m, rule in rules.items()}, "tasks": rows, "pairs": len(pairs),
@@ -409,9 +422,13 @@ def format_results(results: dict) -> str:
         first = results["losses"][0]
         lines += ["", f"Distilled with another loss minus distilled with {first} (paired, same items; the same synthetic "
                   "set where the recipe is the same): " + "; ".join(f"{task} {loss}: {paired(d)}" for task, loss, d in versus)]
+    recipes = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_recipe", {}).items()]
+    if recipes:
+        lines += ["", "Another synthesis recipe minus the first one, the same loss (paired, same items): " + "; ".join(
+            f"{task} {loss} - {d['against']}: {paired(d)}" for task, loss, d in recipes)]
     if results.get("peak_rss_mb_after"):
         lines += ["", "Peak RSS of the process after each migrate run (MB; cumulative, so a later run shows its own peak "
-                  "only where it is higher): " + ", ".join(f"{loss} {mb:.0f}" for loss, mb in
+                  "only where it is higher; a rerun that finds its adapters migrated measures nothing): " + ", ".join(f"{loss} {mb:.0f}" for loss, mb in
                                                             results["peak_rss_mb_after"].items())]
     lines += ["", "Gate (did Fine-tune_o learn its task?): " + "; ".join(
         format_gate(row["task"], row["gate"]) for row in results["tasks"]), ""]

@@ -82,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FOREIGN_DEFAULTS['data']['max_length']})")
     p.add_argument("--distill-loss", choices=DISTILL_LOSSES, default=d.distill_loss,
                    help="what the student learns: the teacher's sampled tokens (cross entropy), its next-token "
-                        f"distributions (KL, the teacher runs beside the student), or a mix (default {d.distill_loss})")
+                        f"distributions (KL; --distill-top-k), or a mix (default {d.distill_loss})")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
                    help=f"softmax temperature of the logits and mix losses (default {d.distill_temperature:g})")
-    p.add_argument("--distill-top-k", type=int, metavar="K",
+    p.add_argument("--distill-top-k", type=int, metavar="K", default=d.distill_top_k,
                    help="logits and mix losses: store the teacher's K most likely next tokens (and the rest of its "
-                        "mass as one bucket) once before training instead of running it beside the student in every "
-                        "step (default: beside)")
+                        "mass as one bucket) once before training; 0 runs the teacher beside the student in every "
+                        f"step instead (default {d.distill_top_k})")
     p.add_argument("--synthesis-shots", type=int, default=d.synthesis_shots, metavar="N",
                    help=f"seed instructions shown to the new base per synthetic prompt it writes (default "
                         f"{d.synthesis_shots})")
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ("accept", "threshold", "distill_samples", "distill_steps", "distill_lr", "distill_batch_size",
              "distill_max_length", "distill_loss", "distill_temperature", "distill_top_k", "synthesis_shots",
              "synthesis_temperature", "template", "probe_limit", "discriminator", "fleet_batch")
+    if args.distill_top_k == 0:  # the teacher beside the student
+        args.distill_top_k = None
     config = MigrateConfig(**{name: getattr(args, name) for name in names}, methods=tuple(args.methods),
                            distill=not args.no_distill, export=tuple(args.export))
     report = migrate(args.adapters, args.old_base, args.new_base, args.out, config, args.prompts,
