@@ -33,6 +33,10 @@ resumes.
     python benchmarks/fleet_smollm2.py --new runs/experiments/smollm2_update_proof/bases/lambda_0.5 \
         --tasks chain_sum products family_relationships word_sequence_reversal --families dora shira
     python benchmarks/fleet_smollm2.py --gate --tasks spell_backward   # try a task: train Fine-tune_o, gate it
+    # the same study on Gemma 3 270M (a base model: plain template) and its gated update
+    python benchmarks/fleet_smollm2.py --old gemma3-270m --new runs/experiments/gemma3_update_proof/bases/lambda_0.1 \
+        --template plain --work runs/fleet_gemma3 --out benchmarks/results/fleet_gemma3 --losses logits@32 \
+        --tasks chain_sum products family_relationships word_sequence_reversal
 
 Writes benchmarks/results/fleet_smollm2/{results.json,results.md,gates.json,predictions.jsonl} and the fleet report
 (report.md/json/png).
