@@ -9,7 +9,8 @@ each row in its own fresh process, one after the other:
 - logits@K (stored): the same KL over the teacher's top K and one bucket, computed once before training.
 
 Reported per row: the whole `distill_transfer` call (loading both bases, the top-k pass, compilation, the steps),
-the stored rows' teacher pass (top k of every example), the training loop's own wall time, the median step, and the process's peak RSS; the machine they ran on.
+the stored rows' teacher pass (top k of every example), the training loop's own wall time, the median step,
+and the process's peak RSS; the machine they ran on.
 
     python benchmarks/distill_teacher.py                          # 40 steps; rows tokens, logits, logits@32, logits@128
     python benchmarks/distill_teacher.py --steps 5 --rows logits logits@32    # a smoke run
@@ -109,8 +110,8 @@ def main() -> None:
     print(f"| row | whole call (s) | teacher's top-k pass (s) | training loop (s) | first step (s) | median step (s) "
           f"| peak RSS (MB) |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['total_s']} | {r['topk_pass_s'] or '-'} | {r['loop_s']} | {r['first_step_s']} | {r['median_step_s']} | "
-              f"{r['peak_rss_mb']} |")
+        print(f"| {r['row']} | {r['total_s']} | {r['topk_pass_s'] or '-'} | {r['loop_s']} | {r['first_step_s']} | "
+              f"{r['median_step_s']} | {r['peak_rss_mb']} |")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,8 @@ def main() -> None:
                         help="only train Fine-tune_o, score it and no adapter on the old base and print the gate "
                              "(did the adapter learn its task?): for choosing tasks")
     parser.add_argument("--template", default="alpaca", choices=["alpaca", "plain"],
-                        help="prompt template of every adapter and evaluation (plain for a base model that is not instruction-tuned, e.g. --old gemma3-270m)")
+                        help="prompt template of every adapter and evaluation (plain for a base model that is "
+                             "not instruction-tuned, e.g. --old gemma3-270m)")
     parser.add_argument("--steps", type=int, default=100, help="training steps of every adapter")
     parser.add_argument("--limit", type=int, default=300, help="held-out items per task")
     parser.add_argument("--distill-samples", type=int, default=250)
@@ -333,12 +334,12 @@ def main() -> None:
         if len(distilled) > 1:  # every other loss against the first, paired
             row["distill_vs_first_loss"] = {loss: compare(*align(distilled[0], other))
                                             for loss, other in zip(args.losses[1:], distilled[1:])}
+        recipe = parse_loss(args.losses[0])[2:]
         for loss in args.losses:  # a recipe variant against the same loss on the first entry's recipe, paired
-            same = [other for other in args.losses if parse_loss(other)[:2] == parse_loss(loss)[:2]
-                    and parse_loss(other)[2:] == parse_loss(args.losses[0])[2:]]
-            if same and same[0] != loss:
-                row.setdefault("distill_vs_recipe", {})[loss] = {"against": same[0], **compare(*align(
-                    rungs[f"distill ({same[0]})"]["predictions"], rungs[f"distill ({loss})"]["predictions"]))}
+            against = next((o for o in args.losses if parse_loss(o) == parse_loss(loss)[:2] + recipe), loss)
+            if against != loss:
+                row.setdefault("distill_vs_recipe", {})[loss] = {"against": against, **compare(*align(
+                    rungs[f"distill ({against})"]["predictions"], rungs[f"distill ({loss})"]["predictions"]))}
         rows.append(row)
     kl, top1, acc, agree = zip(*pairs) if pairs else ((), (), (), ())
     enough = len(pairs) > 2
