@@ -94,6 +94,23 @@ def train_piece(task: str, base_path: str, out: Path, steps: int, family: str = 
     return out / "adapter", round(time.perf_counter() - tick, 1)
 
 
+def resumed_from(run: Path) -> int:
+    """The step a finished training run in ``run`` resumed from (0: it ran whole, or is not there)."""
+    summary = run / "summary.json"
+    return json.loads(summary.read_text()).get("resumed_from", 0) if summary.is_file() else 0
+
+
+def resumed_note(results: dict) -> str:
+    """The clause naming the training runs of ``results`` that were resumed (their seconds count part of a run);
+    "" when none was."""
+    runs = [f"{'Fine-tune_o' if p == 'fine_tune_o' else 'Fine-tune_n'}'s run of {row['task']}"
+            for row in results["tasks"] for p in row.get("resumed", [])]
+    if not runs:
+        return ""
+    verb = "was" if len(runs) == 1 else "were"
+    return f"; {', '.join(runs)} {verb} resumed partway, so those seconds do not count a whole run"
+
+
 def evaluate_piece(base, task: str, adapter: Path | None, out: Path, limit: int, template: str = "alpaca") -> dict:
     """Accuracy of ``adapter`` merged into ``base`` on the task's held-out items in ``template`` (cached in ``out``)."""
     from jtranspeft.eval.evaluate import EvalConfig, evaluate
@@ -266,7 +283,11 @@ def main() -> None:
                                synthesis_temperature=temperature)
         reports[loss] = migrate([adapters[name] for name in names], old_path, args.new, directory, config,
                                 progress=True)["adapters"]
-        peaks[loss] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, the process's peak so far
+        # MB, the process's peak so far; the highest any run reached is kept, as a rerun that finds its adapters
+        # migrated measures nothing
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        note(f"peak_rss_mb/{loss}", max(peak, seconds.get(f"peak_rss_mb/{loss}", 0)))
+        peaks[loss] = seconds[f"peak_rss_mb/{loss}"]
     finished = [name for k, name in enumerate(names) if all(reports[loss][k] for loss in args.losses)]
     old, new = jt.load_base(old_path), jt.load_base(args.new)
     rows, pairs, kept = [], [], []  # kept: every scored answer, for predictions.jsonl
@@ -323,6 +344,7 @@ def main() -> None:
                "fine_tune_n_minus_teacher": compare(*align(teacher, reference["predictions"])),
                "train_seconds": seconds.get(f"{name}/fine_tune_o"),
                "fine_tune_n_train_seconds": seconds.get(f"{name}/fine_tune_n"), "chosen": chosen,
+               "resumed": [p for p in ("fine_tune_o", "fine_tune_n") if resumed_from(work / name / p)],
                "best_training_free": training_free, "rungs": {}}
         for label, rung in rungs.items():
             row["rungs"][label] = {k: v for k, v in rung.items() if k != "predictions"} | {
@@ -331,6 +353,8 @@ def main() -> None:
                 "minus_fine_tune_n": compare(*align(reference["predictions"], rung["predictions"])),
                 "minus_teacher": compare(*align(teacher, rung["predictions"]))}
         distilled = [rungs[f"distill ({loss})"]["predictions"] for loss in args.losses]
+        row["distill_vs_copy"] = {loss: compare(*align(rungs["copy"]["predictions"], d))  # what distilling adds
+                                  for loss, d in zip(args.losses, distilled)}
         if len(distilled) > 1:  # every other loss against the first, paired
             row["distill_vs_first_loss"] = {loss: compare(*align(distilled[0], other))
                                             for loss, other in zip(args.losses[1:], distilled[1:])}
@@ -343,7 +367,7 @@ def main() -> None:
         rows.append(row)
     kl, top1, acc, agree = zip(*pairs) if pairs else ((), (), (), ())
     enough = len(pairs) > 2
-    results = {"old": str(old_path), "new": args.new, "template": args.template, "steps": args.steps, "limit": args.limit,
+    results = {"old": args.old, "new": args.new, "template": args.template, "steps": args.steps, "limit": args.limit,
                "losses": args.losses, "distill_samples": args.distill_samples, "distill_steps": args.distill_steps,
                "peak_rss_mb_after": peaks or None,
                "thresholds": {m: rule.threshold for m, rule in rules.items()}, "tasks": rows, "pairs": len(pairs),
@@ -368,7 +392,7 @@ def format_results(results: dict) -> str:
     """The fleet table in markdown: the gate, one row per (task, rung), the references, the distillation cost and
     the correlations."""
     t = results["thresholds"]
-    lines = ["# Fleet migration on SmolLM2 (benchmarks/fleet_smollm2.py)", "",
+    lines = ["# Fleet migration (benchmarks/fleet_smollm2.py)", "",
              f"old `{results['old']}` -> new `{results['new']}`; {results['limit']} held-out items per task, the same "
              "items for every row; accuracy = exact match. Fidelity (KL, top-1 agreement with old base + adapter) on "
              "the held-out half of the adapter's stored training prompts (the other half seeds distillation). "
@@ -414,14 +438,18 @@ def format_results(results: dict) -> str:
                   "the adapter's own (a later loss reuses the first one's synthetic set; its synthesis and teacher "
                   "seconds are counted in the sum, as what the loss costs alone); the whole rung is migrate's record, "
                   "its fleet's wall time split evenly over the adapters (fidelity passes included). Beside them the "
-                  "training with labels of the same recipe (Fine-tune_o's 100 steps on the old base; Fine-tune_n's "
-                  "run of chain_sum was resumed halfway, so its seconds do not count a whole run):", "",
+                  f"training with labels of the same recipe (Fine-tune_o's {results['steps']} steps on the old base"
+                  f"{resumed_note(results)}):", "",
                   "| task | row | synthesis | teacher answers | training steps | sum | whole rung (fleet average) | "
                   "training with labels | sum / labels |", "|---|---|---|---|---|---|---|---|---|"]
         for task, name, c, labels in costs:
             ratio = f"{c['sum'] / labels:.2f}x" if labels else "-"
             lines.append(f"| {task} | {name} | {c['synthesis']} | {c['teacher']} | {c['train']} | {c['sum']} | "
                          f"{c['rung']} | {labels or '-'} | {ratio} |")
+    gains = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_copy", {}).items()]
+    if gains:
+        lines += ["", "Distilled minus copy (paired, same items): " + "; ".join(
+            f"{task} {loss}: {paired(d)}" for task, loss, d in gains)]
     versus = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_first_loss", {}).items()]
     if versus:
         first = results["losses"][0]
@@ -433,8 +461,9 @@ def format_results(results: dict) -> str:
             f"{task} {loss} - {d['against']}: {paired(d)}" for task, loss, d in recipes)]
     if results.get("peak_rss_mb_after"):
         lines += ["", "Peak RSS of the process after each migrate run (MB; cumulative, so a later run shows its own peak "
-                  "only where it is higher; a rerun that finds its adapters migrated measures nothing): " + ", ".join(f"{loss} {mb:.0f}" for loss, mb in
-                                                            results["peak_rss_mb_after"].items())]
+                  "only where it is higher; the highest of every run of the study, as a rerun that finds its adapters "
+                  "migrated measures nothing): " + ", ".join(f"{loss} {mb:.0f}" for loss, mb in
+                                                             results["peak_rss_mb_after"].items())]
     lines += ["", "Gate (did Fine-tune_o learn its task?): " + "; ".join(
         format_gate(row["task"], row["gate"]) for row in results["tasks"]), ""]
     if results["spearman_kl_accuracy"] is not None:
