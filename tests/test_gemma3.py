@@ -128,6 +128,35 @@ def test_adapter_bank_rows_equal_each_adapter_alone_past_the_window(gemma3):
     assert np.abs(logits[0] - np.asarray(jt.apply(base, ids[:1], loras[0], mask[:1]))[0]).max() > 1e-2
 
 
+def test_sliding_layers_decode_through_a_ring_of_the_window(gemma3):
+    """On the per-layer decode path the sliding layers' cache holds the 4-slot window only, while a left-padded
+    prefill longer than the window, chunks shorter and longer than it on a filled ring, and single steps give the
+    logits of the stacked decoder over a full cache (which keeps every slot and masks the old ones)."""
+    import jax.numpy as jnp
+
+    from jtranspeft.models.base import apply_cached, bind_for_decoding, forward_cached
+    from jtranspeft.models.decoder import init_cache
+
+    _, directory, _ = gemma3
+    base = jt.load_base(directory)
+    window, rng = base.spec.sliding_window, np.random.default_rng(4)
+    ids, mask = (x[:, ::-1].copy() for x in padded_batch(base.spec.vocab_size, lengths=(9, 6)))  # left-padded
+    chunks = [(ids, mask)] + [(rng.integers(3, base.spec.vocab_size, (2, n)), np.ones((2, n), np.int64))
+                              for n in (3, 6, 1, 1)]
+    total = sum(c.shape[1] for c, _ in chunks)
+    module, variables = bind_for_decoding(base)
+    ring = init_cache(base.spec, 2, total, stacked=False)
+    assert [k.shape[1] for k in ring.keys] == [window if s else total for s in base.spec.sliding_layers]
+    assert ring.max_len == total
+    full = init_cache(base.spec, 2, total)
+    for n, (chunk, chunk_mask) in enumerate(chunks):
+        chunk, chunk_mask = jnp.asarray(chunk, jnp.int32), jnp.asarray(chunk_mask, jnp.int32)
+        ours, ring = forward_cached(module, variables, chunk, ring, chunk_mask)
+        reference, full = apply_cached(base, chunk, full, None, chunk_mask)
+        live = np.asarray(chunk_mask, bool)
+        assert np.abs(np.asarray(ours) - np.asarray(reference))[live].max() <= 1e-4, f"chunk {n}"
+
+
 def test_shira_made_by_peft_on_gemma3_gives_peft_logits(gemma3, tmp_path):
     """SHiRA on Gemma 3 (sparse deltas on the GeGLU FFN and the attention of sliding and full layers) against
     peft's own SHiRA model, read from peft's files."""

@@ -26,8 +26,11 @@ Models with sliding-window layers (`ModelSpec.layer_types`: gemma3 mixes them wi
 every layer) get two masks and two rope tables, stacked on a leading kind axis (0 full, 1 sliding); each layer
 picks its own by its index. A sliding layer's query at slot q sees key slots (q - sliding_window, q], as
 transformers does: a row's real tokens occupy consecutive slots (padding sits before or after them), so slot
-distance is token distance. The cache keeps every slot on every layer; the sliding layers only mask the old ones
-(a ring buffer of sliding_window slots on those layers would be the memory-right cache; not done yet).
+distance is token distance. On the per-layer path a sliding layer's cache is a ring of sliding_window slots
+whenever the cache is longer than that (`init_cache`): slot j holds the latest cached position congruent to j
+modulo the window, a call attends over the ring followed by its own keys, and then writes its last (up to
+window) keys into the ring. Memory on those layers stays at the window however long prompt and generation grow.
+The scanned path keeps every slot on every layer (one stacked array) and masks the old ones.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class KVCache:
 
     ``keys`` / ``values``: one stacked array [L, b, s, k, e] for the scanned decoder, or a tuple of L arrays
     [b, s, k, e] for the per-layer one (``stacked=False``), so that a decode step updates each layer's
-    slot in place instead of rewriting a stack.
+    slot in place instead of rewriting a stack; there a sliding layer's arrays are a ring of
+    ``sliding_window`` slots when that is shorter than s (see the module docstring).
     """
 
     keys: jax.Array | tuple[jax.Array, ...]
@@ -65,18 +69,20 @@ class KVCache:
     @property
     def max_len(self) -> int:
         """Number of slots per row."""
-        return self.keys[0].shape[1]
+        return self.mask_bs.shape[1]
 
 
 def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32, stacked: bool = True) -> KVCache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated); ``stacked=False``
-    for the per-layer decoder."""
+    for the per-layer decoder, whose sliding layers then hold a ring of ``sliding_window`` slots when that is
+    shorter than ``max_len``."""
     shape = (batch, max_len, spec.num_kv_heads, spec.head_dim)
     if stacked:
         keys, values = jnp.zeros((spec.num_layers, *shape), dtype), jnp.zeros((spec.num_layers, *shape), dtype)
     else:
-        keys = tuple(jnp.zeros(shape, dtype) for _ in range(spec.num_layers))
-        values = tuple(jnp.zeros(shape, dtype) for _ in range(spec.num_layers))
+        slots = [min(max_len, spec.sliding_window) if sliding else max_len for sliding in spec.sliding_layers]
+        keys = tuple(jnp.zeros((batch, n, *shape[2:]), dtype) for n in slots)
+        values = tuple(jnp.zeros((batch, n, *shape[2:]), dtype) for n in slots)
     return KVCache(keys=keys, values=values, mask_bs=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
@@ -105,6 +111,30 @@ class _LayerSettings(nn.Module):
 
     def norm(self, name: str) -> RMSNorm:
         return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, self.spec.norm_offset, name=name)
+
+
+def _through_ring(ring, k_btke, v_btke, index):
+    """(keys, values to attend over: the ring's r slots then this call's t, the ring updated with the last
+    min(t, r) of them at their positions modulo r) for a sliding layer's ring cache (`init_cache`)."""
+    r, t = ring[0].shape[1], k_btke.shape[1]
+    n = min(t, r)
+    slots_n = (index + t - n + jnp.arange(n)) % r
+    attend, updated = [], []
+    for cached, new in zip(ring, (k_btke, v_btke)):
+        new = new.astype(cached.dtype)
+        attend.append(jnp.concatenate([cached, new], axis=1))
+        updated.append(cached.at[:, slots_n].set(new[:, t - n:]))
+    return attend[0], attend[1], tuple(updated)
+
+
+def _ring_mask(key_valid_bs, index, t: int, window: int, r: int, mask_new_bts):
+    """[b, t, r + t] visibility for a sliding layer's ring of r slots followed by this call's t keys: ring
+    slot j holds cache position c_j = the latest position < ``index`` congruent to j modulo r; query i (position
+    index + i) sees it when it is real and within the window. ``mask_new_bts`` is the call's own part."""
+    c_r = index - 1 - jnp.mod(index - 1 - jnp.arange(r), r)
+    held_br = (c_r >= 0)[None] & jnp.take(key_valid_bs, jnp.maximum(c_r, 0), axis=1)
+    near_tr = c_r[None, :] > index + jnp.arange(t)[:, None] - window
+    return jnp.concatenate([held_br[:, None, :] & near_tr[None], mask_new_bts], axis=2)
 
 
 def _stream_key(key_of_layer, stream: int):
@@ -155,12 +185,16 @@ class Attention(_LayerSettings):
         if spec.qk_norm:
             q_bthe, k_btke = self.norm("q_norm")(q_bthe), self.norm("k_norm")(k_btke)
         q_bthe, k_btke = apply_rope(q_bthe, cos_bte, sin_bte), apply_rope(k_btke, cos_bte, sin_bte)
-        if kv_cache is not None:  # write this call's keys/values, attend over every cached slot
+        if kv_cache is not None and kv_cache[0].shape[1] + t == mask_bts.shape[-1]:  # a ring: the mask covers it
+            k_bske, v_bske, kv_cache = _through_ring(kv_cache, k_btke, v_btke, extras.cache_index)
+        elif kv_cache is not None:  # write this call's keys/values, attend over every cached slot
             start = (0, extras.cache_index, 0, 0)
-            k_btke = jax.lax.dynamic_update_slice(kv_cache[0], k_btke.astype(kv_cache[0].dtype), start)
-            v_btke = jax.lax.dynamic_update_slice(kv_cache[1], v_btke.astype(kv_cache[1].dtype), start)
-            kv_cache = (k_btke, v_btke)
-        out_btx = attention(q_bthe, k_btke, v_btke, mask_bts, spec.attention_scale)
+            k_bske = jax.lax.dynamic_update_slice(kv_cache[0], k_btke.astype(kv_cache[0].dtype), start)
+            v_bske = jax.lax.dynamic_update_slice(kv_cache[1], v_btke.astype(kv_cache[1].dtype), start)
+            kv_cache = (k_bske, v_bske)
+        else:
+            k_bske, v_bske = k_btke, v_btke
+        out_btx = attention(q_bthe, k_bske, v_bske, mask_bts, spec.attention_scale)
         o_key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
         return self.proj("o_proj", spec.hidden_size, spec.o_bias)(
             out_btx, layer_idx, o_key, extras.adapter_ids_b), kv_cache
@@ -299,6 +333,12 @@ class Decoder(_LayerSettings):
             visible_ts.append(causal_ts & (key_slot_s[None, :] > query_slot_t[:, None] - (spec.sliding_window or 0)))
             ropes.append(spec.rope_local or spec.rope)
         mask_kbts = jnp.stack([(v_ts[None] & key_valid_bs[:, None, :]) | own_ts[None] for v_ts in visible_ts])
+        rings = {cache.keys[i].shape[1] for i, sliding in enumerate(spec.sliding_layers)
+                 if sliding and cache is not None and not self.stacked} - {key_valid_bs.shape[1]}
+        if rings:  # the sliding layers' caches are rings (`init_cache`): their mask covers ring + this call
+            (r,) = rings
+            own_bts = jax.lax.dynamic_slice_in_dim(mask_kbts[1], cache.index, t, axis=2)
+            mask_kbts = (mask_kbts[0], _ring_mask(key_valid_bs, cache.index, t, spec.sliding_window, r, own_bts))
         tables = [rope_tables(positions_bt, rope_inv_freq(rope, spec.head_dim)) for rope in ropes]
         cos_kbte, sin_kbte = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
