@@ -346,6 +346,23 @@ def test_greedy_continuations_equal_transformers(gemma3_path, gemma3_reference):
     assert jt.generate(base, PROMPTS[:1], max_new_tokens=12)[0].startswith(" the capital of the country of France")
 
 
+def test_greedy_past_the_window_equals_transformers(gemma3_path, gemma3_reference):
+    """A prompt longer than the real model's 512-slot window: jt decodes it through the sliding layers' rings and
+    continues it greedily as transformers does."""
+    import torch
+
+    base = jt.load_base(gemma3_path)
+    text = " ".join(f"Note {i}: {p} and so on." for i, p in enumerate(PROMPTS * 20))
+    ids = base.tokenizer.encode(text)
+    assert len(ids) > base.spec.sliding_window + 32
+    ours = jt.generate_ids(base, [ids], max_new_tokens=8, eos=False)[0]
+    with torch.no_grad():
+        prompt = torch.tensor([ids])
+        reference = gemma3_reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                              max_new_tokens=8)
+    assert ours == reference[0, len(ids):].tolist()
+
+
 def test_tokenizer_equals_transformers_gguf_tokenizer(gemma3_path):
     """Ours (tokenizers, no PyTorch) against transformers' GemmaTokenizer of the same file on 3000 strings."""
     from jtranspeft.checkpoints.gguf import load_gguf_tokenizer
