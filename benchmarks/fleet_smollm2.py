@@ -446,19 +446,18 @@ def format_results(results: dict) -> str:
             ratio = f"{c['sum'] / labels:.2f}x" if labels else "-"
             lines.append(f"| {task} | {name} | {c['synthesis']} | {c['teacher']} | {c['train']} | {c['sum']} | "
                          f"{c['rung']} | {labels or '-'} | {ratio} |")
-    gains = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_copy", {}).items()]
-    if gains:
-        lines += ["", "Distilled minus copy (paired, same items): " + "; ".join(
-            f"{task} {loss}: {paired(d)}" for task, loss, d in gains)]
-    versus = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_first_loss", {}).items()]
-    if versus:
-        first = results["losses"][0]
-        lines += ["", f"Distilled with another loss minus distilled with {first} (paired, same items; the same synthetic "
-                  "set where the recipe is the same): " + "; ".join(f"{task} {loss}: {paired(d)}" for task, loss, d in versus)]
-    recipes = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get("distill_vs_recipe", {}).items()]
-    if recipes:
-        lines += ["", "Another synthesis recipe minus the first one, the same loss (paired, same items): " + "; ".join(
-            f"{task} {loss} - {d['against']}: {paired(d)}" for task, loss, d in recipes)]
+    def paired_line(key: str, title: str, name=lambda loss, d: loss) -> list[str]:
+        """One line of every task's paired differences stored under ``key`` (loss -> difference), if any."""
+        found = [(row["task"], loss, d) for row in results["tasks"] for loss, d in row.get(key, {}).items()]
+        return ["", title + ": " + "; ".join(f"{task} {name(loss, d)}: {paired(d)}" for task, loss, d in found)] \
+            if found else []
+
+    lines += paired_line("distill_vs_copy", "Distilled minus copy (paired, same items)")
+    lines += paired_line("distill_vs_first_loss", f"Distilled with another loss minus distilled with "
+                         f"{results['losses'][0]} (paired, same items; the same synthetic set where the recipe is the "
+                         "same)")
+    lines += paired_line("distill_vs_recipe", "Another synthesis recipe minus the first one, the same loss (paired, "
+                         "same items)", lambda loss, d: f"{loss} - {d['against']}")
     if results.get("peak_rss_mb_after"):
         lines += ["", "Peak RSS of the process after each migrate run (MB; cumulative, so a later run shows its own peak "
                   "only where it is higher; the highest of every run of the study, as a rerun that finds its adapters "

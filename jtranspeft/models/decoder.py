@@ -72,6 +72,12 @@ class KVCache:
         return self.mask_bs.shape[1]
 
 
+def ring_slots(spec: ModelSpec, max_len: int) -> int | None:
+    """The slots of a sliding layer's ring on the per-layer path: ``sliding_window`` when the model has sliding
+    layers and the cache is longer than that, else None (every layer keeps all ``max_len`` slots)."""
+    return spec.sliding_window if any(spec.sliding_layers) and spec.sliding_window < max_len else None
+
+
 def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32, stacked: bool = True) -> KVCache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated); ``stacked=False``
     for the per-layer decoder, whose sliding layers then hold a ring of ``sliding_window`` slots when that is
@@ -80,7 +86,8 @@ def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32, sta
     if stacked:
         keys, values = jnp.zeros((spec.num_layers, *shape), dtype), jnp.zeros((spec.num_layers, *shape), dtype)
     else:
-        slots = [min(max_len, spec.sliding_window) if sliding else max_len for sliding in spec.sliding_layers]
+        ring = ring_slots(spec, max_len)
+        slots = [ring if sliding and ring else max_len for sliding in spec.sliding_layers]
         keys = tuple(jnp.zeros((batch, n, *shape[2:]), dtype) for n in slots)
         values = tuple(jnp.zeros((batch, n, *shape[2:]), dtype) for n in slots)
     return KVCache(keys=keys, values=values, mask_bs=jnp.zeros((batch, max_len), jnp.int32),
@@ -333,12 +340,10 @@ class Decoder(_LayerSettings):
             visible_ts.append(causal_ts & (key_slot_s[None, :] > query_slot_t[:, None] - (spec.sliding_window or 0)))
             ropes.append(spec.rope_local or spec.rope)
         mask_kbts = jnp.stack([(v_ts[None] & key_valid_bs[:, None, :]) | own_ts[None] for v_ts in visible_ts])
-        rings = {cache.keys[i].shape[1] for i, sliding in enumerate(spec.sliding_layers)
-                 if sliding and cache is not None and not self.stacked} - {key_valid_bs.shape[1]}
-        if rings:  # the sliding layers' caches are rings (`init_cache`): their mask covers ring + this call
-            (r,) = rings
+        ring = None if cache is None or self.stacked else ring_slots(spec, cache.max_len)
+        if ring:  # the sliding layers' caches are rings (`init_cache`): their mask covers ring + this call
             own_bts = jax.lax.dynamic_slice_in_dim(mask_kbts[1], cache.index, t, axis=2)
-            mask_kbts = (mask_kbts[0], _ring_mask(key_valid_bs, cache.index, t, spec.sliding_window, r, own_bts))
+            mask_kbts = (mask_kbts[0], _ring_mask(key_valid_bs, cache.index, t, spec.sliding_window, ring, own_bts))
         tables = [rope_tables(positions_bt, rope_inv_freq(rope, spec.head_dim)) for rope in ropes]
         cos_kbte, sin_kbte = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
