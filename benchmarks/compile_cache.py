@@ -3,7 +3,8 @@
 Each round, in fresh processes one after the other: a run with the cache on over an empty cache directory
 (it compiles and writes), a second run with the cache on (it reads the step back), a run with the cache off
 (``JTRANSPEFT_COMPILE_CACHE=0``: it compiles). Every run sets the cache up as the CLIs do
-(`jtranspeft.cli.common.setup_compile_cache`) and times `train_throughput.py`'s jtranspeft LoRA step (random
+(`jtranspeft.cli.common.setup_compile_cache`), runs with their host allocator (huge pages where they help,
+`jtranspeft.utils.host_memory`) and times `train_throughput.py`'s jtranspeft LoRA step (random
 model of the shape, r 8 on all seven projections, loss on every token): the first step, then one more.
 
     python benchmarks/compile_cache.py --shape smollm2 --batch 8 --seq 128 --rounds 2
@@ -62,7 +63,7 @@ def main() -> None:
             for run in RUNS:
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
                            JTRANSPEFT_CACHE=project_cache, JTRANSPEFT_COMPILE_CACHE="0" if run == "off" else "1",
-                           **ALLOCATOR)
+                           **ALLOCATOR["jax"])
                 env.pop("JAX_COMPILATION_CACHE_DIR", None)
                 cmd = [sys.executable, __file__, "--worker", args.shape, str(args.batch), str(args.seq),
                        "--cache", str(args.cache)]

@@ -9,8 +9,10 @@ with the machine to benchmarks/results/profile_train_step.json (``_targets<N>`` 
     python benchmarks/profile_train_step.py --shape smollm2 --targets 8     # response-only loss
     grep -n "%copy_bitcast_fusion.13 = " /tmp/jtranspeft-profile/step.hlo.txt
 
-This is how the transposed cotangent copies of the LoRA backward and the LM head's share were found
-(README, Performance).
+This is how the transposed cotangent copies of the LoRA backward, the LM head's share and the page faults of
+the step's temporary block were found (docs/performance.md). It runs with the CLIs' host allocator (huge pages
+where they help, `jtranspeft.utils.host_memory`); ``JTRANSPEFT_HOST_ALLOCATOR=default`` profiles glibc's
+defaults (benchmarks/results/profile_train_step_glibc.json was made so, with ``--json``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, machine_line  # noqa: E402
 from train_throughput import TARGETS, _batch, _hf_model_dir, _loss_mask  # noqa: E402
 
+from jtranspeft.utils import host_memory  # noqa: E402
+
 
 def main() -> None:
     """Profile one step and print the top ops."""
@@ -42,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile"), help="trace and HLO")
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/profile_train_step[_targets<N>].json")
     args = parser.parse_args()
+    host_memory.reexec_with_huge_pages(any_program=True)  # the host allocator of jtranspeft's CLIs
 
     import jax
     import jax.numpy as jnp

@@ -14,6 +14,8 @@ framework's alone), the frameworks alternate round by round, and each process re
         benchmarks/results/train_throughput_response.json
     python benchmarks/train_throughput.py --full --shape smollm2 --batch 4 --seq 128 --rounds 2 --steps 3 --out \
         benchmarks/results/train_throughput_full.json
+    python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --allocator malloc --out \
+        benchmarks/results/train_throughput_allocator_malloc.json     # both frameworks on one allocator setting
 
 ``--full`` times continued pre-training instead: no LoRA, AdamW over EVERY parameter (float32), loss on
 every token; jtranspeft runs `jtranspeft.training.step.make_full_step` (the step of ``python -m
@@ -21,13 +23,18 @@ jtranspeft.evolve``), PyTorch the same model with all parameters trainable.
 
 Results are printed as a table and written to benchmarks/results/train_throughput.json.
 
-What makes the PyTorch baseline move (measured here, SmolLM2 shape 8 x 128, median step): other load on the
-2 cores (earlier 18-25 s figures were taken while a second job ran), the attention implementation (sdpa
-5.6 s, eager 6.9 s), threads (1 thread 9.0 s vs 2 threads 5.6 s), and glibc handing large blocks back to
-the OS after every step, to be page-faulted in again on the next (5.6 s -> 4.9 s, with a narrower spread,
-once blocks up to 32 MiB come from the heap and freed memory is kept). So every worker here runs with
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` (both frameworks alike), PyTorch with
-sdpa attention and 2 threads, and each run records the 1-minute load average it started under.
+Each framework runs with the host allocator settings that are fastest for it here (`allocator_env`, recorded
+in the JSON). jtranspeft's are the ones its CLIs give themselves (`jtranspeft.utils.host_memory`): glibc's
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` where transparent huge pages are in madvise mode. XLA runs the step in
+one 2.5 GB temporary block that glibc maps afresh every step; with 4 KiB pages that faulted about 620,000
+times per step (2.69 s median step), with huge pages about 1,500 (2.12 s; AVX-512 EPYC, 2 rounds x 4 steps).
+PyTorch + peft is slower with huge pages (3.73 -> 4.12 s there) and runs with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` instead: blocks up to 32 MiB stay on the
+heap and freed memory is kept (5.6 -> 4.9 s measured earlier, with a narrower spread). Other things that move
+the PyTorch baseline (SmolLM2 shape 8 x 128, median step): other load on the 2 cores (earlier 18-25 s figures
+were taken while a second job ran), the attention implementation (sdpa 5.6 s, eager 6.9 s), threads (1
+thread 9.0 s vs 2 threads 5.6 s); so PyTorch runs with sdpa attention and 2 threads, and each run records the
+1-minute load average it started under and the minor page faults of each step.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine_info, machine_line
+from machine import machine_info, machine_line  # puts the repository on sys.path
+
+from jtranspeft.utils import host_memory  # noqa: E402  (the module alone: no JAX)
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -53,8 +62,13 @@ SHAPES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_CASES = [("tiny", 8, 128), ("smollm2", 8, 128), ("smollm2", 4, 256)]
-# glibc malloc: keep blocks up to 32 MiB on the heap and keep freed memory (see the module docstring)
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# host allocator settings (see the module docstring); ALLOCATOR: each framework's own, the default
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+ALLOCATOR = {"jax": host_memory.huge_page_env(), "torch": MALLOC_SETTINGS}
+ALLOCATOR_CHOICES = {"own": ALLOCATOR,
+                     "huge-pages": {"jax": host_memory.huge_page_env(), "torch": host_memory.huge_page_env()},
+                     "malloc": {"jax": MALLOC_SETTINGS, "torch": MALLOC_SETTINGS},
+                     "glibc": {"jax": {}, "torch": {}}}
 
 
 def _hf_model_dir(shape: str, directory: Path) -> Path:
@@ -82,6 +96,16 @@ def _loss_mask(batch: int, seq: int, targets: int):
     mask = np.zeros((batch, seq), np.float32)
     mask[:, seq - targets if targets else 0:] = 1
     return mask
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (a page touched for the first time since it was mapped)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _per_step(counts: list[int]) -> list[int]:
+    """Faults of each timed step (the first, compiling step left out) from the running counts."""
+    return [after - before for before, after in zip(counts[1:], counts[2:])]
 
 
 def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int, full: bool = False) -> dict:
@@ -114,13 +138,15 @@ def run_jax(model_dir: Path, batch: int, seq: int, steps: int, targets: int, ful
     else:
         step = make_step(optimizer, jt.TransPeftConfig(), grad_accum=1, seed=0,
                          max_targets=max_targets_of([{"loss_mask": data["loss_mask"][0]}]) if targets else None)
-    times = []
+    times, faults = [], [_minor_faults()]
     for _ in range(steps + 1):
         tick = time.perf_counter()
         state, metrics = step(state, base, data)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - tick)
-    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(metrics["loss"])}
+        faults.append(_minor_faults())
+    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(metrics["loss"]),
+            "page_faults_per_step": _per_step(faults)}
 
 
 def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int, full: bool = False) -> dict:
@@ -138,7 +164,7 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int, f
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     ids = torch.tensor(_batch(model.config.vocab_size, batch, seq), dtype=torch.long)
     labels = torch.where(torch.tensor(_loss_mask(batch, seq, targets)) > 0, ids, -100)
-    times = []
+    times, faults = [], [_minor_faults()]
     for _ in range(steps + 1):
         tick = time.perf_counter()
         loss = model(input_ids=ids, labels=labels).loss
@@ -147,8 +173,10 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int, f
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - tick)
-    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss), "threads": torch.get_num_threads(),
-            "attention": model.config._attn_implementation}
+        faults.append(_minor_faults())
+    return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss.detach()),
+            "threads": torch.get_num_threads(), "attention": model.config._attn_implementation,
+            "page_faults_per_step": _per_step(faults)}
 
 
 def worker(framework: str, shape: str, batch: int, seq: int, steps: int, cache: Path, targets: int,
@@ -177,6 +205,9 @@ def main() -> None:
                         help="loss on the last N tokens of each row only (response-only SFT); 0 = every token")
     parser.add_argument("--full", action="store_true",
                         help="continued pre-training: AdamW over every parameter, no LoRA (see above)")
+    parser.add_argument("--allocator", choices=sorted(ALLOCATOR_CHOICES), default="own",
+                        help="host allocator settings: each framework's own (default; see above), huge pages for "
+                             "both, the MALLOC_* settings for both, or glibc's defaults for both")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -188,7 +219,10 @@ def main() -> None:
         os._exit(0)  # the result is printed; skip interpreter teardown (XLA's threads sometimes abort in it)
     cases = [(args.shape, args.batch, args.seq)] if args.shape else DEFAULT_CASES
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]), **ALLOCATOR)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    for name in ("GLIBC_TUNABLES", *MALLOC_SETTINGS):  # only --allocator's settings reach the workers
+        env.pop(name, None)
+    allocator = ALLOCATOR_CHOICES[args.allocator]
     runs = []
     for shape, batch, seq in cases:
         for round_ in range(args.rounds):
@@ -196,12 +230,13 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", framework, shape, str(batch), str(seq),
                        "--steps", str(args.steps), "--cache", str(args.cache), "--targets", str(args.targets),
                        *(["--full"] if args.full else [])]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                done = subprocess.run(cmd, env=env | allocator[framework], capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{framework} {shape} failed:\n{done.stderr[-3000:]}")
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_})
                 print(f"  {shape} b{batch} s{seq} round {round_} {framework}: "
-                      f"{runs[-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+                      f"{runs[-1]['tokens_per_s']:.0f} tok/s, "
+                      f"{statistics.median(runs[-1]['page_faults_per_step']):.0f} page faults per step", file=sys.stderr)
     summary = []
     info = machine_info()
     print(machine_line(info))
@@ -214,14 +249,16 @@ def main() -> None:
             mine = [r for r in runs if (r["framework"], r["shape"], r["batch"], r["seq"]) == (fw, shape, batch, seq)]
             row[fw] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
                        "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
-                       "first_step_s": statistics.median(r["first_step_s"] for r in mine)}
+                       "first_step_s": statistics.median(r["first_step_s"] for r in mine),
+                       "page_faults_per_step": statistics.median(f for r in mine for f in r["page_faults_per_step"])}
         row["ratio"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
         summary.append(row)
         print(f"{shape + f' {batch}x{seq}':<18} {row['jax']['tokens_per_s']:10.0f} {row['torch']['tokens_per_s']:12.0f} "
               f"{row['ratio']:6.2f} {row['jax']['peak_rss_mb']:8.0f}M {row['torch']['peak_rss_mb']:9.0f}M "
               f"{row['jax']['first_step_s']:12.1f}s {row['torch']['first_step_s']:9.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "allocator_env": ALLOCATOR, "summary": summary, "runs": runs},
+    args.out.write_text(json.dumps({"machine": info, "allocator": args.allocator, "allocator_env": allocator,
+                                    "summary": summary, "runs": runs},
                                    indent=2) + "\n")
     print(f"written {args.out}")
 

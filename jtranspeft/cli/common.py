@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from jtranspeft.utils import host_memory
 from jtranspeft.utils.config_io import parse_cli
 from jtranspeft.utils.errors import EXIT_BAD_INPUT, RunStopped
 
@@ -107,6 +108,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    logger.debug(host_memory.describe())
     setup_compile_cache()
 
 
@@ -155,10 +157,14 @@ def run_config_job(argv: Sequence[str] | None, *, prog: str, description: str, e
 def cli_main(main: Callable[..., int]) -> Callable[..., int]:
     """Decorate a CLI ``main`` returning its exit status: bad input prints ``error: ...`` and returns 2,
     `RunStopped` prints its message and returns its status. Other exceptions keep their traceback (a bug;
-    Python exits with 1). Entry points run ``sys.exit(main())``."""
+    Python exits with 1). Entry points run ``sys.exit(main())``: called so, with no arguments, by ``python -m
+    jtranspeft.<job>`` or ``jtranspeft-<job>`` (not for ``--help``), a CLI first re-executes itself with huge
+    pages for the host allocator (`jtranspeft.utils.host_memory.reexec_with_huge_pages`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        if not args and not kwargs and not {"-h", "--help"} & set(sys.argv[1:]):
+            host_memory.reexec_with_huge_pages()
         try:
             return main(*args, **kwargs)
         except RunStopped as stop:
