@@ -1,12 +1,14 @@
-"""Where a jtranspeft LoRA train step spends its time: XLA's own per-op profile of one step.
+"""Where a jtranspeft train step spends its time: XLA's own per-op profile of one step.
 
 Runs one compiled step (random-weight model of a `train_throughput.py` shape, LoRA r 8 on all seven
-projections, AdamW) under `jax.profiler.trace`, then prints the ops with the most total time (name, count,
-share of the step), writes the optimized HLO next to the trace, so an op name can be looked up, and the top ops
-with the machine to benchmarks/results/profile_train_step.json (``_targets<N>`` with ``--targets``):
+projections, or with ``--full`` every parameter; AdamW) under `jax.profiler.trace`, then prints the ops with
+the most total time (name, count, share of the step), writes the optimized HLO next to the trace, so an op
+name can be looked up, and the top ops with the machine to benchmarks/results/profile_train_step.json
+(``_targets<N>`` with ``--targets``, ``_full`` with ``--full``):
 
     python benchmarks/profile_train_step.py --shape smollm2 --batch 8 --seq 128
     python benchmarks/profile_train_step.py --shape smollm2 --targets 8     # response-only loss
+    python benchmarks/profile_train_step.py --shape smollm2 --batch 4 --full   # full-parameter step
     grep -n "%copy_bitcast_fusion.13 = " /tmp/jtranspeft-profile/step.hlo.txt
 
 This is how the transposed cotangent copies of the LoRA backward, the LM head's share and the page faults of
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--targets", type=int, default=0, help="response-only loss on the last N tokens; 0 = all")
+    parser.add_argument("--full", action="store_true", help="the full-parameter step (continued pre-training)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile"), help="trace and HLO")
@@ -54,19 +57,27 @@ def main() -> None:
 
     import jtranspeft as jt
     from jtranspeft.training.config import TrainConfig
-    from jtranspeft.training.step import TrainState, make_optimizer, make_step, max_targets_of
+    from jtranspeft.models.params import split_by_group
+    from jtranspeft.models.spec import GROUPS
+    from jtranspeft.training.step import TrainState, make_full_step, make_optimizer, make_step, max_targets_of
 
     base = jt.load_base(_hf_model_dir(args.shape, args.cache / args.shape))
-    lora = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
+    if args.full:
+        trained, frozen = split_by_group(base.params, GROUPS)
+        base = base.replace(params=frozen)
+    else:
+        trained = jt.init_lora(base, jt.LoraConfig(r=8, alpha=16, targets=tuple(TARGETS)), jax.random.key(0))
     optimizer = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant"), 100)
     # committed to the device like the step's outputs, or the second step compiles again (jtranspeft.training.loop
     # places its state with explicit shardings, so training runs never pay that)
-    state = jax.device_put(TrainState(lora, optimizer.init(lora), jnp.asarray(0, jnp.int32)), jax.devices()[0])
+    state = jax.device_put(TrainState(trained, optimizer.init(trained), jnp.asarray(0, jnp.int32)), jax.devices()[0])
+    del trained
     ids = _batch(base.spec.vocab_size, args.batch, args.seq)
     loss_mask = _loss_mask(args.batch, args.seq, args.targets)
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
     width = max_targets_of([{"loss_mask": loss_mask[0]}]) if args.targets else None
-    step = make_step(optimizer, jt.TransPeftConfig(), 1, 0, max_targets=width)
+    step = make_full_step(optimizer, 1) if args.full else make_step(optimizer, jt.TransPeftConfig(), 1, 0,
+                                                                    max_targets=width)
     state, metrics = step(state, base, data)  # compile and warm up
     jax.block_until_ready(metrics["loss"])
 
@@ -86,7 +97,8 @@ def main() -> None:
             count[name] += 1
     info = machine_info()
     print(machine_line(info))
-    print(f"step {seconds:.2f} s ({args.shape} {args.batch}x{args.seq}, targets {args.targets or 'all'}), "
+    print(f"step {seconds:.2f} s ({args.shape} {args.batch}x{args.seq}, {'full-parameter' if args.full else 'LoRA'}, "
+          f"targets {args.targets or 'all'}), "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'op':<40} {'calls':>6} {'total ms':>10} {'share':>6}")
     top = [{"op": name, "calls": count[name], "total_ms": us / 1e3, "share": us / 1e6 / seconds}
@@ -94,11 +106,12 @@ def main() -> None:
     for op in top:
         print(f"{op['op'][:40]:<40} {op['calls']:6d} {op['total_ms']:10.1f} {op['share']:6.1%}")
     print(f"HLO: {args.out / 'step.hlo.txt'}")
-    suffix = f"_targets{args.targets}" if args.targets else ""
+    suffix = "_full" if args.full else f"_targets{args.targets}" if args.targets else ""
     out = args.json or Path(__file__).parent / "results" / f"profile_train_step{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "shape": args.shape, "batch": args.batch, "seq": args.seq,
-                               "targets": args.targets, "step_s": seconds, "load_average_1min": os.getloadavg()[0],
+                               "targets": args.targets, "full": args.full, "step_s": seconds,
+                               "load_average_1min": os.getloadavg()[0],
                                "top_ops": top}, indent=2) + "\n")
     print(f"written {out}")
 

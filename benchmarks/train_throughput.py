@@ -236,7 +236,8 @@ def main() -> None:
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_})
                 print(f"  {shape} b{batch} s{seq} round {round_} {framework}: "
                       f"{runs[-1]['tokens_per_s']:.0f} tok/s, "
-                      f"{statistics.median(runs[-1]['page_faults_per_step']):.0f} page faults per step", file=sys.stderr)
+                      f"{statistics.median(runs[-1]['page_faults_per_step']):.0f} page faults per step",
+                      file=sys.stderr)
     summary = []
     info = machine_info()
     print(machine_line(info))

@@ -75,7 +75,8 @@ def test_a_program_calling_a_cli_main_is_not_reexecuted():
     assert done.stdout == "None\n"
 
 
-@pytest.mark.skipif(host_memory.transparent_huge_pages() != "madvise" or (host_memory._glibc_version() or (0,)) < (2, 35),
+@pytest.mark.skipif(host_memory.transparent_huge_pages() != "madvise"
+                    or (host_memory.glibc_version() or (0,)) < (2, 35),
                     reason="needs glibc >= 2.35 and transparent huge pages in madvise mode")
 def test_huge_pages_cut_the_faults_of_a_fresh_block():
     def faults(**extra) -> int:

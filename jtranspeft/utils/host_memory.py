@@ -30,7 +30,7 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def _glibc_version() -> tuple[int, ...] | None:
+def glibc_version() -> tuple[int, ...] | None:
     """(major, minor) of the process's glibc, or None on another C library or OS."""
     if not sys.platform.startswith("linux"):
         return None
@@ -58,7 +58,7 @@ def huge_page_env() -> dict[str, str]:
     if os.environ.get(ENV, "").strip().lower() in ("default", "0", "off", "false", "no") \
             or "GLIBC_TUNABLES" in os.environ:
         return {}
-    version = _glibc_version()
+    version = glibc_version()
     if version is None or version < (2, 35) or transparent_huge_pages() != "madvise":
         return {}
     return {"GLIBC_TUNABLES": TUNABLE}
