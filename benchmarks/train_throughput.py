@@ -64,11 +64,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DEFAULT_CASES = [("tiny", 8, 128), ("smollm2", 8, 128), ("smollm2", 4, 256)]
 # host allocator settings (see the module docstring); ALLOCATOR: each framework's own, the default
 MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-ALLOCATOR = {"jax": host_memory.huge_page_env(), "torch": MALLOC_SETTINGS}
-ALLOCATOR_CHOICES = {"own": ALLOCATOR,
-                     "huge-pages": {"jax": host_memory.huge_page_env(), "torch": host_memory.huge_page_env()},
-                     "malloc": {"jax": MALLOC_SETTINGS, "torch": MALLOC_SETTINGS},
-                     "glibc": {"jax": {}, "torch": {}}}
+HUGE_PAGES = host_memory.huge_page_env()  # what jtranspeft's CLIs give themselves on this machine
+ALLOCATOR = {"jax": HUGE_PAGES, "torch": MALLOC_SETTINGS}
+ALLOCATOR_CHOICES = {"own": ALLOCATOR, "huge-pages": {"jax": HUGE_PAGES, "torch": HUGE_PAGES},
+                     "malloc": {"jax": MALLOC_SETTINGS, "torch": MALLOC_SETTINGS}, "glibc": {"jax": {}, "torch": {}}}
 
 
 def _hf_model_dir(shape: str, directory: Path) -> Path:
