@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,32 @@ def test_logits_match_transformers_on_padded_batch(saved):
     logits = jax.jit(jt.apply)(base, ids, None, mask)
     assert logits.dtype == np.float32
     assert max_diff_on_tokens(logits, hf_logits(model, ids, mask), mask) <= 1e-4, variant
+
+
+def test_gradient_of_every_weight_matches_torch_autograd(saved):
+    """Full-parameter training's gradients (the CPU kernel product's own backward, `layers.kernel_product`, and
+    every norm, bias and embedding) equal PyTorch autograd's through transformers' model, per HF tensor."""
+    from jtranspeft.checkpoints.hf import hf_tensors
+
+    variant, model, directory = saved
+    base = jt.load_base(directory)
+    ids, mask = padded_batch(base.spec.vocab_size)
+    weights = np.random.default_rng(1).standard_normal((*ids.shape, base.spec.vocab_size)).astype(np.float32)
+    weights *= mask[..., None]  # a fixed linear functional of the logits at real tokens
+
+    def functional(params):
+        return jnp.sum(jt.apply(base.replace(params=params), ids, None, mask) * weights)
+
+    ours = dict(hf_tensors(jax.jit(jax.grad(functional))(base.params), base.spec))
+    model.zero_grad()
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   position_ids=torch.tensor(positions)).logits
+    (logits * torch.tensor(weights)).sum().backward()
+    for name, param in model.named_parameters():
+        reference = param.grad.numpy()
+        scale = max(float(np.abs(reference).max()), 1e-6)
+        assert np.abs(np.asarray(ours[name]) - reference).max() <= 2e-4 * scale, (variant, name)
 
 
 def test_num_params_equals_the_loaded_and_the_transformers_parameter_count(saved):

@@ -137,6 +137,39 @@ def _lora_delta_bwd(residuals, g_no):
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
+def kernel_product(x, kernel_io):
+    """``x @ kernel`` over the last axis of ``x`` [..., in] -> [..., out].
+
+    On the CPU backend its backward computes the kernel's gradient from a transposed copy of ``x`` [in, n]
+    (`_cpu_kernel_product`): autodiff's form, left to XLA:CPU inside the scanned layers, wrote the [n, out]
+    cotangent transposed from within the FFN's element-wise backward fusion, slowly (about 0.4 s of a 3.7 s
+    full-parameter step for SmolLM2, docs/performance.md). When the kernel is frozen (LoRA) that gradient is
+    dead code and XLA removes it. Other backends take the plain einsum.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.einsum("...i,io->...o", x, kernel_io)
+    out_no = _cpu_kernel_product(x.reshape(-1, x.shape[-1]), kernel_io)
+    return out_no.reshape(*x.shape[:-1], kernel_io.shape[-1])
+
+
+@jax.custom_vjp
+def _cpu_kernel_product(x_ni, w_io):
+    return x_ni @ w_io
+
+
+def _cpu_kernel_product_fwd(x_ni, w_io):
+    return x_ni @ w_io, (x_ni, w_io)
+
+
+def _cpu_kernel_product_bwd(residuals, g_no):
+    x_ni, w_io = residuals
+    x_in = jax.lax.optimization_barrier(x_ni.T)  # kept a copy: folded back into the dot, XLA transposes g
+    return g_no @ w_io.T, x_in @ g_no
+
+
+_cpu_kernel_product.defvjp(_cpu_kernel_product_fwd, _cpu_kernel_product_bwd)
+
+
 class Projection(nn.Module):
     """Dense layer (kernel [in, out], optional bias) plus an optional LoRA branch from the "lora" collection.
 
@@ -173,7 +206,7 @@ class Projection(nn.Module):
         if self.has_variable("lora", "shira_values"):  # SHiRA / RoSA's sparse part: W + scatter(values)
             kernel = add_sparse(kernel[None], self.get_variable("lora", "shira_values")[None],
                                 self.get_variable("lora", "shira_index")[None])[0]
-        xw = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        xw = kernel_product(x, kernel.astype(self.dtype))
         y = xw
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
@@ -190,7 +223,7 @@ class Projection(nn.Module):
             magnitude_o = self.get_variable("lora", "magnitude").astype(jnp.float32)
             g_o = jnp.where(scale != 0, magnitude_o / norm_o, 1.0).astype(y.dtype)
             if dropped:  # dropout reached the adapter's input: its base term sees the same input
-                xw = jnp.einsum("...i,io->...o", x_lora.astype(self.dtype), kernel.astype(self.dtype))
+                xw = kernel_product(x_lora.astype(self.dtype), kernel.astype(self.dtype))
             return (y + (g_o - 1) * xw + g_o * delta.astype(y.dtype)).astype(y.dtype)
         return (y + delta.astype(y.dtype)).astype(y.dtype)
 
