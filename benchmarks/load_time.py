@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from machine import machine_info, machine_line  # puts the repository on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 _PRELUDE = """
@@ -96,7 +97,9 @@ def main() -> None:
         print(f"{name:36s} load {row['load_s']:6.2f} s   imports {row['import_s']:5.2f} s   peak RSS "
               f"{row['peak_rss_mb']:6.0f} MB, {row['rss_over_runtime_x_weights']:.2f}x the float32 weights above "
               f"the {runtime_mb:.0f} MB runtime")
-    out = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}, "file": str(path),
+    info = machine_info()
+    print(machine_line(info))
+    out = {"machine": info, "file": str(path),
            "float32_weights_mb": round(weights_mb), "median_of_rounds": args.rounds, "summary": summary,
            "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,12 @@ Runs one compiled step (random-weight model of a `train_throughput.py` shape, Lo
 projections, or with ``--full`` every parameter; AdamW) under `jax.profiler.trace`, then prints the ops with
 the most total time (name, count, share of the step), writes the optimized HLO next to the trace, so an op
 name can be looked up, and the top ops with the machine to benchmarks/results/profile_train_step.json
-(``_targets<N>`` with ``--targets``, ``_full`` with ``--full``):
+(``_targets<N>`` with ``--targets``, ``_full`` with ``--full``, then ``_avx2`` with ``--isa avx2``):
 
     python benchmarks/profile_train_step.py --shape smollm2 --batch 8 --seq 128
     python benchmarks/profile_train_step.py --shape smollm2 --targets 8     # response-only loss
     python benchmarks/profile_train_step.py --shape smollm2 --batch 4 --full   # full-parameter step
+    python benchmarks/profile_train_step.py --shape smollm2 --isa avx2   # the kernels of an AVX2-only CPU
     grep -n "%copy_bitcast_fusion.13 = " /tmp/jtranspeft-profile/step.hlo.txt
 
 This is how the transposed cotangent copies of the LoRA backward, the LM head's share and the page faults of
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, machine_line  # noqa: E402
+from machine import ISA_CHOICES, ISA_ENV, isa_env, machine_info, machine_line  # noqa: E402
 from train_throughput import TARGETS, _batch, _hf_model_dir, _loss_mask  # noqa: E402
 
 from jtranspeft.utils import host_memory  # noqa: E402
@@ -44,11 +45,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--targets", type=int, default=0, help="response-only loss on the last N tokens; 0 = all")
     parser.add_argument("--full", action="store_true", help="the full-parameter step (continued pre-training)")
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="native",
+                        help="avx2: profile the kernels an AVX2-only machine runs (AVX-512 hidden, see machine.py)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile"), help="trace and HLO")
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/profile_train_step[_targets<N>].json")
     args = parser.parse_args()
+    if args.isa != "native" and os.environ.get(ISA_ENV) != args.isa:  # the mask is loaded when a process starts
+        try:
+            os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | isa_env(args.isa))
+        except RuntimeError as error:
+            sys.exit(f"profile_train_step: {error}")
     host_memory.reexec_with_huge_pages(any_program=True)  # the host allocator of jtranspeft's CLIs
 
     import jax
@@ -95,7 +103,7 @@ def main() -> None:
         if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk", "Slinky")):
             total_us[name] += event["dur"]
             count[name] += 1
-    info = machine_info()
+    info = machine_info(args.isa)
     print(machine_line(info))
     print(f"step {seconds:.2f} s ({args.shape} {args.batch}x{args.seq}, {'full-parameter' if args.full else 'LoRA'}, "
           f"targets {args.targets or 'all'}), "
@@ -107,6 +115,7 @@ def main() -> None:
         print(f"{op['op'][:40]:<40} {op['calls']:6d} {op['total_ms']:10.1f} {op['share']:6.1%}")
     print(f"HLO: {args.out / 'step.hlo.txt'}")
     suffix = "_full" if args.full else f"_targets{args.targets}" if args.targets else ""
+    suffix += "" if args.isa == "native" else f"_{args.isa}"
     out = args.json or Path(__file__).parent / "results" / f"profile_train_step{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "shape": args.shape, "batch": args.batch, "seq": args.seq,

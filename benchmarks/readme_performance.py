@@ -39,6 +39,7 @@ def _train_rows(name: str, what: str) -> tuple[list[list[str]], dict]:
                 f"--steps {len(runs[0]['step_times_s'])}"
         flags += " --full" if s["mode"] == "full" else ""
         flags += f" --targets {s['targets']}" if s["targets"] < s["seq"] else ""
+        flags += f" --isa {data['machine']['isa']}" if data["machine"].get("isa", "native") != "native" else ""
         out = "" if name == "train_throughput.json" else f" --out benchmarks/results/{name}"
         jax_, torch = s["jax"], s["torch"]
         rows.append([f"{what}, {s['shape']} shape, {s['batch']} x {s['seq']} "

@@ -16,6 +16,11 @@ framework's alone), the frameworks alternate round by round, and each process re
         benchmarks/results/train_throughput_full.json
     python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --allocator malloc --out \
         benchmarks/results/train_throughput_allocator_malloc.json     # both frameworks on one allocator setting
+    python benchmarks/train_throughput.py --shape smollm2 --batch 8 --seq 128 --isa avx2   # AVX2 kernels only
+
+``--isa avx2`` hides AVX-512 from both frameworks' workers (CPUID masked with `benchmarks/isa_mask.c`, built on
+first use; needs a C compiler and a CPU or hypervisor with CPUID faulting), so YNNPACK, XLA, MKL and oneDNN pick
+the AVX2 + FMA kernels they would pick on an AVX2-only machine such as CI's; the JSON's machine record says so.
 
 ``--full`` times continued pre-training instead: no LoRA, AdamW over EVERY parameter (float32), loss on
 every token; jtranspeft runs `jtranspeft.training.step.make_full_step` (the step of ``python -m
@@ -49,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine_info, machine_line  # puts the repository on sys.path
+from machine import ISA_CHOICES, isa_env, machine_info, machine_line  # puts the repository on sys.path
 
 from jtranspeft.utils import host_memory  # noqa: E402  (the module alone: no JAX)
 
@@ -175,6 +180,7 @@ def run_torch(model_dir: Path, batch: int, seq: int, steps: int, targets: int, f
         faults.append(_minor_faults())
     return {"first_step_s": times[0], "step_times_s": times[1:], "loss": float(loss.detach()),
             "threads": torch.get_num_threads(), "attention": model.config._attn_implementation,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 under --isa avx2
             "page_faults_per_step": _per_step(faults)}
 
 
@@ -207,6 +213,9 @@ def main() -> None:
     parser.add_argument("--allocator", choices=sorted(ALLOCATOR_CHOICES), default="own",
                         help="host allocator settings: each framework's own (default; see above), huge pages for "
                              "both, the MALLOC_* settings for both, or glibc's defaults for both")
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="native",
+                        help="avx2: hide AVX-512 from both frameworks' workers (CPUID masked, benchmarks/machine.py), "
+                             "so an AVX-512 machine runs the kernels of an AVX2-only one such as CI's")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/jtranspeft-bench-models"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -222,6 +231,10 @@ def main() -> None:
     for name in ("GLIBC_TUNABLES", *MALLOC_SETTINGS):  # only --allocator's settings reach the workers
         env.pop(name, None)
     allocator = ALLOCATOR_CHOICES[args.allocator]
+    try:
+        env |= isa_env(args.isa)
+    except RuntimeError as error:
+        sys.exit(f"train_throughput: {error}")
     runs = []
     for shape, batch, seq in cases:
         for round_ in range(args.rounds):
@@ -238,7 +251,7 @@ def main() -> None:
                       f"{statistics.median(runs[-1]['page_faults_per_step']):.0f} page faults per step",
                       file=sys.stderr)
     summary = []
-    info = machine_info()
+    info = machine_info(args.isa)
     print(machine_line(info))
     print(f"{'case':<18} {'jax tok/s':>10} {'torch tok/s':>12} {'ratio':>6} {'jax RSS':>9} {'torch RSS':>10} "
           f"{'jax 1st step':>13} {'torch 1st':>10}")
