@@ -21,7 +21,7 @@ from jtranspeft.checkpoints.assets import cache_root  # noqa: E402  (no JAX)
 from jtranspeft.utils.host_memory import transparent_huge_pages  # noqa: E402
 
 ISA_CHOICES = ("native", "avx2")
-ISA_ENV = "JTRANSPEFT_BENCH_ISA"  # set in the workers' environment by isa_env; machine_info records it
+ISA_ENV = "JTRANSPEFT_BENCH_ISA"  # set by isa_env: a re-executed process knows the mask is loaded (profile_train_step)
 MASK_SOURCE = Path(__file__).with_name("isa_mask.c")
 
 FLAG_PREFIXES = ("avx2", "fma", "avx512", "amx")
