@@ -46,6 +46,11 @@ PROMPTS = [
 ]
 
 
+def prompts_for(batch: int) -> list[str]:
+    """``batch`` prompts: `PROMPTS` repeated as often as needed."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+
 def _time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -128,11 +133,14 @@ def bench_llama_cpp(path: Path, prompts, new_tokens: int, repeats: int) -> dict 
     except ImportError:
         return None
     model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    tokens = [model.tokenize(p.encode()) for p in prompts]
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 2048, 512, 512, len(prompts)
+    # room for every sequence's prompt and new tokens, whether the cache is shared or split per sequence
+    per_sequence = -(-(max(map(len, tokens)) + new_tokens) // 256) * 256
+    params.n_ctx, params.n_batch, params.n_ubatch = len(prompts) * per_sequence, 512, 512
+    params.n_seq_max = len(prompts)
     params.n_threads = params.n_threads_batch = 2
     ctx = llama_cpp.llama_init_from_model(model._model.model, params)
-    tokens = [model.tokenize(p.encode()) for p in prompts]
     batch = llama_cpp.llama_batch_init(sum(map(len, tokens)), 0, len(prompts))
 
     def put(n, token, position, sequence, logits):
@@ -189,7 +197,7 @@ def main() -> None:
     f32_path = float32_gguf(path, Path(tmp.name) / "smollm2-f32.gguf")
     rows = []
     for batch in args.batches:
-        prompts = PROMPTS[:batch]
+        prompts = prompts_for(batch)
         row = {"batch": batch, "new_tokens": args.new_tokens,
                "jtranspeft": bench_jtranspeft(base, prompts, args.new_tokens, args.repeats),
                "transformers": bench_transformers(model, tokenizer, prompts, args.new_tokens, args.repeats),

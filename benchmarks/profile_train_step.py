@@ -25,6 +25,7 @@ import collections
 import gzip
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,6 +36,30 @@ from machine import ISA_CHOICES, ISA_ENV, isa_env, machine_info, machine_line  #
 from train_throughput import TARGETS, _batch, _hf_model_dir, _loss_mask  # noqa: E402
 
 from jtranspeft.utils import host_memory  # noqa: E402
+
+
+def top_ops(trace_dir: Path, seconds: float, n: int, by_kind: bool = False) -> list[dict]:
+    """The ``n`` XLA ops with the most total time in the `jax.profiler.trace` under ``trace_dir``: name, calls,
+    total ms and share of ``seconds`` (the traced wall time; ops on the two cores overlap, so shares can sum
+    past 100%). ``by_kind`` adds up ops that differ only in their numeric suffix (every ``ynn_fusion.N``)."""
+    trace = next(trace_dir.rglob("*.trace.json.gz"))
+    total_us, count = collections.Counter(), collections.Counter()
+    for event in json.load(gzip.open(trace))["traceEvents"]:
+        name = event.get("name", "")
+        if by_kind:
+            name = re.sub(r"\.\d+$", "", name)
+        if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk", "Slinky")):
+            total_us[name] += event["dur"]
+            count[name] += 1
+    return [{"op": name, "calls": count[name], "total_ms": us / 1e3, "share": us / 1e6 / seconds}
+            for name, us in total_us.most_common(n)]
+
+
+def print_top_ops(top: list[dict]) -> None:
+    """`top_ops` as a table."""
+    print(f"{'op':<40} {'calls':>6} {'total ms':>10} {'share':>6}")
+    for op in top:
+        print(f"{op['op'][:40]:<40} {op['calls']:6d} {op['total_ms']:10.1f} {op['share']:6.1%}")
 
 
 def main() -> None:
@@ -96,23 +121,13 @@ def main() -> None:
         jax.block_until_ready(metrics["loss"])
         seconds = time.perf_counter() - tick
     (args.out / "step.hlo.txt").write_text(step.lower(state, base, data).compile().as_text())
-    trace = next(args.out.rglob("*.trace.json.gz"))
-    total_us, count = collections.Counter(), collections.Counter()
-    for event in json.load(gzip.open(trace))["traceEvents"]:
-        name = event.get("name", "")
-        if event.get("ph") == "X" and "dur" in event and not name.startswith(("$", "Thunk", "Slinky")):
-            total_us[name] += event["dur"]
-            count[name] += 1
+    top = top_ops(args.out, seconds, args.top)
     info = machine_info(args.isa)
     print(machine_line(info))
     print(f"step {seconds:.2f} s ({args.shape} {args.batch}x{args.seq}, {'full-parameter' if args.full else 'LoRA'}, "
           f"targets {args.targets or 'all'}), "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'op':<40} {'calls':>6} {'total ms':>10} {'share':>6}")
-    top = [{"op": name, "calls": count[name], "total_ms": us / 1e3, "share": us / 1e6 / seconds}
-           for name, us in total_us.most_common(args.top)]
-    for op in top:
-        print(f"{op['op'][:40]:<40} {op['calls']:6d} {op['total_ms']:10.1f} {op['share']:6.1%}")
+    print_top_ops(top)
     print(f"HLO: {args.out / 'step.hlo.txt'}")
     suffix = "_full" if args.full else f"_targets{args.targets}" if args.targets else ""
     suffix += "" if args.isa == "native" else f"_{args.isa}"

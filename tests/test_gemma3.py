@@ -146,7 +146,7 @@ def test_sliding_layers_decode_through_a_ring_of_the_window(gemma3):
     total = sum(c.shape[1] for c, _ in chunks)
     module, variables = bind_for_decoding(base)
     ring = init_cache(base.spec, 2, total, stacked=False)
-    assert [k.shape[1] for k in ring.keys] == [window if s else total for s in base.spec.sliding_layers]
+    assert [k.shape[-1] for k in ring.keys] == [window if s else total for s in base.spec.sliding_layers]
     assert ring.max_len == total
     full = init_cache(base.spec, 2, total)
     for n, (chunk, chunk_mask) in enumerate(chunks):

@@ -139,8 +139,9 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(llama_base, three_adapter
 
 @pytest.mark.parametrize("adapter", ["none", "lora", "dora", "bank"])
 def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapters, adapter):
-    """`bind_for_decoding` (per-layer arrays, q/k/v fused unless DoRA needs them apart) gives the logits of
-    `apply_cached` over the stacked params, for a prefill and three decode steps."""
+    """`bind_for_decoding` (per-layer arrays; q/k/v and gate/up fused and the tied head copied transposed, unless
+    DoRA needs the kernels apart) gives the logits of `apply_cached` over the stacked params, for a prefill and
+    three decode steps."""
     base, rng = llama_base, np.random.default_rng(7)
     lora, adapter_ids = {"none": None, "lora": three_adapters[1], "bank": jt.stack_adapters(three_adapters)}.get(
         adapter), None
@@ -153,7 +154,9 @@ def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapter
         adapter_ids = jnp.asarray([2, 0, 1], jnp.int32)
     ids, mask = (jnp.asarray(a, jnp.int32) for a in _left_padded(prompts))
     module, variables = bind_for_decoding(base, lora)
-    assert ("qkv_proj" in variables["params"]["layer_0"]["self_attn"]) == (adapter != "dora")
+    params, fused = variables["params"], adapter != "dora"
+    assert ("qkv_proj" in params["layer_0"]["self_attn"], "gate_up_proj" in params["layer_0"]["mlp"],
+            "lm_head" in params) == (fused, fused, fused)
     fast = init_cache(base.spec, len(prompts), ids.shape[1] + 3, stacked=False)
     slow = init_cache(base.spec, len(prompts), ids.shape[1] + 3)
     feed, feed_mask = ids, mask

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.models.decoder import QKV, Decoder, KVCache, fuse_qkv
+from jtranspeft.models.decoder import FUSED_KERNELS, Decoder, KVCache, fuse_kernels
 from jtranspeft.models.perturb import FfnPerturbation
 from jtranspeft.models.spec import ModelSpec
 
@@ -67,35 +67,40 @@ class Base:
 @functools.lru_cache(maxsize=64)
 def decoder_module(spec: ModelSpec, dtype, param_dtype, lora_scales=(), lora_dropout: float = 0.0,
                    transpeft: FfnPerturbation = FfnPerturbation(), remat: bool = False, stacked: bool = True,
-                   fused_qkv: bool = False) -> Decoder:
+                   fused: bool = False) -> Decoder:
     """The (cached, stateless) Flax module for one static configuration."""
     return Decoder(spec=spec, dtype=dtype, param_dtype=param_dtype, lora_scales=lora_scales,
-                   lora_dropout=lora_dropout, transpeft=transpeft, remat=remat, stacked=stacked, fused_qkv=fused_qkv)
+                   lora_dropout=lora_dropout, transpeft=transpeft, remat=remat, stacked=stacked, fused=fused)
 
 
-def unstack_layers(tree: dict, fused_qkv: bool = False) -> dict:
+def unstack_layers(tree: dict, fused: bool = False) -> dict:
     """A params or LoRA tree with its stacked ``layers`` [L, ...] split into ``layer_0`` ... ``layer_{L-1}``
-    (one compiled program for all the slices); ``fused_qkv`` also joins q/k/v (base params, `fuse_qkv`)."""
+    (one compiled program); ``fused`` (base params) also joins q/k/v and gate/up (`fuse_kernels`) and gives a
+    tied model an ``lm_head`` [d, V] copy of its embedding, which the logits read faster than the [V, d] table."""
     out = {key: value for key, value in tree.items() if key != "layers"}
-    for i, layer in enumerate(_split_layers(tree["layers"], fused_qkv)):
+    head = fused and "lm_head" not in tree and "embed_tokens" in tree
+    layers, head_dv = _split_layers(tree["layers"], fused, tree["embed_tokens"]["embedding"] if head else None)
+    for i, layer in enumerate(layers):
         out[f"layer_{i}"] = layer
-    return out
+    return out if head_dv is None else {**out, "lm_head": head_dv}
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _split_layers(stacked: dict, fused_qkv: bool) -> list[dict]:
-    stacked = fuse_qkv(stacked) if fused_qkv else stacked
+def _split_layers(stacked: dict, fused: bool, embedding_vd) -> tuple[list[dict], jax.Array | None]:
+    stacked = fuse_kernels(stacked) if fused else stacked
     num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
+    head_dv = None if embedding_vd is None else embedding_vd.T
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)], head_dv
 
 
-def _plain_lora_on_qkv(lora: Adapter | None) -> bool:
-    """Whether the adapter leaves q/k/v's base products alone (none, or only LoRA factors on them), so the
-    base kernels can be fused (DoRA and sparse adapters need each module's own kernel)."""
+def _fusable(lora: Adapter | None) -> bool:
+    """Whether the adapter leaves the base products of the fused kernels' modules alone (none, or only LoRA
+    factors on them), so their kernels can be joined (DoRA and sparse adapters need each module's own)."""
     if lora is None:
         return True
-    attn = lora.params.get("layers", {}).get("self_attn", {})
-    return all(set(attn.get(name, {})) <= {"lora_A", "lora_B"} for name in QKV)
+    layers = lora.params.get("layers", {})
+    return all(set(layers.get(block, {}).get(name, {})) <= {"lora_A", "lora_B"}
+               for block, (_, names) in FUSED_KERNELS.items() for name in names)
 
 
 def _row_ids(lora: Adapter | None, adapter_ids):
@@ -106,36 +111,37 @@ def _row_ids(lora: Adapter | None, adapter_ids):
 
 
 def _bind(base: Base, lora: Adapter | None, transpeft: FfnPerturbation, remat: bool, stacked: bool = True,
-          fused_qkv: bool = False):
+          fused: bool = False):
     """The decoder module and its variables for a base and optional adapter(s)."""
     dtype = jnp.dtype(base.compute_dtype) if base.compute_dtype else base.param_dtype
     module = decoder_module(base.spec, dtype, base.param_dtype, lora.scales() if lora else (),
                             lora.dropout if lora else 0.0, transpeft.resolve(base.spec.num_layers), remat, stacked,
-                            fused_qkv)
+                            fused)
     variables = {"params": base.params}
     if lora is not None:
         if lora.num_layers != base.spec.num_layers:
             raise ValueError(f"adapter has {lora.num_layers} layers, the base has {base.spec.num_layers}")
         variables["lora"] = lora.params
     if not stacked:
-        variables = {name: unstack_layers(tree, fused_qkv and name == "params") for name, tree in variables.items()}
+        variables = {name: unstack_layers(tree, fused and name == "params") for name, tree in variables.items()}
     return module, variables
 
 
-def bind_for_decoding(base: Base, lora: Adapter | None = None, fuse_qkv: bool | None = None):
+def bind_for_decoding(base: Base, lora: Adapter | None = None, fuse: bool | None = None):
     """(module, variables) for `forward_cached`, with every layer's weights as separate arrays.
 
     The split copies the weights once, here (call it outside jit, once per generation); each decode step then
-    reads the arrays in place instead of slicing every layer out of the stacks. The q/k/v base kernels are
-    joined into one (`jtranspeft.models.decoder.fuse_qkv`: one matrix product per step instead of three, about
-    7% of a batch-1 step on CPU) unless the adapter needs them apart (DoRA, sparse) or ``fuse_qkv`` is False
-    (None: fuse when the adapter allows it). Same numbers as `apply_cached`.
+    reads the arrays in place instead of slicing every layer out of the stacks. With ``fuse`` the q/k/v base
+    kernels are joined into one and gate/up into another (`jtranspeft.models.decoder.fuse_kernels`: one matrix
+    product where there were three and two), and a tied model gets a transposed copy of its embedding as the
+    LM head (vocab x hidden more memory while decoding); docs/performance.md has what each saves on CPU.
+    ``fuse`` None fuses unless the adapter needs the kernels apart (DoRA or sparse on q/k/v/gate/up); True
+    raises then. Same numbers as `apply_cached`.
     """
-    fusable = _plain_lora_on_qkv(lora)
-    if fuse_qkv and not fusable:
-        raise ValueError("fuse_qkv=True: this adapter (DoRA or sparse on q/k/v) needs their kernels apart")
-    return _bind(base, lora, FfnPerturbation(), False, stacked=False,
-                 fused_qkv=fusable if fuse_qkv is None else fuse_qkv)
+    fusable = _fusable(lora)
+    if fuse and not fusable:
+        raise ValueError("fuse=True: this adapter (DoRA or sparse on q/k/v/gate/up) needs their kernels apart")
+    return _bind(base, lora, FfnPerturbation(), False, stacked=False, fused=fusable if fuse is None else fuse)
 
 
 def forward_cached(module: Decoder, variables: dict, input_ids, cache: KVCache, attention_mask=None,

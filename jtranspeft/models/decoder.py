@@ -5,17 +5,20 @@ The decoder layers are one module scanned over a leading layer axis (params and 
 so compile time does not grow with depth; ``remat`` recomputes each layer's activations in the backward
 pass. For decoding, ``stacked=False`` runs one module per layer over per-layer params (``layer_0``, ...): a
 scan would slice (copy) every layer's weights out of the stacks at every step, which for one token costs
-more than the matrix products; ``fused_qkv`` then reads q, k and v's base kernels as one ``qkv_proj``
-(`fuse_qkv`). Parameter names are Hugging Face's (embed_tokens, layers.self_attn.q_proj, mlp.down_proj, norm,
-lm_head), which keeps the key tables of `jtranspeft.checkpoints` short.
+more than the matrix products; ``fused`` then reads q, k and v's base kernels as one ``qkv_proj`` and gate
+and up's as one ``gate_up_proj`` (`fuse_kernels`), and a tied model's logits come from an ``lm_head`` [d, V]
+copy of the embedding when the params hold one. Parameter names are Hugging Face's (embed_tokens,
+layers.self_attn.q_proj, mlp.down_proj, norm, lm_head), which keeps the key tables of `jtranspeft.checkpoints`
+short.
 
 ``rng`` switches on training-time randomness (LoRA dropout and Trans-PEFT's FFN perturbations,
 `jtranspeft.models.perturb`); it is folded with the layer index inside the scan, so every layer draws from
 its own stream. Without it the forward pass is deterministic, as at evaluation.
 
 Generation uses the same modules with a `KVCache` passed in and returned: keys and values of every layer
-([L, b, s_max, k, e], scanned over L like the params, so each layer reads and writes its own slice; one
-array per layer on the per-layer path), a
+(keys [L, b, k, e, s_max] and values [L, b, k, s_max, e], scanned over L like the params, so each layer reads
+and writes its own slice; one array per layer on the per-layer path; the layouts attention's two products read
+as they lie, `jtranspeft.models.layers.cached_attention`), a
 slot mask [b, s_max] (1 = the slot holds a real token) and the write index. A call with t tokens writes
 slots [index, index + t) with `jax.lax.dynamic_update_slice` and attends causally over all valid slots;
 a prefill is a call on the (left-padded) prompt, a decode step a call on one token. Positions count real
@@ -42,8 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.models.layers import (Projection, RMSNorm, apply_rope, attention, gate_activation, rope_inv_freq,
-                                     rope_tables, softcap)
+from jtranspeft.models.layers import (Projection, RMSNorm, apply_rope, attention, cached_attention, gate_activation,
+                                     rope_inv_freq, rope_tables, softcap)
 from jtranspeft.models.perturb import LORA_STREAM0, FfnPerturbation, drop_ffn_output, layer_key, mask_ffn_activation
 from jtranspeft.models.spec import TARGET_MODULES, ModelSpec
 
@@ -55,8 +58,8 @@ Dtype = Any
 class KVCache:
     """Keys and values of every layer for up to ``max_len`` slots per row; a pytree, jit-friendly.
 
-    ``keys`` / ``values``: one stacked array [L, b, s, k, e] for the scanned decoder, or a tuple of L arrays
-    [b, s, k, e] for the per-layer one (``stacked=False``), so that a decode step updates each layer's
+    ``keys`` [L, b, k, e, s] / ``values`` [L, b, k, s, e]: one stacked array each for the scanned decoder, or
+    tuples of L arrays ([b, k, e, s], [b, k, s, e]) for the per-layer one (``stacked=False``), so that a decode step updates each layer's
     slot in place instead of rewriting a stack; there a sliding layer's arrays are a ring of
     ``sliding_window`` slots when that is shorter than s (see the module docstring).
     """
@@ -72,6 +75,9 @@ class KVCache:
         return self.mask_bs.shape[1]
 
 
+SLOT_AXES = (3, 2)  # the slot axis of a layer's cached keys [b, k, e, s] and values [b, k, s, e]
+
+
 def ring_slots(spec: ModelSpec, max_len: int) -> int | None:
     """The slots of a sliding layer's ring on the per-layer path: ``sliding_window`` when the model has sliding
     layers and the cache is longer than that, else None (every layer keeps all ``max_len`` slots)."""
@@ -82,14 +88,15 @@ def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32, sta
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated); ``stacked=False``
     for the per-layer decoder, whose sliding layers then hold a ring of ``sliding_window`` slots when that is
     shorter than ``max_len``."""
-    shape = (batch, max_len, spec.num_kv_heads, spec.head_dim)
+    b, k, e = batch, spec.num_kv_heads, spec.head_dim
     if stacked:
-        keys, values = jnp.zeros((spec.num_layers, *shape), dtype), jnp.zeros((spec.num_layers, *shape), dtype)
+        keys = jnp.zeros((spec.num_layers, b, k, e, max_len), dtype)
+        values = jnp.zeros((spec.num_layers, b, k, max_len, e), dtype)
     else:
         ring = ring_slots(spec, max_len)
         slots = [ring if sliding and ring else max_len for sliding in spec.sliding_layers]
-        keys = tuple(jnp.zeros((batch, n, *shape[2:]), dtype) for n in slots)
-        values = tuple(jnp.zeros((batch, n, *shape[2:]), dtype) for n in slots)
+        keys = tuple(jnp.zeros((b, k, e, n), dtype) for n in slots)
+        values = tuple(jnp.zeros((b, k, n, e), dtype) for n in slots)
     return KVCache(keys=keys, values=values, mask_bs=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
@@ -120,17 +127,18 @@ class _LayerSettings(nn.Module):
         return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, self.spec.norm_offset, name=name)
 
 
-def _through_ring(ring, k_btke, v_btke, index):
+def _through_ring(ring, k_bket, v_bkte, index):
     """(keys, values to attend over: the ring's r slots then this call's t, the ring updated with the last
     min(t, r) of them at their positions modulo r) for a sliding layer's ring cache (`init_cache`)."""
-    r, t = ring[0].shape[1], k_btke.shape[1]
+    r, t = ring[1].shape[2], v_bkte.shape[2]
     n = min(t, r)
     slots_n = (index + t - n + jnp.arange(n)) % r
     attend, updated = [], []
-    for cached, new in zip(ring, (k_btke, v_btke)):
+    for cached, new, axis in zip(ring, (k_bket, v_bkte), SLOT_AXES):
         new = new.astype(cached.dtype)
-        attend.append(jnp.concatenate([cached, new], axis=1))
-        updated.append(cached.at[:, slots_n].set(new[:, t - n:]))
+        attend.append(jnp.concatenate([cached, new], axis=axis))
+        at_slots = (slice(None),) * axis + (slots_n,)
+        updated.append(cached.at[at_slots].set(jax.lax.slice_in_dim(new, t - n, t, axis=axis)))
     return attend[0], attend[1], tuple(updated)
 
 
@@ -149,25 +157,31 @@ def _stream_key(key_of_layer, stream: int):
 
 
 QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+FUSED_KERNELS = {"self_attn": ("qkv_proj", QKV), "mlp": ("gate_up_proj", GATE_UP)}  # block: (fused, parts)
 
 
-def fuse_qkv(layers: dict) -> dict:
+def fuse_kernels(layers: dict) -> dict:
     """Layer params with self_attn's q/k/v kernels [..., d, out] (and biases) joined into one ``qkv_proj``
-    [..., d, q + 2 kv] along the output axis, the layout `Attention` reads with ``fused_qkv``."""
-    attn = dict(layers["self_attn"])
-    parts = [attn.pop(name) for name in QKV]
-    attn["qkv_proj"] = {key: jnp.concatenate([part[key] for part in parts], axis=-1) for key in parts[0]}
-    return {**layers, "self_attn": attn}
+    [..., d, q + 2 kv] and mlp's gate/up into one ``gate_up_proj`` [..., d, 2 f], along the output axis: the
+    layout the decoder reads with ``fused`` (`FUSED_KERNELS`)."""
+    out = dict(layers)
+    for block, (fused, names) in FUSED_KERNELS.items():
+        modules = dict(layers[block])
+        parts = [modules.pop(name) for name in names]
+        modules[fused] = {key: jnp.concatenate([part[key] for part in parts], axis=-1) for key in parts[0]}
+        out[block] = modules
+    return out
 
 
 class Attention(_LayerSettings):
     """Self-attention with GQA/MQA, optional q/k/v bias and per-head q/k RMSNorm (qwen3).
 
-    ``fused_qkv``: the base weights of q, k and v are one ``qkv_proj`` kernel [d, q + 2 kv] (`fuse_qkv`), so a
+    ``fused``: the base weights of q, k and v are one ``qkv_proj`` kernel [d, q + 2 kv] (`fuse_kernels`), so a
     decode step streams them in one matrix product; LoRA factors stay per module and are added after the split.
     """
 
-    fused_qkv: bool = False
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras: _Extras, kv_cache):
@@ -179,7 +193,7 @@ class Attention(_LayerSettings):
             return self.proj(name, sizes[name], spec.qkv_bias, base_weights)(x_btd, layer_idx, key,
                                                                              extras.adapter_ids_b)
 
-        if self.fused_qkv:  # base weights in one product, then each module's LoRA branch
+        if self.fused:  # base weights in one product, then each module's LoRA branch
             qkv_btx = self.proj("qkv_proj", sum(sizes.values()), spec.qkv_bias)(x_btd, layer_idx)
             q_btx, k_btx, v_btx = jnp.split(qkv_btx, [spec.q_size, spec.q_size + spec.kv_size], axis=-1)
             q_btx, k_btx, v_btx = (part + project(name, base_weights=False)
@@ -192,16 +206,18 @@ class Attention(_LayerSettings):
         if spec.qk_norm:
             q_bthe, k_btke = self.norm("q_norm")(q_bthe), self.norm("k_norm")(k_btke)
         q_bthe, k_btke = apply_rope(q_bthe, cos_bte, sin_bte), apply_rope(k_btke, cos_bte, sin_bte)
-        if kv_cache is not None and kv_cache[0].shape[1] + t == mask_bts.shape[-1]:  # a ring: the mask covers it
-            k_bske, v_bske, kv_cache = _through_ring(kv_cache, k_btke, v_btke, extras.cache_index)
-        elif kv_cache is not None:  # write this call's keys/values, attend over every cached slot
-            start = (0, extras.cache_index, 0, 0)
-            k_bske = jax.lax.dynamic_update_slice(kv_cache[0], k_btke.astype(kv_cache[0].dtype), start)
-            v_bske = jax.lax.dynamic_update_slice(kv_cache[1], v_btke.astype(kv_cache[1].dtype), start)
-            kv_cache = (k_bske, v_bske)
+        if kv_cache is None:
+            out_btx = attention(q_bthe, k_btke, v_btke, mask_bts, spec.attention_scale)
         else:
-            k_bske, v_bske = k_btke, v_btke
-        out_btx = attention(q_bthe, k_bske, v_bske, mask_bts, spec.attention_scale)
+            k_bket, v_bkte = k_btke.transpose(0, 2, 3, 1), v_btke.transpose(0, 2, 1, 3)
+            if kv_cache[1].shape[2] + t == mask_bts.shape[-1]:  # a ring: the mask covers it
+                k_bkes, v_bkse, kv_cache = _through_ring(kv_cache, k_bket, v_bkte, extras.cache_index)
+            else:  # write this call's keys/values, attend over every cached slot
+                index = extras.cache_index
+                k_bkes = jax.lax.dynamic_update_slice(kv_cache[0], k_bket.astype(kv_cache[0].dtype), (0, 0, 0, index))
+                v_bkse = jax.lax.dynamic_update_slice(kv_cache[1], v_bkte.astype(kv_cache[1].dtype), (0, 0, index, 0))
+                kv_cache = (k_bkes, v_bkse)
+            out_btx = cached_attention(q_bthe, k_bkes, v_bkse, mask_bts, spec.attention_scale)
         o_key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index("o_proj"))
         return self.proj("o_proj", spec.hidden_size, spec.o_bias)(
             out_btx, layer_idx, o_key, extras.adapter_ids_b), kv_cache
@@ -209,20 +225,30 @@ class Attention(_LayerSettings):
 
 class Mlp(_LayerSettings):
     """Gated FFN, SwiGLU or GeGLU (`ModelSpec.hidden_act`); Trans-PEFT knowledge masking acts on the
-    intermediate activation act(x W_gate) * (x W_up) before down_proj, whichever the activation."""
+    intermediate activation act(x W_gate) * (x W_up) before down_proj, whichever the activation.
+
+    ``fused``: gate and up's base weights are one ``gate_up_proj`` kernel [d, 2 f] (`fuse_kernels`), read in one
+    product; their LoRA branches are added after the split, as `Attention` does for q/k/v.
+    """
 
     transpeft: FfnPerturbation = FfnPerturbation()
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd, layer_idx, key_of_layer, extras: _Extras):
-        spec = self.spec
+        spec, f = self.spec, self.spec.intermediate_size
 
-        def project(name, features, inputs):
+        def project(name, features, inputs, base_weights=True):
             key = _stream_key(key_of_layer, LORA_STREAM0 + TARGET_MODULES.index(name))
-            return self.proj(name, features, False)(inputs, layer_idx, key, extras.adapter_ids_b)
+            return self.proj(name, features, False, base_weights)(inputs, layer_idx, key, extras.adapter_ids_b)
 
-        u_btf = gate_activation(spec.hidden_act)(project("gate_proj", spec.intermediate_size, x_btd)) * project(
-            "up_proj", spec.intermediate_size, x_btd)
+        if self.fused:
+            gate_btf, up_btf = jnp.split(self.proj("gate_up_proj", 2 * f, False)(x_btd, layer_idx), 2, axis=-1)
+            gate_btf, up_btf = (part + project(name, f, x_btd, base_weights=False)
+                                for part, name in zip((gate_btf, up_btf), GATE_UP))
+        else:
+            gate_btf, up_btf = (project(name, f, x_btd) for name in GATE_UP)
+        u_btf = gate_activation(spec.hidden_act)(gate_btf) * up_btf
         if key_of_layer is not None:
             u_btf = mask_ffn_activation(u_btf, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
         return project("down_proj", spec.hidden_size, u_btf)
@@ -264,25 +290,26 @@ class DecoderLayer(_LayerSettings):
 
     transpeft: FfnPerturbation = FfnPerturbation()
     training: bool = False
-    fused_qkv: bool = False
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd, cos_kbte, sin_kbte, mask_kbts, rng, extras: _Extras, layer_idx, kv_cache):
         """One layer; ``*_k...``: the rope tables and masks of each attention kind (`_for_layer`);
-        ``kv_cache`` is this layer's (k, v) slice [b, s_max, k, e] or None; returns it updated."""
+        ``kv_cache`` is this layer's (keys [b, k, e, s_max], values [b, k, s_max, e]) or None; returns it
+        updated."""
         sandwich = self.spec.sandwich_norms
         cos_bte, sin_bte, mask_bts = _for_layer(self.spec, layer_idx, cos_kbte, sin_kbte, mask_kbts)
         key_of_layer = layer_key(rng, layer_idx) if self.training else None
         shared = dict(spec=self.spec, dtype=self.dtype, param_dtype=self.param_dtype,
                       lora_scales=self.lora_scales, lora_dropout=self.lora_dropout)
-        attn_btd, kv_cache = Attention(**shared, fused_qkv=self.fused_qkv, name="self_attn")(
+        attn_btd, kv_cache = Attention(**shared, fused=self.fused, name="self_attn")(
             self.norm("input_layernorm")(x_btd), cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras,
             kv_cache)
         if sandwich:
             attn_btd = self.norm("post_attention_layernorm")(attn_btd)
         attn_btd = self.bottleneck("adapter_attn", attn_btd, layer_idx)
         h_btd = x_btd + attn_btd
-        ffn_btd = Mlp(**shared, transpeft=self.transpeft, name="mlp")(
+        ffn_btd = Mlp(**shared, transpeft=self.transpeft, fused=self.fused, name="mlp")(
             self.norm("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm")(h_btd), layer_idx,
             key_of_layer, extras)
         if sandwich:
@@ -306,7 +333,7 @@ class Decoder(_LayerSettings):
     transpeft: FfnPerturbation = FfnPerturbation()
     remat: bool = False
     stacked: bool = True  # False: per-layer params "layer_0" ... (`jtranspeft.models.base.bind_for_decoding`)
-    fused_qkv: bool = False  # per-layer params hold one "qkv_proj" kernel (`fuse_qkv`); needs stacked=False
+    fused: bool = False  # per-layer params hold fused kernels (`fuse_kernels`); needs stacked=False
 
     @nn.compact
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
@@ -318,8 +345,8 @@ class Decoder(_LayerSettings):
         ``p_scale`` multiplies every Trans-PEFT probability (its warm-up).
         """
         spec, t = self.spec, input_ids_bt.shape[1]
-        if self.fused_qkv and self.stacked:
-            raise ValueError("fused_qkv needs the per-layer params of stacked=False (bind_for_decoding)")
+        if self.fused and self.stacked:
+            raise ValueError("fused needs the per-layer params of stacked=False (bind_for_decoding)")
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
         valid_bt = attention_mask_bt.astype(bool)
@@ -356,7 +383,7 @@ class Decoder(_LayerSettings):
         training = rng is not None
         settings = dict(spec=spec, dtype=self.dtype, param_dtype=self.param_dtype, lora_scales=self.lora_scales,
                         lora_dropout=self.lora_dropout, transpeft=self.transpeft, training=training,
-                        fused_qkv=self.fused_qkv)
+                        fused=self.fused)
         rng = rng if training else jax.random.key(0)
         extras = _Extras(adapter_ids_b, None if cache is None else cache.index, p_scale)
         kv_cache = None if cache is None else (cache.keys, cache.values)
@@ -378,7 +405,7 @@ class Decoder(_LayerSettings):
         if logits_at_bk is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_at_bk[:, :, None], axis=1)
         x_btd = self.norm("norm")(x_btd)
-        if spec.tie_word_embeddings:  # contract with the [V, D] embedding as stored: no transposed copy
+        if spec.tie_word_embeddings and not self.has_variable("params", "lm_head"):  # the [V, D] embedding as stored
             logits_btv = jnp.einsum("btd,vd->btv", x_btd, embed.embedding.astype(self.dtype),
                                     preferred_element_type=jnp.float32)
         else:

@@ -277,8 +277,34 @@ def attention(q_bthe, k_bske, v_bske, mask_bts, scale: float | None = None):
     k = k_bske.shape[2]
     q_btkge = q_bthe.reshape(b, t, k, h // k, e)
     scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32)
-    scores_bkgts = scores_bkgts / math.sqrt(e) if scale is None else scores_bkgts * scale
-    scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bske.dtype)
+    probs_bkgts = _softmax(scores_bkgts, mask_bts[:, None, None, :, :], scale, e).astype(v_bske.dtype)
     out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
     return out_btkge.reshape(b, t, h * e)
+
+
+def cached_attention(q_bthe, k_bkes, v_bkse, mask_bts, scale: float | None = None):
+    """`attention` over keys [b, k, e, s] and values [b, k, s, e], the KV cache's layouts
+    (`jtranspeft.models.decoder.KVCache`).
+
+    The queries are rearranged to [b, k, t g, e] (for one decode token, a reshape) so that both products are
+    plain batched products, batch axes (b, k) leading and the contracted axis where a matrix product wants it
+    in both operands: XLA:CPU then hands them to YNNPACK reading the cache as it lies. With a [b, s, k, e] cache
+    it copied every layer's whole cache into these layouts at every decode step (docs/performance.md). Other
+    implementations than "einsum" get [b, s, k, e] views.
+    """
+    if attention_implementation() != "einsum":
+        return attention(q_bthe, k_bkes.transpose(0, 3, 1, 2), v_bkse.transpose(0, 2, 1, 3), mask_bts, scale)
+    b, t, h, e = q_bthe.shape
+    k, s = k_bkes.shape[1], k_bkes.shape[3]
+    g = h // k
+    q_bkxe = q_bthe.reshape(b, t, k, g, e).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, e)  # x = (t, g)
+    scores_bkxs = jnp.einsum("bkxe,bkes->bkxs", q_bkxe, k_bkes, preferred_element_type=jnp.float32)
+    probs_bktgs = _softmax(scores_bkxs.reshape(b, k, t, g, s), mask_bts[:, None, :, None, :], scale, e)
+    out_bkxe = jnp.einsum("bkxs,bkse->bkxe", probs_bktgs.reshape(b, k, t * g, s).astype(v_bkse.dtype), v_bkse)
+    return out_bkxe.reshape(b, k, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h * e)
+
+
+def _softmax(scores, visible, scale: float | None, e: int):
+    """Softmax over the last axis of float32 scores times ``scale`` (default ``e ** -0.5``), where ``visible``."""
+    scores = scores / math.sqrt(e) if scale is None else scores * scale
+    return jax.nn.softmax(jnp.where(visible, scores, MASK_VALUE), axis=-1)

@@ -1,10 +1,12 @@
-"""Batch-1 decode step time with q/k/v base kernels fused into one matrix product or kept apart, paired.
+"""Decode step time with the decoding layout of `bind_for_decoding(fuse=True)` against ``fuse=False``, paired.
 
-The host's memory bandwidth is shared and drifts by +-20% from minute to minute, so the two layouts are timed
-alternately (the order flipping every round) and compared round by round: a decode step's time is
-(a 64-new-token `jt.generate_ids` call - a 1-new-token call) / 63 on SmolLM2-135M in float32.
+Fused: q/k/v's base kernels are one matrix product, gate/up's another, and the tied LM head reads a [d, V]
+copy of the embedding; apart: every module's own kernel and the [V, d] embedding. The host's memory bandwidth is
+shared and drifts by +-20% from minute to minute, so the two layouts are timed alternately (the order flipping
+every round) and compared round by round: a decode step's time is (a 64-new-token `jt.generate_ids` call - a
+1-new-token call) / 63 on SmolLM2-135M in float32, ``--batch`` rows (`generate_throughput.py`'s prompts).
 
-    HF_HUB_OFFLINE=1 python benchmarks/decode_fused_qkv.py --rounds 16    # prints, writes results/*.json
+    HF_HUB_OFFLINE=1 python benchmarks/decode_fusion.py --batch 8 --rounds 16   # prints, writes results/*.json
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ import jtranspeft as jt
 import jtranspeft.inference.generate as generation
 from jtranspeft.checkpoints.assets import smollm2_gguf_path
 from jtranspeft.models.base import bind_for_decoding
+from generate_throughput import prompts_for
 from machine import machine_info, machine_line
 
 NEW_TOKENS = 64
 
 
-def step_ms(base, ids, fuse_qkv: bool) -> float:
-    """One round: ms per decode step of greedy generation with the given q/k/v layout."""
-    generation.bind_for_decoding = functools.partial(bind_for_decoding, fuse_qkv=fuse_qkv)
+def step_ms(base, ids, fuse: bool) -> float:
+    """One round: ms per decode step of greedy generation with the given layout."""
+    generation.bind_for_decoding = functools.partial(bind_for_decoding, fuse=fuse)
     seconds = {}
     for n in (1, NEW_TOKENS):
         start = time.perf_counter()
-        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=1)
+        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=len(ids))
         seconds[n] = time.perf_counter() - start
     return (seconds[NEW_TOKENS] - seconds[1]) / (NEW_TOKENS - 1) * 1e3
 
@@ -40,11 +43,12 @@ def step_ms(base, ids, fuse_qkv: bool) -> float:
 def main() -> None:
     """Alternate the two layouts for ``--rounds`` rounds; print medians and the paired difference."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="rows decoded together")
     parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_fused_qkv.json"))
+    parser.add_argument("--out", help="default: benchmarks/results/decode_fusion_b<batch>.json")
     args = parser.parse_args()
     base = jt.load_base(smollm2_gguf_path(), dtype="float32")
-    ids = [base.tokenizer("The capital of France is")["input_ids"]]
+    ids = [base.tokenizer(p)["input_ids"] for p in prompts_for(args.batch)]
     layouts = {"fused": True, "separate": False}
     for fuse in layouts.values():  # compile both, warm up
         step_ms(base, ids, fuse), step_ms(base, ids, fuse)
@@ -62,9 +66,10 @@ def main() -> None:
     print(f"ms per decode step, median of {args.rounds} rounds: fused {summary['fused_median_ms']:.2f}, separate "
           f"{summary['separate_median_ms']:.2f}; paired saving {summary['paired_saving_median_ms']:.2f} ms, "
           f"fused faster in {summary['fused_faster_rounds']} of {args.rounds} rounds")
-    out = Path(args.out)
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode_fusion_b{args.batch}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": "SmolLM2-135M float32, batch 1", "new_tokens": NEW_TOKENS, **summary,
+    out.write_text(json.dumps({"model": "SmolLM2-135M float32", "batch": args.batch, "new_tokens": NEW_TOKENS,
+                               **summary,
                                "per_round_ms": ms, "machine": info}, indent=2) + "\n")
     print(f"wrote {out}")
 
