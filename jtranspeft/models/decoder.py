@@ -59,9 +59,9 @@ class KVCache:
     """Keys and values of every layer for up to ``max_len`` slots per row; a pytree, jit-friendly.
 
     ``keys`` [L, b, k, e, s] / ``values`` [L, b, k, s, e]: one stacked array each for the scanned decoder, or
-    tuples of L arrays ([b, k, e, s], [b, k, s, e]) for the per-layer one (``stacked=False``), so that a decode step updates each layer's
-    slot in place instead of rewriting a stack; there a sliding layer's arrays are a ring of
-    ``sliding_window`` slots when that is shorter than s (see the module docstring).
+    tuples of L arrays ([b, k, e, s], [b, k, s, e]) for the per-layer one (``stacked=False``), so that a decode
+    step updates each layer's slot in place instead of rewriting a stack; there a sliding layer's arrays are a
+    ring of ``sliding_window`` slots when that is shorter than s (see the module docstring).
     """
 
     keys: jax.Array | tuple[jax.Array, ...]
