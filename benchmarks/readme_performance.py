@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -55,10 +56,13 @@ def _decode_rows() -> tuple[list[list[str]], dict]:
     batches = " ".join(str(r["batch"]) for r in data["results"])
     rows = []
     for r in data["results"]:
-        ours, cpp = r["jtranspeft"]["decode_tokens_per_s"], r["llama.cpp f32"]["tokens_per_s"]
-        rows.append([f"decoding, batch {r['batch']}, {r['new_tokens']} new tokens, decode steps only "
+        paired = r["paired_f32_decode"]
+        ours, cpp = (statistics.median(paired["decode_tokens_per_s"][name]) for name in ("jtranspeft", "llama.cpp f32"))
+        rows.append([f"decoding, batch {r['batch']}, {r['new_tokens']} new tokens, decode steps only, median of "
+                     f"{paired['rounds']} alternated rounds "
                      f"(`python benchmarks/generate_throughput.py --batches {batches}`)",
-                     f"{ours:.0f} tok/s", f"llama.cpp float32 {cpp:.0f} tok/s", f"{ours / cpp:.2f}x"])
+                     f"{ours:.0f} tok/s", f"llama.cpp float32 {cpp:.0f} tok/s",
+                     f"{paired['median_ratio']:.2f}x ({min(paired['ratios']):.2f}-{max(paired['ratios']):.2f})"])
     return rows, data["machine"]
 
 
