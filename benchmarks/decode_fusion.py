@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import jtranspeft as jt
 import jtranspeft.inference.generate as generation
 from jtranspeft.checkpoints.assets import smollm2_gguf_path
 from jtranspeft.models.base import bind_for_decoding
-from generate_throughput import prompts_for
+from generate_throughput import decode_step_s, prompts_for
 from machine import machine_info, machine_line
 
 NEW_TOKENS = 64
@@ -32,12 +31,7 @@ NEW_TOKENS = 64
 def step_ms(base, ids, fuse: bool) -> float:
     """One round: ms per decode step of greedy generation with the given layout."""
     generation.bind_for_decoding = functools.partial(bind_for_decoding, fuse=fuse)
-    seconds = {}
-    for n in (1, NEW_TOKENS):
-        start = time.perf_counter()
-        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=len(ids))
-        seconds[n] = time.perf_counter() - start
-    return (seconds[NEW_TOKENS] - seconds[1]) / (NEW_TOKENS - 1) * 1e3
+    return decode_step_s(base, ids, NEW_TOKENS) * 1e3
 
 
 def main() -> None:

@@ -130,6 +130,17 @@ def float32_gguf(source: Path, target: Path) -> Path:
     return target
 
 
+def decode_step_s(base, ids, new_tokens: int, **generate_options) -> float:
+    """Seconds of one jtranspeft decode step for the rows ``ids``: a ``new_tokens`` `jt.generate_ids` call minus
+    a 1-token call (the same weight split and prefill), over the ``new_tokens - 1`` extra steps."""
+    seconds = {}
+    for n in (1, new_tokens):
+        start = time.perf_counter()
+        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=len(ids), **generate_options)
+        seconds[n] = time.perf_counter() - start
+    return (seconds[new_tokens] - seconds[1]) / (new_tokens - 1)
+
+
 class LlamaCppDecoder:
     """llama.cpp (through ``llama-cpp-python``'s low-level batch API, 2 threads) decoding the prompts as one
     batch of sequences, greedy (argmax); `run` prefills them and returns the seconds of the decode steps."""
@@ -208,20 +219,15 @@ def paired_decode(base, f32_path: Path, prompts, new_tokens: int, rounds: int) -
     flipping every round), and their ratio round by round. The host's memory bandwidth drifts from minute to
     minute by more than the gap between the two, so the median of paired ratios says more than the ratio of two
     best-of-n figures taken minutes apart. jtranspeft's decode tokens/s is one ``new_tokens`` call minus one
-    1-token call, as in `bench_jtranspeft`."""
+    1-token call (`decode_step_s`)."""
     if not _llama_cpp_installed() or rounds < 1:
         return None
     ids = [base.tokenizer(p)["input_ids"] for p in prompts]
     decoder = LlamaCppDecoder(f32_path, prompts, new_tokens)
     decoder.run()  # warm-up
 
-    def call_s(n: int) -> float:
-        start = time.perf_counter()
-        jt.generate_ids(base, ids, max_new_tokens=n, eos=False, batch_size=len(ids))
-        return time.perf_counter() - start
-
     def ours() -> float:
-        return len(ids) * (new_tokens - 1) / (call_s(new_tokens) - call_s(1))
+        return len(ids) / decode_step_s(base, ids, new_tokens)
 
     def theirs() -> float:
         return len(prompts) * new_tokens / decoder.run()

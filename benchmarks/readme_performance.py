@@ -57,7 +57,8 @@ def _decode_rows() -> tuple[list[list[str]], dict]:
     rows = []
     for r in data["results"]:
         paired = r["paired_f32_decode"]
-        ours, cpp = (statistics.median(paired["decode_tokens_per_s"][name]) for name in ("jtranspeft", "llama.cpp f32"))
+        ours, cpp = (statistics.median(paired["decode_tokens_per_s"][name])
+                     for name in ("jtranspeft", "llama.cpp f32"))
         rows.append([f"decoding, batch {r['batch']}, {r['new_tokens']} new tokens, decode steps only, median of "
                      f"{paired['rounds']} alternated rounds "
                      f"(`python benchmarks/generate_throughput.py --batches {batches}`)",
