@@ -19,6 +19,14 @@ decode step reads every weight once, so this is the ceiling a memory-bound decod
 
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py            # table + benchmarks/results/*.json
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --batches 1 8 32 --repeats 3 --paired-rounds 6
+    PYTHONPATH=/tmp/llama-avx2 python benchmarks/generate_throughput.py --isa avx2 --batches 8  # AVX2 kernels only
+
+``--isa avx2`` hides AVX-512 from JAX and PyTorch (CPUID masked, `machine.isa_env`), so they run the kernels of an
+AVX2-only machine such as CI's. llama.cpp picks no kernels at run time: a build for the machine it was built on has
+AVX-512 compiled in, which the mask cannot hide, so this needs a llama.cpp built without it, for example
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" pip install
+--no-deps --target /tmp/llama-avx2 llama-cpp-python``; the benchmark checks llama.cpp's own report of its
+instruction sets and records it in the JSON.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import transformers
 
 import jtranspeft as jt
 from jtranspeft.checkpoints.assets import smollm2_gguf_path
-from machine import machine_info, machine_line
+from machine import ISA_CHOICES, machine_info, machine_line, reexec_with_isa
 
 PROMPTS = [
     "The capital of France is",
@@ -203,6 +211,16 @@ def _llama_cpp_installed() -> bool:
     return True
 
 
+def llama_cpp_features() -> str | None:
+    """llama.cpp's own report of the instruction sets it was built with ("AVX2 = 1 | AVX512 = 0 | ..."), or None
+    when ``llama-cpp-python`` is not installed."""
+    if not _llama_cpp_installed():
+        return None
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
 def bench_llama_cpp(path: Path, prompts, new_tokens: int, repeats: int) -> dict | None:
     """Steady-state decode tokens/s of llama.cpp (`LlamaCppDecoder`), best of ``repeats`` after a warm-up."""
     if not _llama_cpp_installed():
@@ -245,14 +263,23 @@ def paired_decode(base, f32_path: Path, prompts, new_tokens: int, rounds: int) -
 
 def main() -> None:
     """Run the benchmark, print a table and write the JSON results."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--paired-rounds", type=int, default=6,
                         help="rounds of jtranspeft and llama.cpp f32 decoding alternated, for the ratio (0: none)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_throughput.json"))
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="native",
+                        help="avx2: JAX and PyTorch run the kernels of an AVX2-only machine (needs a llama.cpp "
+                             "built without AVX-512, see above)")
+    parser.add_argument("--out", help="default: benchmarks/results/generate_throughput[_avx2].json")
     args = parser.parse_args()
+    reexec_with_isa(args.isa, "generate_throughput")
+    features = llama_cpp_features()
+    if args.isa == "avx2" and features is not None and "AVX512 = 1" in features:
+        raise SystemExit(f"generate_throughput: --isa avx2, but the llama.cpp imported from "
+                         f"{__import__('llama_cpp').__file__} was built with AVX-512 ({features}); put a build "
+                         "without it first on PYTHONPATH (see --help)")
 
     path = smollm2_gguf_path()
     base = jt.load_base(path, dtype="float32")
@@ -287,7 +314,8 @@ def main() -> None:
             return "-"
         return f"{paired['median_ratio']:.2f}x ({min(paired['ratios']):.2f}-{max(paired['ratios']):.2f})"
 
-    machine = {**machine_info(), "torch_threads": torch.get_num_threads(), "load_average_1_5_15min": os.getloadavg()}
+    machine = {**machine_info(args.isa), "llama_cpp_features": features, "torch_threads": torch.get_num_threads(),
+               "load_average_1_5_15min": os.getloadavg()}
     print("\n" + machine_line(machine))
     print("| batch | jtranspeft f32 call | transformers f32 | jtranspeft f32 decode | llama.cpp f32 decode | "
           "paired ratio (range) | f32 bound | llama.cpp Q4_1 decode | Q4_1 bound | jtranspeft first call (s) |")
@@ -299,7 +327,8 @@ def main() -> None:
               f"{r['bound_f32_tokens_per_s']:.0f} | {cell(r['llama.cpp Q4_1'])} | {r['bound_q4_1_tokens_per_s']:.0f} | "
               f"{ours['first_call_s']:.1f} |")
     tmp.cleanup()
-    out = Path(args.out)
+    out = Path(args.out or Path(__file__).parent / "results" /
+               f"generate_throughput{'' if args.isa == 'native' else '_' + args.isa}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": path.name, "decoding": "greedy", "prompts": PROMPTS, "machine": machine,
                                "memory_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_step": weight_bytes,

@@ -81,6 +81,20 @@ def isa_env(isa: str) -> dict:
     return {"LD_PRELOAD": preload, ISA_ENV: isa}
 
 
+def reexec_with_isa(isa: str, program: str) -> None:
+    """Replace this process by the same command line with `isa_env` (``isa``) set, unless it is "native" or
+    already set; the mask must be loaded when a process starts. Exits naming ``program`` where `isa_env`
+    cannot be had."""
+    if isa == "native" or os.environ.get(ISA_ENV) == isa:
+        return
+    try:
+        extra = isa_env(isa)
+    except RuntimeError as error:
+        sys.exit(f"{program}: {error}")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], os.environ | extra)
+
+
 def machine_info(isa: str = "native") -> dict:
     """The machine record stored in every benchmark's JSON; ``isa`` is what the workers were limited to
     (`isa_env`), recorded as "isa" beside the CPU's own flags."""

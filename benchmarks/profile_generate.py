@@ -9,6 +9,7 @@ benchmarks/results/profile_generate_b<batch>.json:
 
     python benchmarks/profile_generate.py --batch 8
     python benchmarks/profile_generate.py --batch 32 --top 40
+    python benchmarks/profile_generate.py --batch 8 --isa avx2   # the kernels of an AVX2-only CPU: .._b8_avx2.json
     grep -n "%ynn_fusion.12 = " /tmp/jtranspeft-profile-generate-hlo/*jit__decode.cpu_after_optimizations.txt
 
 This is how the per-step transposed copies of the KV cache were found (docs/performance.md, decoding).
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_throughput import PROMPTS, prompts_for  # noqa: E402
-from machine import machine_info, machine_line  # noqa: E402
+from machine import ISA_CHOICES, machine_info, machine_line, reexec_with_isa  # noqa: E402
 from profile_train_step import print_top_ops, top_ops  # noqa: E402
 
 
@@ -37,8 +38,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile-generate"), help="trace and HLO")
-    parser.add_argument("--json", type=Path, help="default: benchmarks/results/profile_generate_b<batch>.json")
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="native",
+                        help="avx2: profile the kernels an AVX2-only machine runs (AVX-512 hidden, see machine.py)")
+    parser.add_argument("--json", type=Path, help="default: benchmarks/results/profile_generate_b<batch>[_avx2].json")
     args = parser.parse_args()
+    reexec_with_isa(args.isa, "profile_generate")
 
     hlo_dir = args.out.with_name(args.out.name + "-hlo")
     shutil.rmtree(hlo_dir, ignore_errors=True)
@@ -61,7 +65,7 @@ def main() -> None:
         run()
         seconds = time.perf_counter() - tick
     top, kinds = top_ops(args.out, seconds, args.top), top_ops(args.out, seconds, args.top, by_kind=True)
-    info = machine_info()
+    info = machine_info(args.isa)
     print(machine_line(info))
     print(f"generate call {seconds:.2f} s (batch {args.batch}, {args.new_tokens} new tokens, "
           f"{seconds / args.new_tokens * 1e3:.1f} ms a token), load average {os.getloadavg()[0]:.1f}")
@@ -70,7 +74,8 @@ def main() -> None:
     print("by op:")
     print_top_ops(top)
     print(f"HLO: {hlo_dir}/*jit__decode.cpu_after_optimizations.txt")
-    out = args.json or Path(__file__).parent / "results" / f"profile_generate_b{args.batch}.json"
+    suffix = "" if args.isa == "native" else f"_{args.isa}"
+    out = args.json or Path(__file__).parent / "results" / f"profile_generate_b{args.batch}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "batch": args.batch, "new_tokens": args.new_tokens,
                                "prompts": PROMPTS, "call_s": seconds, "load_average_1min": os.getloadavg()[0],

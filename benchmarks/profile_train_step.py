@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import ISA_CHOICES, ISA_ENV, isa_env, machine_info, machine_line  # noqa: E402
+from machine import ISA_CHOICES, machine_info, machine_line, reexec_with_isa  # noqa: E402
 from train_throughput import TARGETS, _batch, _hf_model_dir, _loss_mask  # noqa: E402
 
 from jtranspeft.utils import host_memory  # noqa: E402
@@ -77,11 +77,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/jtranspeft-profile"), help="trace and HLO")
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/profile_train_step[_targets<N>].json")
     args = parser.parse_args()
-    if args.isa != "native" and os.environ.get(ISA_ENV) != args.isa:  # the mask is loaded when a process starts
-        try:
-            os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | isa_env(args.isa))
-        except RuntimeError as error:
-            sys.exit(f"profile_train_step: {error}")
+    reexec_with_isa(args.isa, "profile_train_step")
     host_memory.reexec_with_huge_pages(any_program=True)  # the host allocator of jtranspeft's CLIs
 
     import jax

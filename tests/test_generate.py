@@ -137,11 +137,12 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(llama_base, three_adapter
     assert np.abs(logits[0] - np.asarray(apply(base, ids[:1], None, mask[:1]))[0]).max() > 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("adapter", ["none", "lora", "dora", "bank"])
-def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapters, adapter):
-    """`bind_for_decoding` (per-layer arrays; q/k/v and gate/up fused and the tied head copied transposed, unless
-    DoRA needs the kernels apart) gives the logits of `apply_cached` over the stacked params, for a prefill and
-    three decode steps."""
+def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapters, adapter, rows):
+    """`bind_for_decoding` (per-layer arrays; q/k/v and gate/up fused and every kernel stored [out, in], unless
+    DoRA needs the kernels as they are) gives the logits of `apply_cached` over the stacked params, for a prefill
+    and three decode steps, with one row (dot products) and three (`transposed_product`'s multiply-sum)."""
     base, rng = llama_base, np.random.default_rng(7)
     lora, adapter_ids = {"none": None, "lora": three_adapters[1], "bank": jt.stack_adapters(three_adapters)}.get(
         adapter), None
@@ -149,14 +150,16 @@ def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapter
         dora = jt.init_lora(base, jt.LoraConfig(r=4, alpha=8, targets=tuple(ALL7), use_dora=True), jax.random.key(3))
         lora = dora.replace(params=jax.tree_util.tree_map(
             lambda x: jnp.asarray(x + rng.normal(0, 0.3, x.shape), x.dtype), dora.params))
-    prompts = _prompts(base.spec.vocab_size, lengths=(6, 3, 5), seed=3)
+    prompts = _prompts(base.spec.vocab_size, lengths=(6, 3, 5), seed=3)[:rows]
     if adapter == "bank":
-        adapter_ids = jnp.asarray([2, 0, 1], jnp.int32)
+        adapter_ids = jnp.asarray([2, 0, 1][:rows], jnp.int32)
     ids, mask = (jnp.asarray(a, jnp.int32) for a in _left_padded(prompts))
     module, variables = bind_for_decoding(base, lora)
     params, fused = variables["params"], adapter != "dora"
+    spec = base.spec
+    down_shape = (spec.hidden_size, spec.intermediate_size) if fused else (spec.intermediate_size, spec.hidden_size)
     assert ("qkv_proj" in params["layer_0"]["self_attn"], "gate_up_proj" in params["layer_0"]["mlp"],
-            "lm_head" in params) == (fused, fused, fused)
+            params["layer_0"]["mlp"]["down_proj"]["kernel"].shape) == (fused, fused, down_shape)
     fast = init_cache(base.spec, len(prompts), ids.shape[1] + 3, stacked=False)
     slow = init_cache(base.spec, len(prompts), ids.shape[1] + 3)
     feed, feed_mask = ids, mask

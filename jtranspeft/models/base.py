@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.models.decoder import FUSED_KERNELS, Decoder, KVCache, fuse_kernels
+from jtranspeft.models.decoder import Decoder, KVCache, fuse_kernels
 from jtranspeft.models.perturb import FfnPerturbation
 from jtranspeft.models.spec import ModelSpec
 
@@ -75,32 +75,34 @@ def decoder_module(spec: ModelSpec, dtype, param_dtype, lora_scales=(), lora_dro
 
 def unstack_layers(tree: dict, fused: bool = False) -> dict:
     """A params or LoRA tree with its stacked ``layers`` [L, ...] split into ``layer_0`` ... ``layer_{L-1}``
-    (one compiled program); ``fused`` (base params) also joins q/k/v and gate/up (`fuse_kernels`) and gives a
-    tied model an ``lm_head`` [d, V] copy of its embedding, which the logits read faster than the [V, d] table."""
+    (one compiled program). ``fused`` (base params) gives the decoding layout: q/k/v and gate/up joined
+    (`fuse_kernels`), and every kernel, an untied ``lm_head`` included, stored transposed as [out, in], which
+    `jtranspeft.models.layers.transposed_product` streams once per decode step (a tied model's head is its
+    [V, d] embedding as stored)."""
     out = {key: value for key, value in tree.items() if key != "layers"}
-    head = fused and "lm_head" not in tree and "embed_tokens" in tree
-    layers, head_dv = _split_layers(tree["layers"], fused, tree["embed_tokens"]["embedding"] if head else None)
+    layers, head_vd = _split_layers(tree["layers"], fused, tree.get("lm_head") if fused else None)
     for i, layer in enumerate(layers):
         out[f"layer_{i}"] = layer
-    return out if head_dv is None else {**out, "lm_head": head_dv}
+    return out if head_vd is None else {**out, "lm_head": head_vd}
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _split_layers(stacked: dict, fused: bool, embedding_vd) -> tuple[list[dict], jax.Array | None]:
-    stacked = fuse_kernels(stacked) if fused else stacked
+def _split_layers(stacked: dict, fused: bool, head_dv) -> tuple[list[dict], jax.Array | None]:
+    if fused:
+        stacked = jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.swapaxes(x, -1, -2) if path[-1].key == "kernel" else x, fuse_kernels(stacked))
     num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    head_dv = None if embedding_vd is None else embedding_vd.T
-    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)], head_dv
+    head_vd = None if head_dv is None else head_dv.T
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)], head_vd
 
 
 def _fusable(lora: Adapter | None) -> bool:
-    """Whether the adapter leaves the base products of the fused kernels' modules alone (none, or only LoRA
-    factors on them), so their kernels can be joined (DoRA and sparse adapters need each module's own)."""
+    """Whether the decoding layout (fused kernels stored [out, in]) serves this adapter: none, or one without
+    DoRA magnitudes or sparse values, which need each module's own [in, out] kernel."""
     if lora is None:
         return True
-    layers = lora.params.get("layers", {})
-    return all(set(layers.get(block, {}).get(name, {})) <= {"lora_A", "lora_B"}
-               for block, (_, names) in FUSED_KERNELS.items() for name in names)
+    paths = jax.tree_util.tree_flatten_with_path(lora.params)[0]
+    return not any(getattr(key, "key", None) in ("magnitude", "shira_values") for path, _ in paths for key in path)
 
 
 def _row_ids(lora: Adapter | None, adapter_ids):
@@ -133,14 +135,14 @@ def bind_for_decoding(base: Base, lora: Adapter | None = None, fuse: bool | None
     The split copies the weights once, here (call it outside jit, once per generation); each decode step then
     reads the arrays in place instead of slicing every layer out of the stacks. With ``fuse`` the q/k/v base
     kernels are joined into one and gate/up into another (`jtranspeft.models.decoder.fuse_kernels`: one matrix
-    product where there were three and two), and a tied model gets a transposed copy of its embedding as the
-    LM head (vocab x hidden more memory while decoding); docs/performance.md has what each saves on CPU.
-    ``fuse`` None fuses unless the adapter needs the kernels apart (DoRA or sparse on q/k/v/gate/up); True
-    raises then. Same numbers as `apply_cached`.
+    product where there were three and two), and every kernel is stored [out, in] (`unstack_layers`), the
+    layout a decode step's products read fastest on CPU; docs/performance.md has what each saves.
+    ``fuse`` None fuses unless the adapter needs the kernels as they are (DoRA or sparse parts); True raises
+    then. Same numbers as `apply_cached`.
     """
     fusable = _fusable(lora)
     if fuse and not fusable:
-        raise ValueError("fuse=True: this adapter (DoRA or sparse on q/k/v/gate/up) needs their kernels apart")
+        raise ValueError("fuse=True: this adapter (DoRA or sparse parts) needs the modules' own kernels")
     return _bind(base, lora, FfnPerturbation(), False, stacked=False, fused=fusable if fuse is None else fuse)
 
 

@@ -6,8 +6,8 @@ so compile time does not grow with depth; ``remat`` recomputes each layer's acti
 pass. For decoding, ``stacked=False`` runs one module per layer over per-layer params (``layer_0``, ...): a
 scan would slice (copy) every layer's weights out of the stacks at every step, which for one token costs
 more than the matrix products; ``fused`` then reads q, k and v's base kernels as one ``qkv_proj`` and gate
-and up's as one ``gate_up_proj`` (`fuse_kernels`), and a tied model's logits come from an ``lm_head`` [d, V]
-copy of the embedding when the params hold one. Parameter names are Hugging Face's (embed_tokens,
+and up's as one ``gate_up_proj`` (`fuse_kernels`), every kernel and the LM head stored [out, in]
+(`jtranspeft.models.layers.transposed_product`). Parameter names are Hugging Face's (embed_tokens,
 layers.self_attn.q_proj, mlp.down_proj, norm, lm_head), which keeps the key tables of `jtranspeft.checkpoints`
 short.
 
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from jtranspeft.models.layers import (Projection, RMSNorm, apply_rope, attention, cached_attention, gate_activation,
-                                     rope_inv_freq, rope_tables, softcap)
+                                     rope_inv_freq, rope_tables, softcap, transposed_product)
 from jtranspeft.models.perturb import LORA_STREAM0, FfnPerturbation, drop_ffn_output, layer_key, mask_ffn_activation
 from jtranspeft.models.spec import TARGET_MODULES, ModelSpec
 
@@ -118,10 +118,11 @@ class _LayerSettings(nn.Module):
     param_dtype: Dtype
     lora_scales: tuple[tuple[str, tuple[float, ...]], ...] = ()
     lora_dropout: float = 0.0
+    fused: bool = False  # the decoding layout (bind_for_decoding): fused kernels stored [out, in]; stacked=False
 
     def proj(self, name: str, features: int, use_bias: bool, base_weights: bool = True) -> Projection:
         return Projection(features, use_bias, self.dtype, self.param_dtype, dict(self.lora_scales).get(name, ()),
-                          self.lora_dropout, base_weights, name=name)
+                          self.lora_dropout, base_weights, transposed=self.fused and base_weights, name=name)
 
     def norm(self, name: str) -> RMSNorm:
         return RMSNorm(self.spec.rms_norm_eps, self.dtype, self.param_dtype, self.spec.norm_offset, name=name)
@@ -177,11 +178,10 @@ def fuse_kernels(layers: dict) -> dict:
 class Attention(_LayerSettings):
     """Self-attention with GQA/MQA, optional q/k/v bias and per-head q/k RMSNorm (qwen3).
 
-    ``fused``: the base weights of q, k and v are one ``qkv_proj`` kernel [d, q + 2 kv] (`fuse_kernels`), so a
-    decode step streams them in one matrix product; LoRA factors stay per module and are added after the split.
+    ``fused``: the base weights of q, k and v are one ``qkv_proj`` kernel (`fuse_kernels`; stored [q + 2 kv, d]
+    like every kernel of the decoding layout), so a decode step streams them in one product; LoRA factors stay
+    per module and are added after the split.
     """
-
-    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, layer_idx, key_of_layer, extras: _Extras, kv_cache):
@@ -227,12 +227,11 @@ class Mlp(_LayerSettings):
     """Gated FFN, SwiGLU or GeGLU (`ModelSpec.hidden_act`); Trans-PEFT knowledge masking acts on the
     intermediate activation act(x W_gate) * (x W_up) before down_proj, whichever the activation.
 
-    ``fused``: gate and up's base weights are one ``gate_up_proj`` kernel [d, 2 f] (`fuse_kernels`), read in one
-    product; their LoRA branches are added after the split, as `Attention` does for q/k/v.
+    ``fused``: gate and up's base weights are one ``gate_up_proj`` kernel (`fuse_kernels`; stored [2 f, d]), read
+    in one product; their LoRA branches are added after the split, as `Attention` does for q/k/v.
     """
 
     transpeft: FfnPerturbation = FfnPerturbation()
-    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd, layer_idx, key_of_layer, extras: _Extras):
@@ -290,7 +289,6 @@ class DecoderLayer(_LayerSettings):
 
     transpeft: FfnPerturbation = FfnPerturbation()
     training: bool = False
-    fused: bool = False
 
     @nn.compact
     def __call__(self, x_btd, cos_kbte, sin_kbte, mask_kbts, rng, extras: _Extras, layer_idx, kv_cache):
@@ -333,7 +331,6 @@ class Decoder(_LayerSettings):
     transpeft: FfnPerturbation = FfnPerturbation()
     remat: bool = False
     stacked: bool = True  # False: per-layer params "layer_0" ... (`jtranspeft.models.base.bind_for_decoding`)
-    fused: bool = False  # per-layer params hold fused kernels (`fuse_kernels`); needs stacked=False
 
     @nn.compact
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
@@ -405,7 +402,11 @@ class Decoder(_LayerSettings):
         if logits_at_bk is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_at_bk[:, :, None], axis=1)
         x_btd = self.norm("norm")(x_btd)
-        if spec.tie_word_embeddings and not self.has_variable("params", "lm_head"):  # the [V, D] embedding as stored
+        if self.fused:  # the decoding layout: the head as [V, D], a tied model's embedding as stored
+            head_vd = embed.embedding if spec.tie_word_embeddings else self.param(
+                "lm_head", nn.initializers.normal(0.02), (spec.vocab_size, spec.hidden_size), self.param_dtype)
+            logits_btv = transposed_product(x_btd, head_vd.astype(self.dtype), preferred_element_type=jnp.float32)
+        elif spec.tie_word_embeddings:  # the [V, D] embedding as stored
             logits_btv = jnp.einsum("btd,vd->btv", x_btd, embed.embedding.astype(self.dtype),
                                     preferred_element_type=jnp.float32)
         else:
