@@ -174,15 +174,16 @@ def test_decode_fast_path_equals_the_stacked_reference(llama_base, three_adapter
 
 def test_decode_step_keeps_the_multiply_sum_fused(llama_base):
     """`transposed_product`'s multiply-sum over 2-32 rows is only cheap while XLA fuses it into one reduction: a
-    compiled decode step at 3 rows must need no temporary near the head's [vocab, rows, hidden] product, which
-    an unfused form would write out (rows x the head's memory; 3.6 GB for SmolLM2 at 32 rows)."""
+    compiled decode step at 3 rows must need less temporary memory than the head's [vocab, rows, hidden] product,
+    which an unfused form would write out (rows x the head's memory; 3.6 GB for SmolLM2 at 32 rows). Half of it
+    as the bound leaves room for the step's own buffers (7 KB against 37 KB here)."""
     base = llama_base
     module, variables = bind_for_decoding(base)
     feed, cache = jnp.zeros((3, 1), jnp.int32), init_cache(base.spec, 3, 8, stacked=False)
     step = jax.jit(lambda v, f, c: forward_cached(module, v, f, c, jnp.ones_like(f)))
     temp = step.lower(variables, feed, cache).compile().memory_analysis().temp_size_in_bytes
     product = base.spec.vocab_size * 3 * base.spec.hidden_size * 4
-    assert temp < product / 8, (temp, product)
+    assert temp < product / 2, (temp, product)
 
 
 def test_adapter_ids_are_checked(llama_base, three_adapters):

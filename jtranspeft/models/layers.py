@@ -221,16 +221,15 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_idx, dropout_key=None, adapter_ids_b=None):
+        decoding_layout = self.transposed or not self.base_weights  # fused, [out, in] kernels (bind_for_decoding)
+        if decoding_layout and (self.has_variable("lora", "magnitude") or self.has_variable("lora", "shira_values")):
+            raise ValueError(f"{self.name}: DoRA and sparse adapters need the module's own [in, out] kernel, not "
+                             "the decoding layout's fused [out, in] ones")
         if not self.base_weights:
-            if self.has_variable("lora", "magnitude") or self.has_variable("lora", "shira_values"):
-                raise ValueError(f"{self.name}: DoRA and sparse adapters need the module's own kernel, not a fused one")
             if not self.has_variable("lora", "lora_A"):
                 return jnp.zeros((*x.shape[:-1], self.features), self.dtype)
             return self._lora_branch(x, layer_idx, dropout_key, adapter_ids_b)[0].astype(self.dtype)
-        if self.transposed:  # the decoding layout: no DoRA or sparse adapter (bind_for_decoding)
-            if self.has_variable("lora", "magnitude") or self.has_variable("lora", "shira_values"):
-                raise ValueError(f"{self.name}: DoRA and sparse adapters need the [in, out] kernel, not the "
-                                 "decoding layout's [out, in]")
+        if self.transposed:
             kernel_oi = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]),
                                    self.param_dtype)
             xw = transposed_product(x, kernel_oi.astype(self.dtype))
