@@ -157,7 +157,7 @@ def forward_cached(module: Decoder, variables: dict, input_ids, cache: KVCache, 
 
 def apply(base: Base, input_ids, lora: Adapter | None = None, attention_mask=None, *, positions=None,
           rng=None, transpeft: FfnPerturbation = FfnPerturbation(), remat: bool = False, adapter_ids=None,
-          logits_at=None, transpeft_scale=1.0):
+          logits_at=None, transpeft_scale=1.0, head=True):
     """Logits [B, T, vocab] in float32 for int token ids [B, T]; pure and jit-able.
 
     ``attention_mask`` [B, T] (1 = token, 0 = padding; left or right padding) defaults to all ones;
@@ -167,11 +167,21 @@ def apply(base: Base, input_ids, lora: Adapter | None = None, attention_mask=Non
     `AdapterBank` as ``lora``, ``adapter_ids`` [B] says which of its adapters each row uses.
     ``logits_at`` (int [B, K]) returns only those positions' logits [B, K, vocab] (a loss over a few
     target tokens skips the LM head elsewhere); ``transpeft_scale`` multiplies every Trans-PEFT
-    probability (`jtranspeft.peft.transpeft.warmup_scale`).
+    probability (`jtranspeft.peft.transpeft.warmup_scale`). ``head=False`` returns the final-normed hidden
+    states [B, T or K, hidden] instead of logits (`head_weight` is the head that would have read them).
     """
     module, variables = _bind(base, lora, transpeft, remat)
     return module.apply(variables, jnp.asarray(input_ids), attention_mask, positions, rng,
-                        adapter_ids_b=_row_ids(lora, adapter_ids), logits_at_bk=logits_at, p_scale=transpeft_scale)
+                        adapter_ids_b=_row_ids(lora, adapter_ids), logits_at_bk=logits_at, p_scale=transpeft_scale,
+                        head=head)
+
+
+def head_weight(base: Base) -> tuple[jax.Array, bool]:
+    """(the LM head's weight as stored, whether it is [vocab, hidden]): a tied model's embedding, else the
+    ``lm_head`` [hidden, vocab]; the training layout (not `bind_for_decoding`'s)."""
+    if base.spec.tie_word_embeddings:
+        return base.params["embed_tokens"]["embedding"], True
+    return base.params["lm_head"], False
 
 
 def apply_cached(base: Base, input_ids, cache: KVCache, lora: Adapter | None = None,

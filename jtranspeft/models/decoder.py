@@ -334,12 +334,13 @@ class Decoder(_LayerSettings):
 
     @nn.compact
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, rng=None, cache=None,
-                 adapter_ids_b=None, logits_at_bk=None, p_scale=1.0):
+                 adapter_ids_b=None, logits_at_bk=None, p_scale=1.0, head=True):
         """Logits [b, t, vocab] (float32); with a `KVCache` also returns the updated cache.
 
         ``logits_at_bk`` (int [b, k]) computes the logits of those positions only ([b, k, vocab]): the
         last position for a prefill, the positions that predict target tokens for a training loss.
-        ``p_scale`` multiplies every Trans-PEFT probability (its warm-up).
+        ``p_scale`` multiplies every Trans-PEFT probability (its warm-up). ``head=False`` returns the
+        final-normed hidden states [b, t or k, d] instead of logits (a loss that runs the head itself).
         """
         spec, t = self.spec, input_ids_bt.shape[1]
         if self.fused and self.stacked:
@@ -402,6 +403,8 @@ class Decoder(_LayerSettings):
         if logits_at_bk is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_at_bk[:, :, None], axis=1)
         x_btd = self.norm("norm")(x_btd)
+        if not head:
+            return x_btd
         if self.fused:  # the decoding layout: the head as [V, D], a tied model's embedding as stored
             head_vd = embed.embedding if spec.tie_word_embeddings else self.param(
                 "lm_head", nn.initializers.normal(0.02), (spec.vocab_size, spec.hidden_size), self.param_dtype)

@@ -35,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtranspeft.models.base import Base, apply
+from jtranspeft.models.base import Base, apply, head_weight
 from jtranspeft.models.params import merge_trees
 from jtranspeft.models.perturb import FfnPerturbation
 from jtranspeft.peft.bank import ADAPTER_AXIS
 from jtranspeft.peft.transpeft import TransPeftConfig, warmup_scale
 from jtranspeft.training.config import DistillConfig, TrainConfig
+from jtranspeft.training.head_loss import head_nll
 
 
 class TrainState(NamedTuple):
@@ -105,6 +106,15 @@ def target_positions(loss_mask_bt, k: int):
     return pos_bk, valid_bk
 
 
+def predicting_positions(ids_bt):
+    """int [B, T - 1]: every position but the last, each of which predicts the next token. As `apply`'s
+    ``logits_at`` the LM head runs on the hidden states of those positions: slicing the logits of all T instead
+    copied the [B, T - 1, vocab] float32 array, 0.3 s of a 5.5 s SmolLM2 step with AVX2 kernels
+    (docs/performance.md)."""
+    b, t = ids_bt.shape
+    return jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
+
+
 def target_logits(base: Base, lora: Any, batch: dict, max_targets: int | None = None, at_targets: bool = False,
                   **kwargs):
     """(logits [B, K, vocab] at the positions that predict a target, their target tokens [B, K], weights [B, K]:
@@ -118,16 +128,18 @@ def target_logits(base: Base, lora: Any, batch: dict, max_targets: int | None = 
     ids_bt = batch["input_ids"]
     kwargs["adapter_ids"] = batch.get("adapter_ids")  # a bank's rows (each row's adapter), else None
     if max_targets is None or (max_targets >= ids_bt.shape[1] - 1 and not at_targets):
-        logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], **kwargs)
-        return logits_btv[:, :-1], ids_bt[:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+        logits_btv = apply(base, ids_bt, lora, batch["attention_mask"], logits_at=predicting_positions(ids_bt),
+                           **kwargs)
+        return logits_btv, ids_bt[:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
     pos_bk, valid_bk = target_positions(batch["loss_mask"], max_targets)
     logits_bkv = apply(base, ids_bt, lora, batch["attention_mask"], logits_at=pos_bk, **kwargs)
     return logits_bkv, jnp.take_along_axis(ids_bt, pos_bk + 1, axis=1), valid_bk.astype(jnp.float32)
 
 
 def next_token_nll(logits_btv, batch: dict):
-    """(sum of NLL of the targets t (loss_mask[t] = 1) given positions < t, their count) from full logits."""
-    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv[:, :-1], batch["input_ids"][:, 1:])
+    """(sum of NLL of the targets t (loss_mask[t] = 1) given positions < t, their count) from the logits of
+    the `predicting_positions` [B, T - 1, vocab]."""
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["input_ids"][:, 1:])
     mask_bt = batch["loss_mask"][:, 1:].astype(jnp.float32)
     return jnp.sum(nll_bt * mask_bt), jnp.sum(mask_bt)
 
@@ -153,12 +165,21 @@ def adapter_totals(lora: Any, batch: dict, *values_bk):
 
 
 def token_loss(base: Base, lora: Any, batch: dict, rng, transpeft: FfnPerturbation, remat: bool = False,
-               max_targets: int | None = None, transpeft_scale=1.0):
+               max_targets: int | None = None, transpeft_scale=1.0, frozen_head: bool = True):
     """(sum of target-token NLL, number of target tokens) for one batch, per adapter for a bank
-    (`adapter_totals`); loss_mask[t] marks targets; ``max_targets``: see `target_logits`."""
-    logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, rng=rng, transpeft=transpeft,
-                                                     remat=remat, transpeft_scale=transpeft_scale)
-    nll_bk = optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
+    (`adapter_totals`); loss_mask[t] marks targets; ``max_targets``: see `target_logits`. With the head
+    frozen (``frozen_head``; adapter training) and no logit softcapping, the head runs inside the loss in
+    row chunks (`jtranspeft.training.head_loss.head_nll`); a step that trains the head passes False."""
+    kwargs = dict(rng=rng, transpeft=transpeft, remat=remat, transpeft_scale=transpeft_scale)
+    if frozen_head and base.spec.final_logit_softcapping is None:
+        hidden_bkd, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, head=False, **kwargs)
+        head, vocab_first = head_weight(base)
+        nll_n = head_nll(hidden_bkd.reshape(-1, hidden_bkd.shape[-1]), head.astype(hidden_bkd.dtype),
+                         labels_bk.reshape(-1), vocab_first)
+        nll_bk = nll_n.reshape(labels_bk.shape)
+    else:
+        logits_bkv, labels_bk, weight_bk = target_logits(base, lora, batch, max_targets, **kwargs)
+        nll_bk = optax.softmax_cross_entropy_with_integer_labels(logits_bkv, labels_bk)
     return adapter_totals(lora, batch, nll_bk * weight_bk, weight_bk)
 
 
@@ -367,16 +388,17 @@ def make_full_step(optimizer: optax.GradientTransformation, grad_accum: int, rem
         del step, index  # deterministic: no dropout, no perturbation
         if not kl_weight:
             base = frozen.replace(params=merge_trees(trained, frozen.params))
-            return token_loss(base, None, mb, None, FfnPerturbation(), remat)
+            return token_loss(base, None, mb, None, FfnPerturbation(), remat, frozen_head=False)
         frozen, reference = frozen
         ids_bt, mask_bt = mb["input_ids"], mb["attention_mask"]
+        at_bt = predicting_positions(ids_bt)
         logits_btv = apply(frozen.replace(params=merge_trees(trained, frozen.params)), ids_bt, None, mask_bt,
-                           remat=remat)
+                           remat=remat, logits_at=at_bt)
         old_btv = jax.lax.stop_gradient(apply(frozen.replace(params=merge_trees(reference, frozen.params)), ids_bt,
-                                              None, mask_bt))
+                                              None, mask_bt, logits_at=at_bt))
         nll, count = next_token_nll(logits_btv, mb)
         kl_mask_bt = mb["loss_mask"][:, 1:] * mb["kl_rows"][:, None]
-        return nll + kl_weight * token_kl(old_btv[:, :-1], logits_btv[:, :-1], kl_mask_bt), count
+        return nll + kl_weight * token_kl(old_btv, logits_btv, kl_mask_bt), count
 
     return compile_step(micro_loss, optimizer, grad_accum, shardings)
 
