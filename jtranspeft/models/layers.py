@@ -122,7 +122,7 @@ def _lora_delta_fwd(x_ni, a_ir, b_ro, scale):
     return h_nr @ b_ro * scale, (x_ni, a_ir, b_ro, scale, h_nr)
 
 
-def _lora_delta_bwd(residuals, g_no):  # the scale multiplies [n, r] and [r, out] arrays, never an [n, out] one
+def _lora_delta_bwd(residuals, g_no):
     x_ni, a_ir, b_ro, scale, h_nr = residuals
     dscale = jnp.sum((h_nr @ b_ro) * g_no).astype(scale.dtype)  # dead code in training (static scales)
     g_no = g_no * scale.astype(g_no.dtype)
@@ -299,9 +299,9 @@ def attention(q_bthe, k_bske, v_bske, mask_bts, scale: float | None = None):
 
     Scores are q . k times ``scale`` (default ``e ** -0.5``). The caller's mask lets every query see at least
     its own slot, so no row is fully masked and no implementation can produce NaN for padding rows (a NaN
-    there would leak through zero attention weights). The einsum form arranges queries [b, k, g t, e] and keys
-    and values [b, k, s, e], as `cached_attention` does: with (b, k) between other axes, XLA:CPU's products
-    and their gradients ran a third slower (30 SmolLM2 layers, value and gradient: 0.47 against 0.73 s with
+    there would leak through zero attention weights). The einsum form is `cached_attention`'s, over keys and
+    values rearranged to its layouts: with (b, k) between other axes instead of leading, XLA:CPU's products and
+    their gradients ran a third slower (30 SmolLM2 layers, value and gradient: 0.42-0.51 against 0.73 s with
     AVX2 kernels; docs/performance.md).
     """
     b, t, h, e = q_bthe.shape
@@ -310,14 +310,7 @@ def attention(q_bthe, k_bske, v_bske, mask_bts, scale: float | None = None):
         out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_bts[:, None], scale=scale,
                                                 implementation=None if implementation == "auto" else implementation)
         return out_bthe.reshape(b, t, h * e)
-    s, k = k_bske.shape[1], k_bske.shape[2]
-    g = h // k  # both products batched over (b, k), leading in every operand; x = (g, t) query rows
-    q_bkxe = q_bthe.reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, e)
-    k_bkse, v_bkse = k_bske.transpose(0, 2, 1, 3), v_bske.transpose(0, 2, 1, 3)
-    scores_bkxs = jnp.einsum("bkxe,bkse->bkxs", q_bkxe, k_bkse, preferred_element_type=jnp.float32)
-    probs_bkgts = _softmax(scores_bkxs.reshape(b, k, g, t, s), mask_bts[:, None, None, :, :], scale, e)
-    out_bkxe = jnp.einsum("bkxs,bkse->bkxe", probs_bkgts.reshape(b, k, g * t, s).astype(v_bske.dtype), v_bkse)
-    return out_bkxe.reshape(b, k, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h * e)
+    return cached_attention(q_bthe, k_bske.transpose(0, 2, 3, 1), v_bske.transpose(0, 2, 1, 3), mask_bts, scale)
 
 
 def cached_attention(q_bthe, k_bkes, v_bkse, mask_bts, scale: float | None = None):
