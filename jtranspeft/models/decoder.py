@@ -45,7 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtranspeft.models.layers import (Projection, RMSNorm, apply_rope, attention, cached_attention, gate_activation,
+from jtranspeft.models.layers import (Projection, RMSNorm, apply_rope, attention, cached_attention, gated_product,
                                      rope_inv_freq, rope_tables, softcap, transposed_product)
 from jtranspeft.models.perturb import LORA_STREAM0, FfnPerturbation, drop_ffn_output, layer_key, mask_ffn_activation
 from jtranspeft.models.spec import TARGET_MODULES, ModelSpec
@@ -247,7 +247,7 @@ class Mlp(_LayerSettings):
                                 for part, name in zip((gate_btf, up_btf), GATE_UP))
         else:
             gate_btf, up_btf = (project(name, f, x_btd) for name in GATE_UP)
-        u_btf = gate_activation(spec.hidden_act)(gate_btf) * up_btf
+        u_btf = gated_product(gate_btf, up_btf, spec.hidden_act)
         if key_of_layer is not None:
             u_btf = mask_ffn_activation(u_btf, key_of_layer, self.transpeft, layer_idx, extras.p_scale)
         return project("down_proj", spec.hidden_size, u_btf)

@@ -14,6 +14,7 @@ softmax are computed in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -62,6 +63,31 @@ def gate_activation(name: str):
     return {"silu": nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[name]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated_product(gate, up, act: str):
+    """``act(gate) * up``, the gated FFN's intermediate activation (`gate_activation` names ``act``), with a
+    backward pass that keeps only ``gate`` and ``up`` and recomputes the activation from them.
+
+    Autodiff's form keeps the activation's own intermediates too (sigmoid, products): in the scanned layers
+    each is a layer-stacked [L, b, t, f] buffer written in the forward pass and read in the backward one,
+    six of them for SmolLM2's SwiGLU against three this way (docs/performance.md).
+    """
+    return gate_activation(act)(gate) * up
+
+
+def _gated_product_fwd(gate, up, act):
+    return gated_product(gate, up, act), (gate, up)
+
+
+def _gated_product_bwd(act, residuals, g):
+    gate, up = residuals
+    activated, act_vjp = jax.vjp(gate_activation(act), gate)
+    return act_vjp(g * up)[0], g * activated
+
+
+gated_product.defvjp(_gated_product_fwd, _gated_product_bwd)
+
+
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
     """Inverse frequencies [head_dim // 2] (float32) for the "default" or "llama3" rope type."""
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -106,24 +132,28 @@ def add_sparse(kernel_lio, values_lk, index_lk, sign: float = 1.0):
 
 
 @jax.custom_vjp
-def lora_delta(x_ni, a_ir, b_ro, scale):
-    """``scale * (x A) B`` over flattened tokens n, with a backward pass that keeps XLA:CPU off big transposes.
+def lora_delta(x, a_ir, b_ro, scale):
+    """``scale * (x A) B`` over the last axis of ``x`` [..., in] -> [..., out], with a backward pass that keeps
+    XLA:CPU off big transposes.
 
     Autodiff's gradients of A and B contract the token axis of two big operands (x or dy), which XLA:CPU
     lowers inside the scanned layers with a transposed copy of the [n, out] cotangent. Here the small
     [n, r] factors are transposed instead (behind an optimization barrier, so the transpose is not folded
-    back into the dot), and every big operand is used in its natural layout.
+    back into the dot), and every big operand is used in its natural layout. ``x`` is kept for the backward
+    pass as it came, so branches that read the same input (q, k and v; gate and up) keep one copy of it in
+    the scanned layers' saved activations rather than one each.
     """
-    return (x_ni @ a_ir) @ b_ro * scale
+    return (x @ a_ir) @ b_ro * scale
 
 
-def _lora_delta_fwd(x_ni, a_ir, b_ro, scale):
-    h_nr = x_ni @ a_ir
-    return h_nr @ b_ro * scale, (x_ni, a_ir, b_ro, scale, h_nr)
+def _lora_delta_fwd(x, a_ir, b_ro, scale):
+    h_nr = x.reshape(-1, x.shape[-1]) @ a_ir
+    return (h_nr @ b_ro * scale).reshape(*x.shape[:-1], b_ro.shape[-1]), (x, a_ir, b_ro, scale, h_nr)
 
 
-def _lora_delta_bwd(residuals, g_no):
-    x_ni, a_ir, b_ro, scale, h_nr = residuals
+def _lora_delta_bwd(residuals, g):
+    x, a_ir, b_ro, scale, h_nr = residuals
+    x_ni, g_no = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     dscale = jnp.sum((h_nr @ b_ro) * g_no).astype(scale.dtype)  # dead code in training (static scales)
     g_no = g_no * scale.astype(g_no.dtype)
     h_rn = jax.lax.optimization_barrier(h_nr.T)
@@ -131,7 +161,7 @@ def _lora_delta_bwd(residuals, g_no):
     dh_nr = g_no @ b_ro.T
     dh_rn = jax.lax.optimization_barrier(dh_nr.T)
     da_ir = (dh_rn @ x_ni).T
-    return dh_nr @ a_ir.T, da_ir, db_ro, dscale
+    return (dh_nr @ a_ir.T).reshape(x.shape), da_ir, db_ro, dscale
 
 
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
@@ -144,27 +174,28 @@ def kernel_product(x, kernel_io):
     (`_cpu_kernel_product`): autodiff's form, left to XLA:CPU inside the scanned layers, wrote the [n, out]
     cotangent transposed from within the FFN's element-wise backward fusion, slowly (about 0.4 s of a 3.7 s
     full-parameter step for SmolLM2, docs/performance.md). When the kernel is frozen (LoRA) that gradient is
-    dead code and XLA removes it. Other backends take the plain einsum.
+    dead code and XLA removes it. ``x`` is kept as it came, so projections of one input share its saved copy
+    (as in `lora_delta`). Other backends take the plain einsum.
     """
     if jax.default_backend() != "cpu":
         return jnp.einsum("...i,io->...o", x, kernel_io)
-    out_no = _cpu_kernel_product(x.reshape(-1, x.shape[-1]), kernel_io)
-    return out_no.reshape(*x.shape[:-1], kernel_io.shape[-1])
+    return _cpu_kernel_product(x, kernel_io)
 
 
 @jax.custom_vjp
-def _cpu_kernel_product(x_ni, w_io):
-    return x_ni @ w_io
+def _cpu_kernel_product(x, w_io):
+    return x @ w_io
 
 
-def _cpu_kernel_product_fwd(x_ni, w_io):
-    return x_ni @ w_io, (x_ni, w_io)
+def _cpu_kernel_product_fwd(x, w_io):
+    return x @ w_io, (x, w_io)
 
 
-def _cpu_kernel_product_bwd(residuals, g_no):
-    x_ni, w_io = residuals
+def _cpu_kernel_product_bwd(residuals, g):
+    x, w_io = residuals
+    x_ni, g_no = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     x_in = jax.lax.optimization_barrier(x_ni.T)  # kept a copy: folded back into the dot, XLA transposes g
-    return g_no @ w_io.T, x_in @ g_no
+    return g @ w_io.T, x_in @ g_no
 
 
 _cpu_kernel_product.defvjp(_cpu_kernel_product_fwd, _cpu_kernel_product_bwd)
@@ -271,8 +302,7 @@ class Projection(nn.Module):
             x_lora = jnp.where(keep, x_lora / (1.0 - self.lora_dropout), 0).astype(lora_a.dtype)
         scale = jnp.asarray(self.lora_scales, dtype=lora_a.dtype)[layer_idx]
         if adapter_ids_b is None:
-            delta = lora_delta(x_lora.reshape(-1, x_lora.shape[-1]), lora_a, lora_b, scale).reshape(
-                *x_lora.shape[:-1], lora_b.shape[-1])
+            delta = lora_delta(x_lora, lora_a, lora_b, scale)
         else:  # one adapter of the bank per row: gather that row's factors
             a_bir, b_bro = lora_a[adapter_ids_b], lora_b[adapter_ids_b]
             delta = jnp.einsum("b...r,bro->b...o", jnp.einsum("b...i,bir->b...r", x_lora, a_bir), b_bro) * scale
@@ -330,12 +360,34 @@ def cached_attention(q_bthe, k_bkes, v_bkse, mask_bts, scale: float | None = Non
     g = h // k
     q_bkxe = q_bthe.reshape(b, t, k, g, e).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, e)  # x = (t, g)
     scores_bkxs = jnp.einsum("bkxe,bkes->bkxs", q_bkxe, k_bkes, preferred_element_type=jnp.float32)
-    probs_bktgs = _softmax(scores_bkxs.reshape(b, k, t, g, s), mask_bts[:, None, :, None, :], scale, e)
-    out_bkxe = jnp.einsum("bkxs,bkse->bkxe", probs_bktgs.reshape(b, k, t * g, s).astype(v_bkse.dtype), v_bkse)
+    # the mask spread over (t, g) rather than the scores reshaped: the probabilities stay one array, which the
+    # softmax's backward and the second product's share (one saved copy per scanned layer, not two)
+    visible_b1xs = jnp.broadcast_to(mask_bts[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
+    probs_bkxs = _softmax(scores_bkxs, visible_b1xs, scale, e)
+    out_bkxe = jnp.einsum("bkxs,bkse->bkxe", probs_bkxs.astype(v_bkse.dtype), v_bkse)
     return out_bkxe.reshape(b, k, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h * e)
 
 
 def _softmax(scores, visible, scale: float | None, e: int):
     """Softmax over the last axis of float32 scores times ``scale`` (default ``e ** -0.5``), where ``visible``."""
     scores = scores / math.sqrt(e) if scale is None else scores * scale
-    return jax.nn.softmax(jnp.where(visible, scores, MASK_VALUE), axis=-1)
+    return _probabilities(jnp.where(visible, scores, MASK_VALUE))
+
+
+@jax.custom_vjp
+def _probabilities(x):
+    """``jax.nn.softmax`` over the last axis, with a backward pass from the probabilities alone: autodiff's kept
+    the exponentials as well, a second [b, k, t g, s] array saved per scanned layer."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _probabilities_fwd(x):
+    p = jax.nn.softmax(x, axis=-1)
+    return p, p
+
+
+def _probabilities_bwd(p, g):
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+_probabilities.defvjp(_probabilities_fwd, _probabilities_bwd)
