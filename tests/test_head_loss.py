@@ -49,6 +49,18 @@ def test_head_nll_refuses_to_differentiate_the_head():
         jax.grad(lambda w: jnp.sum(head_nll(h_nd, w, labels_n, True)))(head_vd)
 
 
+def _torch_mean_nll(model, ids, mask, loss_mask) -> float:
+    """The mean next-token NLL over ``loss_mask``'s targets through a torch model, backward run (its
+    parameters' .grad filled); positions count real tokens, as jtranspeft's do."""
+    positions = torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
+    logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=positions).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), torch.tensor(ids[:, 1:]), reduction="none")
+    targets = torch.tensor(loss_mask[:, 1:])
+    loss = (nll * targets).sum() / targets.sum()
+    loss.backward()
+    return loss.item()
+
+
 @pytest.mark.parametrize("variant", ["llama_tied", "qwen2_bias_untied"])
 def test_lora_gradients_with_the_head_in_the_loss_match_peft(variant, tmp_path):
     """token_loss (head inside the loss, the default for adapter training) gives the loss and every LoRA
@@ -82,17 +94,40 @@ def test_lora_gradients_with_the_head_in_the_loss_match_peft(variant, tmp_path):
             for layer in range(base.spec.num_layers):
                 named[key(layer, module, "A")].copy_(torch.tensor(a_lir[layer].T))
                 named[key(layer, module, "B")].copy_(torch.tensor(b_lro[layer].T))
-    positions = torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
-    logits = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=positions).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), torch.tensor(ids[:, 1:]), reduction="none")
-    targets = torch.tensor(loss_mask[:, 1:])
-    ref_loss = (nll * targets).sum() / targets.sum()
-    ref_loss.backward()
-
-    assert abs(float(value) - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    ref_loss = _torch_mean_nll(ref, ids, mask, loss_mask)
+    assert abs(float(value) - ref_loss) <= 1e-5 * abs(ref_loss)
     for module in ALL7:
         grad_a, grad_b = (np.asarray(g) for g in grads.factors(module))
         for layer in range(base.spec.num_layers):
             for factor, got in (("A", grad_a[layer].T), ("B", grad_b[layer].T)):
                 want = named[key(layer, module, factor)].grad.numpy()
                 np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), err_msg=f"{module} {factor}")
+
+
+@pytest.mark.parametrize("variant", ["llama_tied", "qwen2_bias_untied"])
+def test_full_parameter_gradients_of_the_token_loss_match_torch(variant, tmp_path):
+    """token_loss with the head trained (``frozen_head=False``: continued pre-training, the head outside the
+    loss) gives the loss and every weight's gradient, the tied embedding or untied head included, that torch
+    autograd gives through transformers with cross entropy on the same targets."""
+    from jtranspeft.checkpoints.hf import hf_tensors
+
+    model = make_hf_model(variant)
+    model.save_pretrained(tmp_path)
+    base = jt.load_base(tmp_path)
+    ids, mask = padded_batch(base.spec.vocab_size, lengths=(12, 9, 4))
+    loss_mask = (mask * (np.arange(ids.shape[1]) >= 2)).astype(np.float32)
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask, jnp.int32),
+             "loss_mask": jnp.asarray(loss_mask)}
+
+    def mean_nll(params):
+        nll, count = token_loss(base.replace(params=params), None, batch, None, jt.TransPeftConfig(),
+                                frozen_head=False)
+        return nll / count
+
+    value, grads = jax.jit(jax.value_and_grad(mean_nll))(base.params)
+    ours = dict(hf_tensors(grads, base.spec))
+    ref_loss = _torch_mean_nll(model, ids, mask, loss_mask)
+    assert abs(float(value) - ref_loss) <= 1e-5 * abs(ref_loss)
+    for name, param in model.named_parameters():
+        want = param.grad.numpy()
+        np.testing.assert_allclose(np.asarray(ours[name]), want, atol=2e-4 * max(np.abs(want).max(), 1e-6), err_msg=name)
