@@ -12,10 +12,9 @@ import pytest
 import jtranspeft as jt
 from jtranspeft.models.layers import gate_activation, gated_product
 from jtranspeft.models.perturb import FfnPerturbation
+from jtranspeft.models.spec import TARGET_MODULES
 from jtranspeft.training.step import token_loss
 from reference import TINY, make_hf_model, padded_batch
-
-ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
@@ -37,7 +36,7 @@ def test_lora_step_keeps_each_layer_activation_once(tmp_path):
     seven, two and fifteen."""
     make_hf_model("llama_gqa_untied").save_pretrained(tmp_path)
     base = jt.load_base(tmp_path)
-    lora = jt.init_lora(base, jt.LoraConfig(r=4, alpha=8, targets=ALL7), jax.random.key(1))
+    lora = jt.init_lora(base, jt.LoraConfig(r=4, alpha=8, targets=TARGET_MODULES), jax.random.key(1))
     ids, mask = padded_batch(base.spec.vocab_size)
     batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.astype(np.float32)}
     _, backward = jax.vjp(lambda l: token_loss(base, l, batch, None, FfnPerturbation())[0], lora)
